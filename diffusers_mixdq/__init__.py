@@ -1,0 +1,27 @@
+"""diffusers-mixdq: mixed-precision post-training quantization of diffusion models, as a diffusers backend.
+
+``import diffusers_mixdq`` registers the ``mixdq`` quantization method with diffusers. Data flow of the package:
+``plan`` (what each layer gets) -> ``apply`` (how, on optimum-quanto) -> ``build`` (calibrate, sense, allocate)
+-> ``hub`` (share).
+"""
+
+from ._registration import register as _register
+from .config import MixDQConfig
+from .errors import MixDQError, PlanFormatError, PlanMismatchError, PlanSourceError
+from .plan import BitPlan, LayerSpec, PlanSummary
+
+__version__ = "0.1.0"
+
+_register()
+
+__all__ = [
+    "BitPlan",
+    "LayerSpec",
+    "MixDQConfig",
+    "MixDQError",
+    "PlanFormatError",
+    "PlanMismatchError",
+    "PlanSourceError",
+    "PlanSummary",
+    "__version__",
+]

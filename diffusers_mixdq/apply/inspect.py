@@ -1,0 +1,15 @@
+"""Read back what a loaded model actually holds, layer by layer (for tests, CLI and users)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..plan.layers import layer_table
+
+
+def quantized_layers(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """``{layer name: (weight dtype, activation dtype)}`` for every Linear / Conv2d of ``model``, in plan
+    vocabulary (``"none"`` for layers kept in floating point)."""
+    from . import backend
+
+    return {name: backend.describe(model.get_submodule(name)) for name in layer_table(model)}

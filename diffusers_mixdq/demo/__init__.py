@@ -1,0 +1,75 @@
+"""A tiny trained text-to-image model for demos and end-to-end tests.
+
+The bundled ``pipeline/`` directory is an ordinary diffusers
+``StableDiffusionPipeline`` (causal CLIP text encoder, cross-attention UNet,
+KL autoencoder, DPM-Solver++ scheduler) trained on procedurally rendered
+coloured shapes (see :mod:`diffusers_mixdq.demo.data`).  ``scorer/`` holds a
+small CNN that reads the attributes back from generated images to measure
+text alignment (see :mod:`diffusers_mixdq.demo.scorer`).
+
+This module only imports the standard library at import time; ``torch`` and
+``diffusers`` are imported lazily by :func:`load_pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+with open(os.path.join(_HERE, "defaults.json")) as _f:
+    DEFAULTS: dict = json.load(_f)
+
+#: Default number of sampling steps and guidance scale of the bundled pipeline.
+NUM_INFERENCE_STEPS: int = DEFAULTS["num_inference_steps"]
+GUIDANCE_SCALE: float = DEFAULTS["guidance_scale"]
+
+#: Eight fixed prompts for a demo grid (every colour and shape, all positions).
+DEMO_PROMPTS: List[str] = [
+    "a large red circle at the top left",
+    "a small green square at the top right",
+    "a large blue triangle in the center",
+    "a small yellow cross at the bottom left",
+    "a large purple square at the bottom right",
+    "a small white circle in the center",
+    "a large green cross at the top right",
+    "a small red triangle at the bottom left",
+]
+
+
+def pipeline_path() -> str:
+    """Directory of the bundled diffusers pipeline (``DiffusionPipeline.from_pretrained`` it)."""
+    return os.path.join(_HERE, "pipeline")
+
+
+def scorer_path() -> str:
+    """Directory of the bundled alignment scorer (``config.json`` + ``model.safetensors``)."""
+    return os.path.join(_HERE, "scorer")
+
+
+def load_pipeline(torch_dtype=None, device: str = "cpu"):
+    """Load the bundled ``StableDiffusionPipeline`` (fp32 by default) on ``device``.
+
+    Progress bars are disabled; call ``pipe.set_progress_bar_config(disable=False)``
+    to re-enable them.
+    """
+    import torch
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline_path(), torch_dtype=torch_dtype or torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def eval_prompts(n: int = 64, seed: int = 0) -> List[str]:
+    """``n`` deterministic prompts covering the attribute space.
+
+    Each block of 240 prompts holds every (colour, shape, position, size)
+    combination exactly once; smaller ``n`` is a seeded, near-balanced subset
+    (consecutive prompts cycle through the attribute values).
+    """
+    from .data import sample_prompts
+
+    return sample_prompts(n, seed=seed)

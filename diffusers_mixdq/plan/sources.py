@@ -1,0 +1,56 @@
+"""Where plans come from: the one place that turns "something the user passed" into a :class:`BitPlan`.
+
+Today: a BitPlan, a dict, JSON text, a local ``.json`` file or a directory holding ``plan.json``. Other sources
+(Hub repo ids) register a resolver here with :func:`register_source`, so ``MixDQConfig`` and the CLI need not change.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..errors import PlanSourceError
+from .format import BitPlan
+
+#: resolvers tried in order for string sources that are not local paths: (source, options) -> BitPlan | None
+_RESOLVERS: list[Callable[[str, Mapping[str, Any]], BitPlan | None]] = []
+
+
+def register_source(resolver: Callable[[str, Mapping[str, Any]], BitPlan | None]) -> None:
+    """Add a resolver for string plan sources that are not local files (idempotent)."""
+    if resolver not in _RESOLVERS:
+        _RESOLVERS.append(resolver)
+
+
+def resolve_plan_source(source: Any, **options: Any) -> BitPlan:
+    """A :class:`BitPlan` from whatever the user passed as ``plan=``.
+
+    ``options`` (e.g. ``revision``, ``subfolder``, ``token``) are passed to non-local resolvers.
+    """
+    if source is None:
+        raise PlanSourceError(
+            "No plan given. Pass plan=<BitPlan | dict | path to plan.json | directory> to MixDQConfig."
+        )
+    if isinstance(source, (BitPlan, Mapping)):
+        return BitPlan.load(source)
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if text.lstrip().startswith("{"):
+            return BitPlan.load(text)
+        subfolder = options.get("subfolder")
+        path = Path(text) / subfolder if subfolder else Path(text)
+        if path.exists():
+            return BitPlan.load(path)
+        for resolver in _RESOLVERS:
+            plan = resolver(text, options)
+            if plan is not None:
+                return plan
+        raise PlanSourceError(
+            f"No plan found at '{text}': there is no such local file or directory"
+            + (" and no other plan source recognised it." if _RESOLVERS else ".")
+            + " Pass a path to a plan .json file, a directory containing plan.json, a dict or a BitPlan."
+        )
+    raise PlanSourceError(
+        f"plan= must be a BitPlan, a dict, a path or a string, got {type(source).__name__}."
+    )
