@@ -437,7 +437,7 @@ class BitPlan:
                 [str(t) for t in unused],
             )
             if strict:
-                raise PlanMismatchError(msg + " Or pass strict=False to ignore them.")
+                raise PlanMismatchError(msg + "Or pass strict=False to ignore them.")
             warnings.warn(msg, stacklevel=2)
         if uncovered:
             msg = _listing(
@@ -446,10 +446,10 @@ class BitPlan:
             )
             if strict:
                 raise PlanMismatchError(
-                    msg + " Add them to the plan (or give it 'defaults'), or pass strict=False to keep them in "
+                    msg + "Add them to the plan (or give it 'defaults'), or pass strict=False to keep them in "
                     "floating point."
                 )
-            warnings.warn(msg + " They stay in floating point.", stacklevel=2)
+            warnings.warn(msg + "They stay in floating point.", stacklevel=2)
 
         final: dict[str, dict[str, Any]] = {}
         no_range = []
@@ -461,7 +461,7 @@ class BitPlan:
         if no_range:
             raise PlanFormatError(
                 _listing("Static activation quantization needs a range, and these layers have none", no_range)
-                + " Give each an 'act_range' (the absolute max of its input, from calibration) or set "
+                + "Give each an 'act_range' (the absolute max of its input, from calibration) or set "
                 "act_range to \"dynamic\"."
             )
 

@@ -1,0 +1,123 @@
+"""The ``mixdq`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import MixDQError
+
+app = typer.Typer(
+    help="Mixed-precision (MixDQ) quantization plans for diffusers models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """Mixed-precision (MixDQ) quantization plans for diffusers models."""
+
+
+def load_model_skeleton(path: str, component: str | None = None):
+    """Build the model described by a diffusers model or pipeline directory on the meta device (no weights read).
+
+    ``path`` is a model directory (with config.json naming ``_class_name``) or a pipeline directory (with
+    model_index.json), in which case ``component`` (default: ``unet`` or ``transformer``) picks the denoiser.
+    """
+    import diffusers
+    from accelerate import init_empty_weights
+
+    root = Path(path)
+    if (root / "model_index.json").is_file():
+        index = json.loads((root / "model_index.json").read_text())
+        if component is None:
+            component = next((c for c in ("unet", "transformer") if c in index), None)
+        if component is None or component not in index:
+            raise MixDQError(
+                f"{path} is a pipeline without a '{component or 'unet/transformer'}' component; pass --component "
+                f"with one of {sorted(k for k in index if not k.startswith('_'))}."
+            )
+        root = root / component
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise MixDQError(f"No config.json in {root}: pass a diffusers model or pipeline directory.")
+    config = json.loads(config_file.read_text())
+    class_name = config.get("_class_name")
+    cls = getattr(diffusers, class_name or "", None)
+    if cls is None:
+        raise MixDQError(f"{config_file} names model class {class_name!r}, which diffusers does not have.")
+    config.pop("quantization_config", None)
+    with init_empty_weights():
+        return cls.from_config(config)
+
+
+def _summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+@app.command()
+def inspect(
+    plan: str = typer.Argument(..., help="Plan: a .json file or a directory holding plan.json."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Model or pipeline directory to resolve the plan against (config only, no weights)."
+    ),
+    component: Optional[str] = typer.Option(None, help="Pipeline component holding the denoiser."),
+    layers: bool = typer.Option(False, "--layers", help="Also list every layer's precision."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Summarise a plan: layers per width, average bits, estimated size vs FP16 / FP32."""
+    from .plan.sources import resolve_plan_source
+
+    try:
+        bitplan = resolve_plan_source(plan)
+        skeleton = load_model_skeleton(model, component) if model else None
+        resolved = bitplan if skeleton is None and bitplan.is_resolved else None
+        if resolved is None:
+            if skeleton is None:
+                raise MixDQError(
+                    "This plan uses rules/defaults, so its summary depends on the model: add --model PATH."
+                )
+            resolved = bitplan.resolve(skeleton, strict=False)
+        summary = resolved.summary(skeleton)
+    except MixDQError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps(summary.to_dict(), indent=2))
+        return
+    target = resolved.target
+    title = f"MixDQ plan for {target.get('class_name', '?')}"
+    if target.get("base_model"):
+        title += f" ({target['base_model']})"
+    console.print(_summary_table(title, summary.rows()))
+    if layers:
+        table = Table(title="Layers", title_justify="left")
+        for col in ("layer", "type", "shape", "weights", "activations", "range"):
+            table.add_column(col)
+        manifest = resolved.manifest()
+        for name, spec in resolved.layer_specs().items():
+            info = manifest[name]
+            rng = "" if spec.activations == "none" else str(spec.act_range)
+            table.add_row(name, info.type, "x".join(map(str, info.shape)), spec.weights, spec.activations, rng)
+        console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

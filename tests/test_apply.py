@@ -1,0 +1,234 @@
+"""Applying plans through diffusers' from_pretrained: layer precisions, accuracy, dtypes, modes, save/reload."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import SMALLEST_UNET, dir_snapshot, make_unet, rel_err, unet_inputs
+from diffusers import UNet2DConditionModel
+
+from diffusers_mixdq import BitPlan, MixDQConfig, MixDQError, PlanMismatchError
+from diffusers_mixdq.apply import quantized_layers
+from diffusers_mixdq.plan import layer_table
+
+MIXED = BitPlan(
+    defaults={"weights": "int8", "activations": "int8", "act_range": "dynamic"},
+    rules=[
+        {"targets": ["*.attn2.to_[kv]"], "weights": "int4"},
+        {"targets": ["*.ff.*"], "weights": "int2", "activations": "none"},
+        {"targets": ["*.resnets.*.conv1"], "weights": "float8", "activations": "float8", "act_range": 6.0},
+    ],
+    ignore=["conv_in", "conv_out"],
+    layers={"time_embedding.linear_1": {"weights": "none", "activations": "int8", "act_range": 2.0}},
+)
+
+
+def load(path, plan, **kw):
+    return UNet2DConditionModel.from_pretrained(path, quantization_config=MixDQConfig(plan=plan), **kw)
+
+
+def fp_reference(path, **kw):
+    return UNet2DConditionModel.from_pretrained(path, **kw).eval()
+
+
+def run(model, dtype=torch.float32):
+    x, t, e = unet_inputs()
+    with torch.no_grad():
+        return model(x.to(dtype), t, e.to(dtype)).sample.float()
+
+
+def test_loaded_layers_match_the_plan(unet_dir):
+    model = load(unet_dir, MIXED)
+    expected = {n: (s.weights, s.activations) for n, s in MIXED.resolve(model).layer_specs().items()}
+    assert quantized_layers(model) == expected
+    kinds = set(expected.values())
+    assert {("int4", "int8"), ("int2", "none"), ("float8", "float8"), ("none", "int8"), ("none", "none")} <= kinds
+    # the loaded model carries the resolved per-layer table
+    carried = model.config.quantization_config.plan
+    assert carried.is_resolved and carried.layer_specs() == MIXED.resolve(model).layer_specs()
+    # static scales come from the plan's ranges
+    conv1 = model.get_submodule("down_blocks.0.resnets.0.conv1")
+    assert conv1.input_scale.item() == pytest.approx(6.0 / 448)
+    lin = model.get_submodule("time_embedding.linear_1")
+    assert lin.input_scale.item() == pytest.approx(2.0 / 127)
+    assert torch.isfinite(run(model)).all()
+
+
+def test_int8_is_near_lossless_on_a_tiny_unet(tmp_path):
+    make_unet(**SMALLEST_UNET).save_pretrained(tmp_path)
+    ref = run(fp_reference(tmp_path))
+    err = rel_err(run(load(tmp_path, BitPlan.uniform("int8"))), ref)
+    assert err < 1e-2, err
+
+
+def test_error_grows_as_bits_shrink(unet_dir):
+    ref = run(fp_reference(unet_dir))
+    errs = {w: rel_err(run(load(unet_dir, BitPlan.uniform(w))), ref) for w in ("int8", "int4", "int2")}
+    assert errs["int8"] < errs["int4"] < errs["int2"], errs
+    a8 = rel_err(run(load(unet_dir, BitPlan.uniform("int8", activations="int8"))), ref)
+    assert errs["int8"] < a8 < errs["int4"], (a8, errs)
+
+
+def test_conv_inputs_are_quantized(unet_dir):
+    """Activation-only quantization of one Conv2d: its output equals the conv of the fake-quantized input."""
+    name = "down_blocks.0.resnets.0.conv2"
+    plan = BitPlan(
+        defaults={"weights": "none"},
+        layers={name: {"weights": "none", "activations": "int8", "act_range": 0.5}},
+    )
+    model = load(unet_dir, plan)
+    conv = model.get_submodule(name)
+    x = torch.randn(1, conv.in_channels, 8, 8) * 0.3
+    scale = torch.tensor(0.5 / 127)
+    expected = torch.nn.functional.conv2d(
+        torch.clamp(torch.round(x / scale), -128, 127) * scale, conv.weight, conv.bias, padding=1
+    )
+    with torch.no_grad():
+        got = conv(x)
+        plain = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_dtypes(unet_dir, dtype):
+    model = load(unet_dir, MIXED, torch_dtype=dtype)
+    assert model.get_submodule("conv_in").weight.dtype == dtype
+    assert model.get_submodule("down_blocks.0.resnets.0.conv2").weight._scale.dtype == dtype
+    ref = run(fp_reference(unet_dir))
+    out = run(model, dtype)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 0.5  # int2 feed-forwards: lossy, but the same function
+
+
+@pytest.mark.parametrize("weights", ["int4", "int2", "int8"])
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_inference_and_no_grad_modes(unet_dir, weights, mode):
+    model = load(unet_dir, BitPlan.uniform(weights, activations="int8"))
+    x, t, e = unet_inputs()
+    with torch.no_grad():
+        expected = model(x, t, e).sample
+    ctx = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    with ctx:
+        got = model(x, t, e).sample
+    assert torch.equal(got, expected)
+
+
+def test_full_precision_copy_never_materialises_for_quantized_layers(unet_fp16_dir, monkeypatch):
+    """Each weight is quantized right after it is placed: at most one full-precision planned weight exists."""
+    from diffusers_mixdq.apply import backend
+
+    live = []
+    original = backend.quantize_weight_
+
+    def spy(module):
+        others = [m for m in seen if m is not module and not m.frozen and m.weight.device.type != "meta"]
+        live.append(len(others))
+        original(module)
+
+    seen = []
+    real_make = backend.make_module
+
+    def track(*args, **kwargs):
+        m = real_make(*args, **kwargs)
+        seen.append(m)
+        return m
+
+    monkeypatch.setattr(backend, "quantize_weight_", spy)
+    monkeypatch.setattr(backend, "make_module", track)
+    model = load(unet_fp16_dir, BitPlan.uniform("int4"), torch_dtype=torch.float16)
+    assert live and max(live) == 0
+    assert all(m.frozen for m in seen)
+    assert len(seen) == len(layer_table(model))
+
+
+def test_save_and_reload_is_bit_identical(unet_dir, tmp_path):
+    model = load(unet_dir, MIXED)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "mixdq"
+    assert len(config["quantization_config"]["plan"]["layers"]) == len(layer_table(model))
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path)
+    assert quantized_layers(reloaded) == quantized_layers(model)
+    assert torch.equal(run(reloaded), run(model))
+    # a pre-quantized checkpoint is smaller than the full-precision one
+    size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors"))  # noqa: E731
+    assert size(tmp_path) < 0.6 * size(unet_dir)
+
+
+def test_reload_in_fresh_process_after_only_import(unet_dir, tmp_path):
+    import subprocess
+    import sys
+
+    model = load(unet_dir, BitPlan.uniform("int4", activations="int8"))
+    model.save_pretrained(tmp_path / "q")
+    torch.save(run(model), tmp_path / "expected.pt")
+    code = (
+        "import sys, torch, diffusers_mixdq\n"
+        "from diffusers import UNet2DConditionModel\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from conftest import unet_inputs\n"
+        f"m = UNet2DConditionModel.from_pretrained(r'{tmp_path / 'q'}')\n"
+        "x, t, e = unet_inputs()\n"
+        "with torch.inference_mode():\n"
+        "    out = m(x, t, e).sample.float()\n"
+        f"assert torch.equal(out, torch.load(r'{tmp_path / 'expected.pt'}')), 'differs'\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_bad_plan_leaves_files_untouched(unet_dir):
+    before = dir_snapshot(unet_dir)
+    other = BitPlan.uniform("int8").resolve(make_unet(cross_attention_dim=48))
+    with pytest.raises(PlanMismatchError, match="another architecture"):
+        load(unet_dir, other)
+    with pytest.raises(MixDQError, match="does not exist"):
+        load(unet_dir, BitPlan(defaults={"weights": "int8"}, layers={"nope": {"weights": "int4"}}))
+    assert dir_snapshot(unet_dir) == before
+
+
+def test_config_rejects_bad_arguments(tmp_path):
+    with pytest.raises(MixDQError, match="unknown argument"):
+        MixDQConfig(plan=BitPlan.uniform(), weights="int8")
+    with pytest.raises(MixDQError, match="strict must be True or False"):
+        MixDQConfig(plan=BitPlan.uniform(), strict="yes")
+    bad = tmp_path / "plan.json"
+    bad.write_text("{not json")
+    with pytest.raises(MixDQError, match="not valid JSON"):
+        MixDQConfig(plan=bad)
+
+
+def test_unsupported_torch_dtype(unet_dir):
+    with pytest.raises(MixDQError, match="torch_dtype=torch.float64 is not supported"):
+        load(unet_dir, BitPlan.uniform(), torch_dtype=torch.float64)
+
+
+def test_modules_to_not_convert(unet_dir):
+    cfg = MixDQConfig(plan=BitPlan.uniform("int8"), modules_to_not_convert=["*attn1*"])
+    model = UNet2DConditionModel.from_pretrained(unet_dir, quantization_config=cfg)
+    layers = quantized_layers(model)
+    assert all(v == ("none", "none") for k, v in layers.items() if "attn1" in k)
+    assert layers["conv_in"] == ("int8", "none")
+
+
+def test_quanto_extension_builds_in_user_cache():
+    from optimum.quanto.library.extensions import cpp
+
+    from diffusers_mixdq.apply.backend import cache_dir
+
+    assert cpp.ext.build_directory.startswith(str(cache_dir()))
+    assert "site-packages" not in cpp.ext.build_directory
+
+
+def test_repr_and_to_dict_do_not_leak_token():
+    cfg = MixDQConfig(plan=BitPlan.uniform(), token="hf_secret")
+    assert "hf_secret" not in repr(cfg) and "hf_secret" not in json.dumps(cfg.to_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert MixDQConfig.from_dict(cfg.to_dict()).plan == cfg.plan
