@@ -97,7 +97,8 @@ class MixDQConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         out = {
             "quant_method": self.quant_method.value,
-            "plan": self._plan.to_dict(),
+            # tensors (e.g. the BOS state) live in the model's weights or the plan's sidecar, never in config.json
+            "plan": {k: v for k, v in self._plan.to_dict().items() if k != "tensors"},
             "strict": self.strict,
         }
         if self.modules_to_not_convert:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..plan.format import LayerSpec
+from ..plan.format import BOS_MATCH_TOLERANCE, LayerSpec
 
 
 def cache_dir() -> Path:
@@ -82,8 +82,9 @@ class _ActivationMixin:
 
     act_dtype: str = "none"
     act_dynamic: bool = False
-    #: set when tensors computed from the full-precision model replace some output rows (BOS-aware layers)
-    mixdq_flags: dict
+    #: BOS-aware: output row 0 comes from ``bos_output`` (computed in full precision) when input row 0 is the
+    #: recorded BOS state ``bos_input``; rows 1..n go through the quantized path
+    bos_aware: bool = False
 
     def _configure(self, spec: LayerSpec, scale_dtype: torch.dtype) -> None:
         self.act_dtype = spec.activations
@@ -95,6 +96,19 @@ class _ActivationMixin:
         # small buffers are created for real (not on meta) so they exist even when the checkpoint lacks them
         self.input_scale = torch.tensor(scale, dtype=scale_dtype)
         self.output_scale = torch.ones((), dtype=scale_dtype)
+        self.bos_aware = bool(spec.flags.get("bos_aware"))
+        if self.bos_aware:
+            # on meta until filled (from the plan and the full-precision weight, or from a saved checkpoint)
+            self.register_buffer("bos_input", torch.empty(self.in_features, dtype=scale_dtype, device="meta"))
+            self.register_buffer("bos_output", torch.empty(self.out_features, dtype=scale_dtype, device="meta"))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # quanto's QModuleMixin writes only its own tensors; add ours (BOS rows)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.bos_aware:
+            for name in ("bos_input", "bos_output"):
+                buf = getattr(self, name)
+                destination[prefix + name] = buf if keep_vars else buf.detach()
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 (overrides quanto's hook)
         if self.act_dtype == "none":
@@ -107,8 +121,23 @@ class _ActivationMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_inference_mode_enabled() and isinstance(self.weight, WeightQBitsTensor):
             with torch.inference_mode(False), torch.no_grad():
-                return self._qforward(self.quantize_input(x))
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bos_aware and x.dim() == 3 and x.shape[1] >= 2:
+            return self._bos_forward(x)
         return self._qforward(self.quantize_input(x))
+
+    def _bos_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows 1..n quantized; row 0 the stored full-precision row wherever input row 0 is the BOS state
+        (per sample, without a host sync: e.g. zeroed negative prompts keep the quantized path)."""
+        rest = self._qforward(self.quantize_input(x[:, 1:]))
+        first = self._qforward(self.quantize_input(x[:, :1]))
+        h = self.bos_input.float()
+        is_bos = (x[:, 0].float() - h).norm(dim=-1) <= BOS_MATCH_TOLERANCE * h.norm()
+        stored = self.bos_output.to(first.dtype).expand_as(first)
+        return torch.cat([torch.where(is_bos[:, None, None], stored, first), rest], dim=1)
 
 
 class MixDQLinear(_ActivationMixin, QLinear):
@@ -148,11 +177,34 @@ def make_module(module: nn.Module, spec: LayerSpec, scale_dtype: torch.dtype) ->
     return qmodule
 
 
-def freeze_meta(module: nn.Module) -> None:
-    """Turn a meta module's float weight into an (empty) quantized one so its state-dict keys are those of a
-    saved quantized checkpoint (``weight._data``, ``weight._scale``, ...)."""
-    if module.weight_qtype is not None:
-        module.freeze()
+def set_bos_state(module: nn.Module, state: torch.Tensor) -> None:
+    """Give a BOS-aware module the BOS hidden state (its output row is computed by :func:`compute_bos_row_`)."""
+    module.bos_input = state.detach().to(torch.float32).reshape(-1).clone()
+    module.bos_output = torch.zeros(module.out_features, dtype=torch.float32)
+    module._bos_pending = True
+
+
+def compute_bos_row_(module: nn.Module) -> None:
+    """``bos_output = W @ bos_input`` from the module's weight while it is still full precision (no bias yet:
+    the bias may be read later; :func:`finish_bos_` adds it)."""
+    weight = module.weight
+    if isinstance(weight, QTensor):
+        raise RuntimeError("BOS rows must be computed from the full-precision weight, before quantization")
+    module.bos_output = F.linear(module.bos_input.to(weight.device), weight.detach().float())
+    module._bos_pending = "bias"
+
+
+def finish_bos_(module: nn.Module, dtype: torch.dtype) -> None:
+    """Add the bias to the BOS row and cast both BOS buffers to the model dtype and device."""
+    if getattr(module, "_bos_pending", False) is True:
+        compute_bos_row_(module)  # weight kept in floating point: it was loaded without being quantized
+    device = module.weight.device
+    row = module.bos_output.to(device)
+    if module.bias is not None:
+        row = row + module.bias.detach().float()
+    module.bos_output = row.to(dtype)
+    module.bos_input = module.bos_input.to(device=device, dtype=dtype)
+    module._bos_pending = False
 
 
 def quantize_weight_(module: nn.Module) -> None:
@@ -162,18 +214,46 @@ def quantize_weight_(module: nn.Module) -> None:
     module.weight.requires_grad_(False)
 
 
-def quantized_weight_keys(module: nn.Module) -> set[str]:
-    """State-dict keys (relative to the module) of a frozen module's quantized weight."""
-    return {k for k in module.state_dict(keep_vars=True) if k.startswith("weight.")}
+_KEYS_CACHE: dict[str, frozenset[str]] = {}
 
 
-def load_quantized_weight(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Install a saved quantized weight (keys ``weight._data``, ``weight._scale``, ...) with quanto's own
-    deserialisation (which also picks the fastest kernel layout for the device)."""
-    result = module.load_state_dict(tensors, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise KeyError(f"unexpected keys {result.unexpected_keys}")
-    module.weight.requires_grad_(False)
+def quantized_weight_keys(module: nn.Module) -> frozenset[str]:
+    """State-dict keys (relative to the module) under which a quantized weight of this module's qtype is saved
+    (``weight._data``, ``weight._scale``, ...), read off a tiny frozen quanto module of the same qtype."""
+    name = module.weight_qtype.name
+    if name not in _KEYS_CACHE:
+        probe = QLinear(128, 2, bias=False, weights=module.weight_qtype)
+        probe.freeze()
+        _KEYS_CACHE[name] = frozenset(k for k in probe.state_dict() if k.startswith("weight."))
+    return _KEYS_CACHE[name]
+
+
+def load_quantized_weight(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Install a saved quantized weight (``tensors`` keyed ``weight._data``, ``weight._scale``, ...).
+
+    Uses quanto's deserialisation; the kernel-specific re-layout (``optimize``) runs on accelerators only: on the
+    CPU it unpacks and re-packs int4 / int2 weights into the same layout, which costs time and memory for nothing.
+    """
+    from optimum.quanto.tensor.weights import WeightQBytesTensor
+
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    missing: list[str] = []
+    size, stride = module.weight.size(), module.weight.stride()
+    if module.weight_qtype.bits == 8:
+        weight = WeightQBytesTensor.load_from_state_dict(
+            tensors, "weight.", qtype=module.weight_qtype, axis=0, size=size, stride=stride,
+            activation_qtype=None, missing_keys=missing,
+        )
+    else:
+        weight = WeightQBitsTensor.load_from_state_dict(
+            tensors, "weight.", qtype=module.weight_qtype, axis=0, group_size=module.weight_group_size,
+            size=size, stride=stride, missing_keys=missing,
+        )
+    if weight is None or tensors:
+        raise KeyError(f"missing {missing}, unexpected {sorted(tensors)}")
+    if torch.device(device).type != "cpu":
+        weight = weight.optimize()
+    module.weight = nn.Parameter(weight, requires_grad=False)
 
 
 def describe(module: nn.Module) -> tuple[str, str]:

@@ -14,15 +14,28 @@ Flow inside ``ModelMixin.from_pretrained``:
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 
 from ..errors import MixDQError, PlanMismatchError
+from ..plan.format import BOS_STATE_KEY
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
+
+
+def _single_device(device_map) -> torch.device:
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, dict):
+        values = set(device_map.values())
+        device_map = values.pop() if len(values) == 1 else "cpu"
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    return torch.device(device_map) if device_map not in ("auto", "balanced", "sequential") else torch.device("cpu")
 
 
 class MixDQQuantizer(DiffusersQuantizer):
@@ -38,6 +51,8 @@ class MixDQQuantizer(DiffusersQuantizer):
         self._modules: dict[str, torch.nn.Module] = {}
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self._expected: dict[str, set[str]] = {}
+        self._device = torch.device("cpu")
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ environment
     def validate_environment(self, *args, **kwargs):
@@ -77,25 +92,80 @@ class MixDQQuantizer(DiffusersQuantizer):
         resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
         specs = resolved.layer_specs()
 
+        bos_state = resolved.tensors.get(BOS_STATE_KEY)
         replacements = {}
         for name, spec in specs.items():
             if not spec.is_quantized:
                 continue
             module = model.get_submodule(name)
-            replacements[name] = backend.make_module(module, spec, scale_dtype=self.torch_dtype)
+            qmodule = backend.make_module(module, spec, scale_dtype=self.torch_dtype)
+            if qmodule.bos_aware and not self.pre_quantized:
+                if bos_state is None:
+                    raise MixDQError(
+                        f"Layer '{name}' is BOS-aware, but the plan carries no BOS hidden state to compute its "
+                        "BOS row from. Attach it with diffusers_mixdq.bos.attach_bos(plan, "
+                        "bos_hidden_state(pipe)), or set flags {\"bos_aware\": false} for these layers."
+                    )
+                backend.set_bos_state(qmodule, bos_state)
+            replacements[name] = qmodule
         for name, qmodule in replacements.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, qmodule)
-            if self.pre_quantized:
-                backend.freeze_meta(qmodule)
-                self._expected[name] = backend.quantized_weight_keys(qmodule)
+            if self.pre_quantized and qmodule.weight_qtype is not None:
+                self._expected[name] = {f"{name}.{k}" for k in backend.quantized_weight_keys(qmodule)}
         self._modules = replacements
+        self._device = _single_device(device_map)
         # the config the loaded model carries (and save_pretrained writes): the resolved per-layer table
         self.quantization_config = config.with_resolved_plan(resolved)
         model.register_to_config(quantization_config=self.quantization_config)
 
     # ------------------------------------------------------------------ per tensor
+    # Full-precision checkpoint: each planned weight is placed, then quantized at once (create_quantized_param).
+    # Pre-quantized checkpoint: the pieces of each quantized weight (weight._data, weight._scale, ...) are taken
+    # out of every shard's state dict before diffusers sees them (maybe_update_state_dict), gathered per module
+    # (they may straddle shards) and installed together; diffusers is told the model's plain "weight" key was
+    # loaded (maybe_update_loaded_keys).
+
+    def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files) -> list[str]:
+        if not self.pre_quantized:
+            return loaded_keys
+        out = []
+        for key in loaded_keys:
+            i = key.rfind(".weight.")
+            key = key[: i + len(".weight")] if i >= 0 else key
+            if key not in out:
+                out.append(key)
+        return out
+
+    def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if not self.pre_quantized:
+            return state_dict
+        from . import backend
+
+        kept = {}
+        complete = []
+        with self._lock:
+            for key, value in state_dict.items():
+                owner = self._owner(key)
+                if owner is None or owner[1] == "weight" or owner[0] not in self._expected:
+                    kept[key] = value
+                    continue
+                pending = self._pending.setdefault(owner[0], {})
+                pending[owner[1]] = value
+                if {f"{owner[0]}.{k}" for k in pending} >= self._expected[owner[0]]:
+                    complete.append(owner[0])
+            ready = [(name, self._pending.pop(name)) for name in complete]
+        for name, tensors in ready:
+            try:
+                backend.load_quantized_weight(self._modules[name], tensors, self._device)
+            except (KeyError, RuntimeError, ValueError) as e:
+                raise MixDQError(
+                    f"The quantized weight of '{name}' in this checkpoint does not match its plan ({e}). The "
+                    "checkpoint's config.json and weights disagree; re-save the model."
+                ) from None
+        return kept
+
     def _owner(self, param_name: str) -> tuple[str, str] | None:
         """(module name, key relative to it) when ``param_name`` belongs to a replaced module's weight."""
         if param_name.endswith(".weight"):
@@ -108,44 +178,29 @@ class MixDQQuantizer(DiffusersQuantizer):
         return (module_name, key) if module_name in self._modules else None
 
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
         owner = self._owner(param_name)
-        if owner is None:
-            return False
-        module = self._modules[owner[0]]
-        if module.weight_qtype is None:
-            return False
-        return owner[1] != "weight" if self.pre_quantized else owner[1] == "weight"
-
-    def check_quantized_param_shape(self, *args, **kwargs):
-        return True
+        return owner is not None and owner[1] == "weight" and self._modules[owner[0]].weight_qtype is not None
 
     def create_quantized_param(self, model, param_value, param_name, target_device, *args, **kwargs):
         from accelerate.utils import set_module_tensor_to_device
 
         from . import backend
 
-        module_name, key = self._owner(param_name)
-        module = self._modules[module_name]
-        if not self.pre_quantized:
-            dtype = kwargs.get("dtype") or self.torch_dtype
-            set_module_tensor_to_device(model, param_name, target_device, value=param_value, dtype=dtype)
-            backend.quantize_weight_(module)
-            return
-        pending = self._pending.setdefault(module_name, {})
-        pending[key] = param_value.to(target_device)
-        if set(pending) >= self._expected[module_name]:
-            try:
-                backend.load_quantized_weight(module, pending)
-            except (KeyError, RuntimeError, ValueError) as e:
-                raise MixDQError(
-                    f"The quantized weight of '{module_name}' in this checkpoint does not match its plan "
-                    f"({e}). The checkpoint's config.json and weights disagree; re-save the model."
-                ) from None
-            del self._pending[module_name]
+        module = self._modules[self._owner(param_name)[0]]
+        dtype = kwargs.get("dtype") or self.torch_dtype
+        set_module_tensor_to_device(model, param_name, target_device, value=param_value, dtype=dtype)
+        if module.bos_aware:
+            backend.compute_bos_row_(module)
+        backend.quantize_weight_(module)
 
     def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
-        # activation-scale buffers are created from the plan, so a full-precision checkpoint need not have them
-        return [k for k in missing_keys if not k.endswith((".input_scale", ".output_scale"))]
+        # activation scales and BOS rows are made from the plan, so a full-precision checkpoint need not have them
+        made_here = (".input_scale", ".output_scale")
+        if not self.pre_quantized:
+            made_here += (".bos_input", ".bos_output")
+        return [k for k in missing_keys if not k.endswith(made_here)]
 
     # ------------------------------------------------------------------ after loading
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -157,6 +212,10 @@ class MixDQQuantizer(DiffusersQuantizer):
                 + ", ".join(sorted(self._pending)[:8])
                 + ". The checkpoint is incomplete or was saved by another tool; re-save it."
             )
+        if not self.pre_quantized:
+            for module in self._modules.values():
+                if module.bos_aware:
+                    backend.finish_bos_(module, self.torch_dtype)
         unloaded = [n for n, m in self._modules.items() if backend.has_meta_tensors(m)]
         if unloaded:
             raise PlanMismatchError(

@@ -36,6 +36,12 @@ WEIGHT_DTYPES: dict[str, int | None] = {"int8": 8, "int4": 4, "int2": 2, "float8
 #: activation dtype -> bits (``None``: not quantized)
 ACTIVATION_DTYPES: dict[str, int | None] = {"int8": 8, "float8": 8, "none": None}
 DYNAMIC = "dynamic"
+#: sidecar key of the text encoder's BOS hidden state (see diffusers_mixdq.bos)
+BOS_STATE_KEY = "bos.hidden_state"
+#: layers that read the text encoder's hidden states; BOS-aware by default when the plan carries a BOS state
+BOS_DEFAULT_PATTERNS = ("*attn2.to_k", "*attn2.to_v", "*.add_k_proj", "*.add_v_proj")
+#: a token-0 input counts as the recorded BOS state when ||x0 - h|| <= BOS_MATCH_TOLERANCE * ||h||
+BOS_MATCH_TOLERANCE = 2e-2
 SPEC_KEYS = ("weights", "activations", "act_range", "flags")
 
 
@@ -377,13 +383,15 @@ class BitPlan:
         model,
         strict: bool = True,
         extra_ignore: list[str] | tuple[str, ...] = (),
+        act_ranges: Mapping[str, float] | None = None,
     ) -> BitPlan:
         """Resolve rules and defaults against ``model`` into an explicit per-layer plan.
 
         Checks the target class and fingerprint, that every explicitly named layer exists and is a Linear or
         Conv2d, and (``strict``) that the plan covers every quantizable layer and that every rule matches
-        something. ``extra_ignore`` patterns keep more layers in floating point. ``model`` may live on the meta
-        device. Raises :class:`~diffusers_mixdq.errors.PlanMismatchError` / ``PlanFormatError``.
+        something. ``extra_ignore`` patterns keep more layers in floating point. ``act_ranges`` (e.g. from
+        calibration) fills in the range of layers whose activations are quantized statically but have no
+        ``act_range`` in the plan. ``model`` may live on the meta device. Raises :class:`~diffusers_mixdq.errors.PlanMismatchError` / ``PlanFormatError``.
         """
         table = layer_table(model)
         class_name = type(model).__name__
@@ -453,11 +461,42 @@ class BitPlan:
 
         final: dict[str, dict[str, Any]] = {}
         no_range = []
+        bos_dim = (self.target.get("bos") or {}).get("dim")
+        bad_bos = []
         for name, raw in resolved.items():
+            flags = dict(raw.get("flags") or {})
+            if (
+                bos_dim
+                and "bos_aware" not in flags
+                and table[name].type == "Linear"
+                and table[name].in_features == bos_dim
+                and any(_matches(p, name) for p in BOS_DEFAULT_PATTERNS)
+            ):
+                flags["bos_aware"] = True
+            if flags.get("bos_aware"):
+                if table[name].type != "Linear" or table[name].in_features != bos_dim:
+                    bad_bos.append(
+                        f"'{name}' ({table[name].type}, {table[name].in_features} inputs; plan BOS state: "
+                        f"{bos_dim or 'none'})"
+                    )
+            raw = {**raw, "flags": flags} if flags else {k: v for k, v in raw.items() if k != "flags"}
+            if act_ranges and raw.get("activations", "none") != "none" and raw.get("act_range") is None:
+                if name in act_ranges:
+                    raw = {**raw, "act_range": float(act_ranges[name])}
             spec = _spec_from(raw)
+            if not spec.is_quantized and spec.flags.get("bos_aware"):
+                spec = LayerSpec(spec.weights, spec.activations, spec.act_range,
+                                 {k: v for k, v in spec.flags.items() if k != "bos_aware"})
             if spec.activations != "none" and spec.act_range is None:
                 no_range.append(name)
             final[name] = spec.to_dict()
+        if bad_bos:
+            raise PlanMismatchError(
+                _listing("These layers are flagged BOS-aware but cannot be (BOS-aware layers are Linear layers that "
+                         "read the text encoder's hidden states, and the plan must carry that encoder's BOS state)",
+                         bad_bos)
+                + "Attach the BOS state with diffusers_mixdq.bos.attach_bos(), or remove the flag."
+            )
         if no_range:
             raise PlanFormatError(
                 _listing("Static activation quantization needs a range, and these layers have none", no_range)
