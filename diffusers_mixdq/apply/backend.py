@@ -177,6 +177,29 @@ def make_module(module: nn.Module, spec: LayerSpec, scale_dtype: torch.dtype) ->
     return qmodule
 
 
+def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor | None = None) -> nn.Module:
+    """A quantized copy of an in-memory Linear / Conv2d (the original is left untouched).
+
+    The counterpart of what ``from_pretrained`` does while streaming a checkpoint, for modules that already live
+    in memory (calibration and sensitivity sweeps, benchmarks).
+    """
+    device, dtype = module.weight.device, module.weight.dtype
+    qmodule = make_module(module, spec, scale_dtype=dtype)
+    qmodule.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+    if module.bias is not None:
+        qmodule.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    qmodule.input_scale = qmodule.input_scale.to(device)
+    qmodule.output_scale = qmodule.output_scale.to(device)
+    if qmodule.bos_aware:
+        if bos_state is None:
+            raise ValueError("a BOS-aware layer needs the BOS hidden state")
+        set_bos_state(qmodule, bos_state)
+        compute_bos_row_(qmodule)
+        finish_bos_(qmodule, dtype)
+    quantize_weight_(qmodule)
+    return qmodule
+
+
 def set_bos_state(module: nn.Module, state: torch.Tensor) -> None:
     """Give a BOS-aware module the BOS hidden state (its output row is computed by :func:`compute_bos_row_`)."""
     module.bos_input = state.detach().to(torch.float32).reshape(-1).clone()

@@ -22,6 +22,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 
 from ..errors import MixDQError, PlanMismatchError
 from ..plan.format import BOS_STATE_KEY
+from . import memory
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
@@ -53,6 +54,7 @@ class MixDQQuantizer(DiffusersQuantizer):
         self._expected: dict[str, set[str]] = {}
         self._device = torch.device("cpu")
         self._lock = threading.Lock()
+        self._since_trim = 0
 
     # ------------------------------------------------------------------ environment
     def validate_environment(self, *args, **kwargs):
@@ -194,6 +196,10 @@ class MixDQQuantizer(DiffusersQuantizer):
         if module.bos_aware:
             backend.compute_bos_row_(module)
         backend.quantize_weight_(module)
+        self._since_trim += param_value.numel() * param_value.element_size()
+        if self._since_trim > 256 * 2**20:  # keep the allocator from hoarding the quantization temporaries
+            memory.release_free_memory()
+            self._since_trim = 0
 
     def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
         # activation scales and BOS rows are made from the plan, so a full-precision checkpoint need not have them
@@ -216,6 +222,11 @@ class MixDQQuantizer(DiffusersQuantizer):
             for module in self._modules.values():
                 if module.bos_aware:
                     backend.finish_bos_(module, self.torch_dtype)
+            # quantized weights have their own storage; copy the rest out of the full-precision checkpoint's
+            # memory map so the file is unmapped, then hand freed heap pages back
+            quantized = {id(m.weight) for m in self._modules.values() if m.weight_qtype is not None}
+            memory.detach_from_checkpoint(model, skip=quantized)
+        memory.release_free_memory()
         unloaded = [n for n, m in self._modules.items() if backend.has_meta_tensors(m)]
         if unloaded:
             raise PlanMismatchError(
