@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +19,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# wide enough for the evaluation tables even when the output is not a terminal
+console = Console(width=max(140, shutil.get_terminal_size((140, 24)).columns))
 
 
 @app.callback()
@@ -113,6 +115,47 @@ def inspect(
             rng = "" if spec.activations == "none" else str(spec.act_range)
             table.add_row(name, info.type, "x".join(map(str, info.shape)), spec.weights, spec.activations, rng)
         console.print(table)
+
+
+from . import cli_eval as _cli_eval  # noqa: E402,F401  (registers `mixdq eval` and `mixdq demo`)
+
+
+@app.command()
+def push(
+    plan_dir: str = typer.Argument(
+        ...,
+        help="Plan directory (plan.json at its root and/or in component folders such as unet/) or a plan .json file.",
+    ),
+    repo_id: str = typer.Argument(..., help="Hub model repository, namespace/name (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    revision: Optional[str] = typer.Option(
+        None, "--revision", help="Branch to commit to (created from main if missing). Default: main."
+    ),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Commit message."),
+    component: Optional[str] = typer.Option(
+        None, "--component", help="Publish a root-level plan in this component's folder instead (e.g. unet)."
+    ),
+):
+    """Publish plans and a generated model card (README.md) to the Hugging Face Hub, in one commit.
+
+    Authentication: `hf auth login` or the HF_TOKEN environment variable.
+    """
+    from .hub import push_plan
+
+    try:
+        info = push_plan(
+            plan_dir,
+            repo_id,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            component=component,
+        )
+    except MixDQError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"pushed {plan_dir} to {repo_id}: commit {info.oid}")
+    console.print(info.commit_url)
 
 
 def main() -> None:
