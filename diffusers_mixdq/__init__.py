@@ -7,12 +7,14 @@
 
 from ._registration import register as _register
 from .config import MixDQConfig
-from .errors import MixDQError, PlanFormatError, PlanMismatchError, PlanSourceError
+from .errors import MixDQError, PlanFormatError, PlanMismatchError, PlanPushError, PlanSourceError
 from .plan import BitPlan, LayerSpec, PlanSummary
 
 __version__ = "0.1.0"
 
 _register()
+
+from . import hub  # noqa: E402,F401  (registers the Hugging Face Hub as a plan source)
 
 __all__ = [
     "BitPlan",
@@ -21,6 +23,7 @@ __all__ = [
     "MixDQError",
     "PlanFormatError",
     "PlanMismatchError",
+    "PlanPushError",
     "PlanSourceError",
     "PlanSummary",
     "__version__",

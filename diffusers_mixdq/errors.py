@@ -22,3 +22,7 @@ class PlanMismatchError(MixDQError):
 
 class PlanSourceError(MixDQError):
     """The plan could not be found or read from where it was said to be."""
+
+
+class PlanPushError(MixDQError):
+    """A plan could not be published to the Hub (authentication, permissions, server or network failure)."""

@@ -1,0 +1,141 @@
+"""The pipeline one-liner: a diffusers ``PipelineQuantizationConfig`` for every component a plan repo covers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import PlanSourceError
+from ..plan.format import PLAN_FILENAME
+from .download import (
+    _HEX40,
+    missing_plan_message,
+    network_errors,
+    repo_not_found_message,
+    unreachable_message,
+)
+from .layout import check_component, component_for_class
+
+
+def plan_components(
+    repo_id: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    root_component: str | None = None,
+) -> tuple[str, dict[str, str | None]]:
+    """``(commit sha, {component: subfolder})`` of the plans in ``repo_id`` at ``revision``.
+
+    Component folders (``unet/plan.json``, ``transformer/plan.json``, ...) map to themselves. A root-level
+    ``plan.json`` maps to ``root_component`` if given, else to the component its ``target.class_name`` names
+    (``UNet...`` -> ``unet``, ``...Transformer...`` -> ``transformer``); its subfolder is ``None``. The plan files are
+    fetched with ``snapshot_download`` (cached; works offline from the cache).
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    rev = revision or "main"
+    try:
+        folder = snapshot_download(
+            repo_id, revision=revision, token=token, allow_patterns=[PLAN_FILENAME, f"*/{PLAN_FILENAME}"]
+        )
+    except LocalEntryNotFoundError as e:
+        raise PlanSourceError(unreachable_message(repo_id, "the plans", rev, e)) from None
+    except RepositoryNotFoundError:
+        raise PlanSourceError(repo_not_found_message(repo_id)) from None
+    except RevisionNotFoundError:
+        raise PlanSourceError(
+            f"Hub repo '{repo_id}' has no revision '{rev}' (no such branch, tag or commit). Check revision=."
+        ) from None
+    except HfHubHTTPError as e:
+        code = getattr(getattr(e, "response", None), "status_code", None)
+        raise PlanSourceError(
+            f"The Hub answered HTTP {code} while listing the plans of '{repo_id}' (revision '{rev}'). Try again "
+            "later."
+        ) from None
+    except network_errors() as e:
+        raise PlanSourceError(
+            f"Listing the plans of Hub repo '{repo_id}' failed ({type(e).__name__}: {e}). Try again."
+        ) from None
+    commit = Path(folder).name
+    if not _HEX40.fullmatch(commit):
+        raise PlanSourceError(f"Unexpected Hugging Face cache layout for '{repo_id}': {folder}.")
+    found: dict[str, str | None] = {}
+    root = Path(folder) / PLAN_FILENAME
+    if root.is_file():
+        name = root_component or _root_class_component(root)
+        if name is None:
+            raise PlanSourceError(
+                f"Hub repo '{repo_id}' has a root-level {PLAN_FILENAME} without target.class_name, so it is not "
+                "known which pipeline component it is for. Pass root_component='unet' (or 'transformer', ...)."
+            )
+        found[check_component(name)] = None
+    if os.path.isdir(folder):
+        for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir() and (p / PLAN_FILENAME).is_file()):
+            if sub.name in found:
+                raise PlanSourceError(
+                    f"Hub repo '{repo_id}' has both a root-level plan for '{sub.name}' and a '{sub.name}/' plan; "
+                    "keep one of them."
+                )
+            found[sub.name] = sub.name
+    if not found:
+        raise PlanSourceError(missing_plan_message(repo_id, PLAN_FILENAME, revision, token))
+    return commit, found
+
+
+def _root_class_component(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # MixDQConfig reports the broken file properly when it loads it
+    target = data.get("target") if isinstance(data, dict) else None
+    return component_for_class(target.get("class_name") if isinstance(target, dict) else None)
+
+
+def pipeline_quantization_config(
+    repo_id: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    *,
+    components: list[str] | None = None,
+    strict: bool = True,
+    root_component: str | None = None,
+):
+    """``PipelineQuantizationConfig(quant_mapping={component: MixDQConfig(...)})`` for the plans of ``repo_id``.
+
+    One line to quantize a whole pipeline with a published plan set::
+
+        pipe = DiffusionPipeline.from_pretrained(
+            "stabilityai/sd-turbo", quantization_config=pipeline_quantization_config("user/sd-turbo-mixdq"))
+
+    Every component folder with a ``plan.json`` gets a :class:`~diffusers_mixdq.MixDQConfig`; a root-level plan
+    goes to ``root_component`` or the component its ``target.class_name`` names (see :func:`plan_components`).
+    ``components`` restricts the mapping (each must have a plan). All plans are read from the **same commit**:
+    ``revision`` (a branch, tag or sha; default ``main``) is resolved once and each ``MixDQConfig`` is pinned to that
+    commit sha, while its plan's ``provenance["source"]["revision"]`` keeps the revision as requested. A plan made
+    for another model is refused when the pipeline loads (:class:`~diffusers_mixdq.errors.PlanMismatchError`).
+    """
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    from ..config import MixDQConfig
+
+    commit, found = plan_components(repo_id, revision, token, root_component)
+    if components is not None:
+        missing = sorted(set(components) - set(found))
+        if missing:
+            raise PlanSourceError(
+                f"Hub repo '{repo_id}' has no plan for {', '.join(missing)}; it has plans for "
+                f"{', '.join(sorted(found))}."
+            )
+        found = {c: s for c, s in found.items() if c in components}
+    mapping = {}
+    for component, subfolder in found.items():
+        config = MixDQConfig(plan=repo_id, revision=commit, subfolder=subfolder, token=token, strict=strict)
+        config.plan.provenance["source"]["revision"] = revision or "main"
+        mapping[component] = config
+    return PipelineQuantizationConfig(quant_mapping=mapping)
