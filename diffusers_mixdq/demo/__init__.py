@@ -58,7 +58,7 @@ def load_pipeline(torch_dtype=None, device: str = "cpu"):
     import torch
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(pipeline_path(), torch_dtype=torch_dtype or torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(pipeline_path(), dtype=torch_dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -66,10 +66,10 @@ def load_pipeline(torch_dtype=None, device: str = "cpu"):
 def eval_prompts(n: int = 64, seed: int = 0) -> List[str]:
     """``n`` deterministic prompts covering the attribute space.
 
-    Each block of 240 prompts holds every (colour, shape, position, size)
-    combination exactly once; smaller ``n`` is a seeded, near-balanced subset
-    (consecutive prompts cycle through the attribute values).
+    Every colour, shape, position and size occurs equally often (up to
+    rounding); the combinations are drawn with ``seed``.  See
+    :func:`diffusers_mixdq.demo.data.balanced_prompts`.
     """
-    from .data import sample_prompts
+    from .data import balanced_prompts
 
-    return sample_prompts(n, seed=seed)
+    return balanced_prompts(n, seed=seed)

@@ -240,3 +240,19 @@ def render_batch(scenes: Iterable[Scene]) -> np.ndarray:
 def labels_array(scenes: Sequence[Scene]) -> np.ndarray:
     """Integer labels (N, len(ATTRIBUTES)) in :data:`ATTRIBUTES` order."""
     return np.array([[s.labels()[a] for a in ATTRIBUTES] for s in scenes], dtype=np.int64)
+
+
+def balanced_prompts(n: int, seed: int = 0) -> List[str]:
+    """``n`` captions whose attributes are individually balanced.
+
+    For each attribute the list of values is cycled to length ``n`` and
+    shuffled independently (seeded), so every colour/shape/position/size
+    appears ``n / k`` times (rounded) while the combinations vary.
+    Deterministic in ``(n, seed)``.
+    """
+    rng = np.random.default_rng(seed)
+    cols = {}
+    for a in ATTRIBUTES:
+        values = ATTRIBUTE_VALUES[a]
+        cols[a] = [values[i] for i in rng.permutation(np.arange(n) % len(values))]
+    return [format_caption(cols["shape"][i], cols["colour"][i], cols["position"][i], cols["size"][i]) for i in range(n)]

@@ -8,7 +8,7 @@ writes ``config.json`` + ``model.safetensors``.
 
 Example (the command used for the shipped scorer)::
 
-    python examples/train_demo/train_scorer.py --threads 1 --steps 2000 \
+    python examples/train_demo/train_scorer.py --threads 1 --steps 1000 \
         --out diffusers_mixdq/demo/scorer
 """
 
@@ -54,8 +54,8 @@ def main() -> None:
     p.add_argument("--out", default="diffusers_mixdq/demo/scorer")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--pool", type=int, default=240 * 40, help="number of rendered training images")
     p.add_argument("--width", type=int, default=32)
