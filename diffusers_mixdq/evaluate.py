@@ -66,7 +66,7 @@ def load_pipeline(path: str | os.PathLike, plan=None, torch_dtype: torch.dtype =
     from .bos import verify_text_encoder
     from .config import MixDQConfig
 
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if plan is not None:
         index = json.loads((Path(path) / "model_index.json").read_text())
         component = "unet" if "unet" in index else "transformer"
