@@ -197,7 +197,8 @@ class MixDQQuantizer(DiffusersQuantizer):
             backend.compute_bos_row_(module)
         backend.quantize_weight_(module)
         self._since_trim += param_value.numel() * param_value.element_size()
-        if self._since_trim > 256 * 2**20:  # keep the allocator from hoarding the quantization temporaries
+        # every 32 MB read, keep the allocator from hoarding the quantization temporaries
+        if self._since_trim > 32 * 2**20:
             memory.release_free_memory()
             self._since_trim = 0
 
