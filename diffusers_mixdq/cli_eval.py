@@ -137,3 +137,42 @@ def demo(
         raise typer.Exit(2) from None
     _print_results(results, f"mixdq demo: bundled shapes model, {len(prompts)} prompts, same seeds for all rows")
     _write_outputs(results, out, 8)
+
+
+@app.command()
+def build(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file (see hub_recipes/ and diffusers_mixdq.build.recipe)."),
+    out: Path = typer.Option(Path("mixdq-plan"), help="Output directory (receives <component>/plan.json)."),
+    push: Optional[str] = typer.Option(None, help="Also publish the plan to this Hub repo (user/repo)."),
+    private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility of a repo created by --push."),
+):
+    """Build a plan from a recipe: calibrate, measure sensitivity, allocate widths with HiGHS, save (and push)."""
+    from .build.recipe import load_recipe, run_recipe
+
+    try:
+        r = load_recipe(recipe)
+        plan, path, report = run_recipe(r, out)
+        console.print(_summary(plan))
+        if report is not None:
+            console.print(
+                f"denoiser evaluations: {report.denoiser_evaluations}; seconds: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items())
+                + f"; chosen k = {report.chosen_k}"
+            )
+        console.print(f"wrote {path}")
+        target = push or (r.push or {}).get("repo_id")
+        if target:
+            from .hub import push_plan
+
+            is_private = private if private is not None else bool((r.push or {}).get("private", False))
+            result = push_plan(out, target, private=is_private)
+            console.print(f"pushed to {target}: {getattr(result, 'commit_url', None) or 'no changes'}")
+    except MixDQError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _summary(plan):
+    from .cli import _summary_table
+
+    return _summary_table(f"MixDQ plan for {plan.target.get('class_name')}", plan.summary().rows())

@@ -468,3 +468,18 @@ def test_server_errors(hub, repo_id):
     assert not list((cache_folder(repo_id) / "snapshots").rglob("plan.json"))
     assert as_published(MixDQConfig(plan=repo_id, subfolder="unet").plan) == PLAN  # recovered
     assert_cache_clean(repo_id)
+
+
+def test_mixdq_build_push(hub, repo_id, pipeline_dir, tmp_path):
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "pipeline": str(pipeline_dir), "prompts": ["a red circle"], "steps": 1, "guidance": 1.0, "resolution": 32,
+        "weights": {"budget_bits": 8.0, "candidates": {"content": [8], "quality": [8]}},
+    }))
+    result = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "out"), "--push", repo_id])
+    assert result.exit_code == 0, result.output
+    assert {"unet/plan.json", "unet/plan.safetensors", "README.md"} <= set(hub.repo_files(repo_id, "main"))
+    built = BitPlan.load(tmp_path / "out" / "unet")
+    assert as_published(MixDQConfig(plan=repo_id, subfolder="unet").plan) == built

@@ -55,6 +55,7 @@ class BuildSettings:
     budget_mode: str = "at_most"
     tolerance: float = 0.02
     bos: bool = True
+    component: str | None = None
 
 
 @dataclass
@@ -68,7 +69,12 @@ class BuildReport:
     chosen_k: float | None = None
 
 
-def denoiser_of(pipe) -> tuple[str, nn.Module]:
+def denoiser_of(pipe, component: str | None = None) -> tuple[str, nn.Module]:
+    if component is not None:
+        module = getattr(pipe, component, None)
+        if not isinstance(module, nn.Module):
+            raise MixDQError(f"{type(pipe).__name__} has no model component '{component}'.")
+        return component, module
     for name in ("unet", "transformer"):
         module = getattr(pipe, name, None)
         if module is not None:
@@ -118,7 +124,7 @@ def calibrate(pipe, settings: BuildSettings) -> Calibration:
     layer's input absmax (token 0 left out for the layers that will be BOS-aware)."""
     from ..bos import NonCausalEncoderError, attach_bos, bos_hidden_state
 
-    _, denoiser = denoiser_of(pipe)
+    _, denoiser = denoiser_of(pipe, settings.component)
     bos_state = None
     if settings.bos:
         try:
@@ -143,7 +149,7 @@ def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings) -> BitPlan:
     (e.g. a uniform W8A8 plan: ``BitPlan.uniform("int8", activations="int8")`` has no ranges of its own)."""
     from ..bos import attach_bos
 
-    _, denoiser = denoiser_of(pipe)
+    _, denoiser = denoiser_of(pipe, settings.component)
     calib = calibrate(pipe, settings)
     if calib.bos_state is not None:
         plan = attach_bos(plan, calib.bos_state)
@@ -167,7 +173,7 @@ def build_plan(pipe, settings: BuildSettings, progress: bool = True) -> tuple[Bi
     s = settings
     if s.activations not in ("int8", "dynamic", "none"):
         raise MixDQError(f"activations must be 'int8', 'dynamic' or 'none', got {s.activations!r}.")
-    _, denoiser = denoiser_of(pipe)
+    _, denoiser = denoiser_of(pipe, settings.component)
     table = layer_table(denoiser)
     groups = {n: layer_group(n, s.content_patterns) for n in table}
     protected = [n for n in table if any(fnmatch.fnmatchcase(n, p) for p in s.protected)]

@@ -1,0 +1,122 @@
+"""Recipes: the ready ones in hub_recipes/ validate; `mixdq build` runs a recipe end to end on a tiny pipeline."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from accelerate import init_empty_weights
+from typer.testing import CliRunner
+
+from diffusers_mixdq import BitPlan, MixDQError
+from diffusers_mixdq.build.recipe import BUILTIN_PROMPTS, load_recipe
+from diffusers_mixdq.cli import app
+from diffusers_mixdq.plan import layer_table
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO / "hub_recipes").glob("*/*.yaml"))
+SD21_CONFIG = REPO.parent / "shared" / "model-configs" / "sd21-base-unet.json"
+
+
+def test_there_are_recipes_for_every_model_and_width():
+    names = {(p.parent.name, p.stem) for p in RECIPES}
+    for model in ("sdxl-turbo", "sd-turbo", "lcm-sdxl", "pixart-sigma"):
+        for width in ("w8a8", "w5a8", "w4a8"):
+            assert (model, width) in names
+    table = (REPO / "hub_recipes" / "README.md").read_text()
+    assert all(f"hub_recipes/{p.parent.name}/{p.name}" in table for p in RECIPES)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_ready_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.prompts == BUILTIN_PROMPTS and recipe.activations == "int8"
+    bits = {"w8a8": 8.0, "w5a8": 5.0, "w4a8": 4.0}[path.stem]
+    assert recipe.budget_bits == bits and recipe.calibrate_only == (path.stem == "w8a8")
+    if path.parent.name == "lcm-sdxl":
+        assert recipe.steps == 4
+    if path.parent.name in ("sdxl-turbo", "sd-turbo"):
+        assert recipe.steps == 1
+
+
+@pytest.mark.skipif(not SD21_CONFIG.is_file(), reason="needs ../shared/model-configs")
+def test_sd_turbo_recipe_layers_exist_in_the_real_architecture():
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(json.loads(SD21_CONFIG.read_text()))
+    names = list(layer_table(unet))
+    for path in (REPO / "hub_recipes" / "sd-turbo").glob("*.yaml"):
+        recipe = load_recipe(path)
+        for pattern in recipe.protected + recipe.content_patterns:
+            assert any(fnmatch.fnmatchcase(n, pattern) for n in names), (path, pattern)
+        BitPlan(defaults={"weights": "int8"}, ignore=recipe.protected).resolve(unet)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"weights": {"budget_bits": 4}}, "needs 'pipeline'"),
+        ({"pipeline": "x", "weights": {"budget_bits": 4}, "stepz": 2}, r"unknown field\(s\) \['stepz'\]"),
+        ({"pipeline": "x", "weights": {"budget_bits": 4, "size_mb": 3}}, "exactly one of"),
+        ({"pipeline": "x", "weights": {"budget_bits": 4, "candidates": {"content": [3]}}}, "list of 2, 4 and 8"),
+        ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": "int4"}, "'activations' must be"),
+        ({"pipeline": "x", "weights": {"budget_bits": 4}, "prompts": "nope.txt"}, "neither 'builtin' nor a file"),
+        ({"pipeline": "x", "weights": {"budget_bits": 6, "candidates": {"content": [8], "quality": [8]}}},
+         "budget_bits must be 8"),
+    ],
+)
+def test_bad_recipes_are_refused(data, message):
+    with pytest.raises(MixDQError, match=message):
+        load_recipe(data)
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("pipeline: [unclosed\n")
+    with pytest.raises(MixDQError, match="not valid YAML"):
+        load_recipe(path)
+
+
+def write_recipe(tmp_path, pipeline_dir, **weights) -> Path:
+    data = {"pipeline": str(pipeline_dir), "prompts": ["a red circle", "a blue square"], "steps": 2,
+            "guidance": 3.0, "resolution": 32, "weights": weights, "split_ratios": [0.5, 1.0],
+            "protected": ["conv_in", "conv_out"]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_mixdq_build_mixed_recipe(tmp_path, pipeline_dir):
+    recipe = write_recipe(tmp_path, pipeline_dir, budget_bits=4.0)
+    result = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "denoiser evaluations" in result.output
+    plan = BitPlan.load(tmp_path / "out" / "unet")
+    assert plan.summary().avg_weight_bits <= 4.0
+    assert plan.target["base_model"] == str(pipeline_dir)
+    assert plan.provenance["recipe"]["budget_bits"] == 4.0
+
+
+def test_mixdq_build_calibrate_only_and_size_budget(tmp_path, pipeline_dir):
+    recipe = write_recipe(tmp_path, pipeline_dir, budget_bits=8.0, candidates={"content": [8], "quality": [8]})
+    result = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "w8")])
+    assert result.exit_code == 0, result.output
+    specs = BitPlan.load(tmp_path / "w8" / "unet").layer_specs()
+    assert specs["conv_in"].weights == "none"
+    assert all(s.weights == "int8" and isinstance(s.act_range, float) for n, s in specs.items()
+               if n not in ("conv_in", "conv_out"))
+
+    sized = write_recipe(tmp_path, pipeline_dir, size_mb=0.5)
+    result = CliRunner().invoke(app, ["build", str(sized), "--out", str(tmp_path / "sized")])
+    assert result.exit_code == 0, result.output
+    summary = BitPlan.load(tmp_path / "sized" / "unet").summary()
+    assert summary.params * summary.avg_weight_bits / 8 <= 0.5 * 2**20 + 1
+
+
+def test_mixdq_build_reports_errors(tmp_path):
+    result = CliRunner().invoke(app, ["build", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and "No recipe file" in result.output
