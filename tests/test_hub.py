@@ -483,3 +483,23 @@ def test_mixdq_build_push(hub, repo_id, pipeline_dir, tmp_path):
     assert {"unet/plan.json", "unet/plan.safetensors", "README.md"} <= set(hub.repo_files(repo_id, "main"))
     built = BitPlan.load(tmp_path / "out" / "unet")
     assert as_published(MixDQConfig(plan=repo_id, subfolder="unet").plan) == built
+
+
+def test_readme_hub_commands_run_as_written(hub, tmp_path, monkeypatch):
+    """The README's push command and Hub one-liners, run against the loopback hub (owner namespace adapted)."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    repo_root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(repo_root)
+    push_line = next(line for line in readme.splitlines() if line.startswith(".venv/bin/mixdq push "))
+    args = [a.replace("you/", "tester/") for a in shlex.split(push_line)[1:]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    snippet = readme.split("### Plans on the Hugging Face Hub", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {"UNet2DConditionModel": UNet2DConditionModel, "DiffusionPipeline": DiffusionPipeline,
+                 "MixDQConfig": MixDQConfig, "base": "diffusers_mixdq/demo/pipeline"}
+    exec(snippet.replace("you/", "tester/"), namespace)
+    assert quantized_layers(namespace["unet"]) == quantized_layers(namespace["pipe"].unet)
+    assert namespace["pipe"].unet.config.quantization_config.plan.provenance["source"]["repo_id"] == \
+        "tester/shapes-mixdq"
