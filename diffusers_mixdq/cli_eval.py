@@ -145,13 +145,16 @@ def build(
     out: Path = typer.Option(Path("mixdq-plan"), help="Output directory (receives <component>/plan.json)."),
     push: Optional[str] = typer.Option(None, help="Also publish the plan to this Hub repo (user/repo)."),
     private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility of a repo created by --push."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, help="Resumable sensitivity cache (default: OUT/.sensitivity-cache); rerun after an interruption."
+    ),
 ):
     """Build a plan from a recipe: calibrate, measure sensitivity, allocate widths with HiGHS, save (and push)."""
     from .build.recipe import load_recipe, run_recipe
 
     try:
         r = load_recipe(recipe)
-        plan, path, report = run_recipe(r, out)
+        plan, path, report = run_recipe(r, out, cache_dir=None if cache_dir is None else str(cache_dir))
         console.print(_summary(plan))
         if report is not None:
             console.print(

@@ -86,3 +86,30 @@ def test_bos_layers_are_calibrated_without_token_zero(pipe):
     full = record_input_ranges(pipe.unet, run, layers=names)
     skipped = record_input_ranges(pipe.unet, run, layers=names, skip_first_token=names)
     assert all(skipped[n] <= full[n] for n in names)
+
+
+def test_interrupted_build_resumes_to_the_identical_plan(pipe, tmp_path, monkeypatch):
+    from diffusers_mixdq.build import sensitivity
+
+    s = dict(**SETTINGS, weight_bits=4.0, split_ratios=(1.0,))
+    reference, _ = build_plan(pipe, BuildSettings(**s), progress=False)
+
+    calls = {"n": 0}
+    real_put = sensitivity.ScoreCache.put
+
+    def dying_put(self, name, bits, score):
+        real_put(self, name, bits, score)
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt("simulated kill mid-sweep")
+
+    monkeypatch.setattr(sensitivity.ScoreCache, "put", dying_put)
+    with pytest.raises(KeyboardInterrupt):
+        build_plan(pipe, BuildSettings(**s, cache_dir=str(tmp_path)), progress=False)
+    monkeypatch.setattr(sensitivity.ScoreCache, "put", real_put)
+    (cache_file,) = tmp_path.glob("sensitivity-*.json")
+    assert len(__import__("json").loads(cache_file.read_text())) == 40
+    resumed, report = build_plan(pipe, BuildSettings(**s, cache_dir=str(tmp_path)), progress=False)
+    assert resumed.layer_specs() == reference.layer_specs()
+    full_evals = reference.provenance["denoiser_evaluations"]["sensitivity"]
+    assert 0 < report.denoiser_evaluations["sensitivity"] < full_evals

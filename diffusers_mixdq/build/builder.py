@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -29,7 +31,7 @@ from ..plan.format import BitPlan
 from ..plan.layers import layer_table
 from .allocate import AllocationProblem, FixedLayer, LayerChoice, pick, sweep
 from .calibrate import record_input_ranges
-from .sensitivity import CONTENT_PATTERNS, Recording, layer_group, record_run, weight_sensitivity
+from .sensitivity import CONTENT_PATTERNS, Recording, ScoreCache, layer_group, record_run, weight_sensitivity
 
 BITS_TO_DTYPE = {8: "int8", 4: "int4", 2: "int2", 16: "none"}
 
@@ -56,6 +58,8 @@ class BuildSettings:
     tolerance: float = 0.02
     bos: bool = True
     component: str | None = None
+    #: directory for the resumable sensitivity cache (None: no cache)
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -107,6 +111,21 @@ def applied(denoiser: nn.Module, plan: BitPlan, bos_state: torch.Tensor | None =
     finally:
         for parent, child, module in originals.values():
             setattr(parent, child, module)
+
+
+def sweep_key(denoiser: nn.Module, s: BuildSettings) -> str:
+    """Identifies a sensitivity sweep: the model's structure and weights sample, the prompts and the settings that
+    change scores. A cache file is reused only for the same key."""
+    from ..plan.layers import fingerprint
+
+    h = hashlib.sha256()
+    h.update(fingerprint(layer_table(denoiser)).encode())
+    for p in list(denoiser.parameters())[:4]:  # cheap guard against another checkpoint of the same architecture
+        h.update(p.detach().float().flatten()[:256].numpy().tobytes())
+    fields = [list(s.prompts), s.steps, s.guidance, s.height, s.width, s.seed, s.widths, list(s.content_patterns),
+              list(s.protected), s.bos]
+    h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -203,8 +222,9 @@ def build_plan(pipe, settings: BuildSettings, progress: bool = True) -> tuple[Bi
             images = _run_pipeline(pipe, s)
         return float(structural_similarity_index_measure(images, reference, data_range=1.0))
 
+    cache = ScoreCache(Path(s.cache_dir) / f"sensitivity-{sweep_key(denoiser, s)}.json" if s.cache_dir else None)
     sens = weight_sensitivity(
-        denoiser, candidates, s.widths, rec, content_score, rec.num_calls, groups, progress=progress
+        denoiser, candidates, s.widths, rec, content_score, rec.num_calls, groups, progress=progress, cache=cache
     )
     report.seconds["sensitivity"] = time.perf_counter() - t0
     report.denoiser_evaluations["sensitivity"] = sens.denoiser_evaluations

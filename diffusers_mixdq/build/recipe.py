@@ -243,8 +243,11 @@ def load_recipe(source: str | os.PathLike | dict) -> Recipe:
     return r
 
 
-def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True):
+def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, cache_dir: str | None = None):
     """Build the recipe's plan and save it as ``out/<component>/plan.json`` (the Hub plan-repo layout).
+
+    Sensitivity scores are cached in ``cache_dir`` (default ``out/.sensitivity-cache``) as they are measured, so
+    a build that was interrupted resumes where it stopped and gives the same plan.
 
     Returns ``(plan, plan_path, report)``; ``report`` is ``None`` for calibrate-only recipes.
     """
@@ -266,6 +269,7 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True):
     component, denoiser = denoiser_of(pipe, recipe.component)
     settings = recipe.settings()
     settings.component = component
+    settings.cache_dir = str(cache_dir if cache_dir is not None else Path(out) / ".sensitivity-cache")
     if recipe.size_mb is not None:
         table = layer_table(denoiser)
         total = sum(info.numel for info in table.values())

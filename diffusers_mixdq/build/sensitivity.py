@@ -12,8 +12,11 @@ scales), which is why allocation budgets the groups separately.
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -114,6 +117,28 @@ class swapped:
         setattr(self.parent, self.child, self.original)
 
 
+class ScoreCache:
+    """Sensitivity scores on disk (JSON), written after every measurement, so an interrupted sweep resumes where it
+    stopped. Keys are ``"<layer>|<width>"``; the file is replaced atomically."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path is not None else None
+        self.scores: dict[str, float] = {}
+        if self.path is not None and self.path.is_file():
+            self.scores = {k: float(v) for k, v in json.loads(self.path.read_text()).items()}
+
+    def get(self, name: str, bits: int) -> float | None:
+        return self.scores.get(f"{name}|{bits}")
+
+    def put(self, name: str, bits: int, score: float) -> None:
+        self.scores[f"{name}|{bits}"] = score
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.scores))
+            os.replace(tmp, self.path)
+
+
 @dataclass
 class SensitivityResult:
     """``scores[layer][width] = score`` (higher is better) and how many denoiser evaluations it cost."""
@@ -135,6 +160,7 @@ def weight_sensitivity(
     act_spec: Callable[[str], LayerSpec] | None = None,
     bos_state: torch.Tensor | None = None,
     progress: bool = True,
+    cache: ScoreCache | None = None,
 ) -> SensitivityResult:
     """Score every layer at every candidate weight width, one layer quantized at a time.
 
@@ -145,6 +171,7 @@ def weight_sensitivity(
             ``None`` scores content layers by SQNR too.
         content_calls: denoiser evaluations one ``content_score()`` costs.
         act_spec: the activation part of each layer's spec during the sweep (default: weights only).
+        cache: scores already measured are taken from it and new ones written to it (resumable sweeps).
     """
     from tqdm.auto import tqdm
 
@@ -155,7 +182,12 @@ def weight_sensitivity(
     jobs = [(n, b) for n in layers for b in widths[groups[n]]]
     scores: dict[str, dict[int, float]] = {n: {} for n in layers}
     evaluations = 0
+    cache = cache or ScoreCache(None)
     for name, bits in tqdm(jobs, desc="weight sensitivity", disable=not progress, unit="layer×width"):
+        cached = cache.get(name, bits)
+        if cached is not None:
+            scores[name][bits] = cached
+            continue
         original = denoiser.get_submodule(name)
         act = act_spec(name) if act_spec else LayerSpec()
         spec = LayerSpec(bits_name[bits], act.activations, act.act_range, act.flags)
@@ -167,5 +199,6 @@ def weight_sensitivity(
             else:
                 scores[name][bits] = replay_sqnr(denoiser, quality_rec)
                 evaluations += quality_rec.num_calls
+        cache.put(name, bits, scores[name][bits])
     metric = {"quality": "sqnr_db", "content": "ssim" if content_score is not None else "sqnr_db"}
     return SensitivityResult("weights", metric, scores, evaluations)
