@@ -153,8 +153,12 @@ def build(
     from .build.recipe import load_recipe, run_recipe
 
     try:
+        from .build.builder import is_main_process
+
         r = load_recipe(recipe)
         plan, path, report = run_recipe(r, out, cache_dir=None if cache_dir is None else str(cache_dir))
+        if not is_main_process():
+            return
         console.print(_summary(plan))
         if report is not None:
             console.print(

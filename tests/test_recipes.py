@@ -120,3 +120,31 @@ def test_mixdq_build_calibrate_only_and_size_budget(tmp_path, pipeline_dir):
 def test_mixdq_build_reports_errors(tmp_path):
     result = CliRunner().invoke(app, ["build", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2 and "No recipe file" in result.output
+
+
+def test_two_process_sharded_build_equals_single_process(tmp_path, pipeline_dir):
+    """`accelerate launch --multi_gpu --num_processes 2 mixdq build ...` (gloo on a CPU-only machine) gives the plan a
+    single process gives."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    recipe = write_recipe(tmp_path, pipeline_dir, budget_bits=4.0)
+    mixdq = shutil.which("mixdq", path=os.path.dirname(sys.executable)) or "mixdq"
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same float summation order in every process
+    single = subprocess.run([mixdq, "build", str(recipe), "--out", str(tmp_path / "single")],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    result = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", mixdq, "build", str(recipe), "--out", str(tmp_path / "sharded")],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    parts = sorted((tmp_path / "sharded" / ".sensitivity-cache").glob("*.part*.json"))
+    assert len(parts) == 2 and all(json.loads(p.read_text()) for p in parts)
+    sharded = BitPlan.load(tmp_path / "sharded" / "unet")
+    assert sharded.layer_specs() == BitPlan.load(tmp_path / "single" / "unet").layer_specs()
+    assert sharded.provenance["denoiser_evaluations"]["shards"] == 2

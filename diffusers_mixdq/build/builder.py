@@ -113,6 +113,25 @@ def applied(denoiser: nn.Module, plan: BitPlan, bos_state: torch.Tensor | None =
             setattr(parent, child, module)
 
 
+def _distributed_state():
+    """accelerate's process state when running sharded (more than one process), e.g. under
+    ``accelerate launch --multi_gpu --num_processes 2 $(which mixdq) build RECIPE`` or ``torchrun``."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    # on a machine without CUDA, accelerate only forms a process group when asked for CPU (gloo)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state if state.num_processes > 1 else None
+
+
+def is_main_process() -> bool:
+    state = _distributed_state()
+    return state is None or state.is_main_process
+
+
 def sweep_key(denoiser: nn.Module, s: BuildSettings) -> str:
     """Identifies a sensitivity sweep: the model's structure and weights sample, the prompts and the settings that
     change scores. A cache file is reused only for the same key."""
@@ -222,10 +241,24 @@ def build_plan(pipe, settings: BuildSettings, progress: bool = True) -> tuple[Bi
             images = _run_pipeline(pipe, s)
         return float(structural_similarity_index_measure(images, reference, data_range=1.0))
 
-    cache = ScoreCache(Path(s.cache_dir) / f"sensitivity-{sweep_key(denoiser, s)}.json" if s.cache_dir else None)
+    cache_path = Path(s.cache_dir) / f"sensitivity-{sweep_key(denoiser, s)}.json" if s.cache_dir else None
+    state = _distributed_state()
+    if state is not None and cache_path is None:
+        raise MixDQError("A sharded build (accelerate launch) needs a cache directory to merge the shards' scores.")
+    cache = ScoreCache(cache_path)
+    if state is not None:
+        cache = cache.shard(state.process_index)
     sens = weight_sensitivity(
-        denoiser, candidates, s.widths, rec, content_score, rec.num_calls, groups, progress=progress, cache=cache
+        denoiser, candidates, s.widths, rec, content_score, rec.num_calls, groups, progress=progress, cache=cache,
+        shard=(state.process_index, state.num_processes) if state is not None else (0, 1),
     )
+    if state is not None:  # every shard waits for the others, then reads all parts
+        state.wait_for_everyone()
+        merged = ScoreCache(cache_path)
+        for name in candidates:
+            for bits in s.widths[groups[name]]:
+                sens.scores[name][bits] = merged.get(name, bits)
+        report.denoiser_evaluations["shards"] = state.num_processes
     report.seconds["sensitivity"] = time.perf_counter() - t0
     report.denoiser_evaluations["sensitivity"] = sens.denoiser_evaluations
 

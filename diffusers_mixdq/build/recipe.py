@@ -298,5 +298,9 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, ca
         "size_mb": recipe.size_mb,
         "activations": recipe.activations,
     }
-    path = plan.save(Path(out) / component)
+    from .builder import is_main_process
+
+    path = Path(out) / component / "plan.json"
+    if is_main_process():  # in a sharded build every process ends with the same plan; one writes it
+        path = plan.save(Path(out) / component)
     return plan, path, report

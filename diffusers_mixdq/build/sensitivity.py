@@ -124,8 +124,17 @@ class ScoreCache:
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path is not None else None
         self.scores: dict[str, float] = {}
-        if self.path is not None and self.path.is_file():
-            self.scores = {k: float(v) for k, v in json.loads(self.path.read_text()).items()}
+        if self.path is not None:
+            # this file and the parts other shards wrote beside it (``<stem>.part<i>.json``)
+            for part in sorted(self.path.parent.glob(self.path.stem + "*.json")):
+                self.scores.update({k: float(v) for k, v in json.loads(part.read_text()).items()})
+
+    def shard(self, index: int) -> ScoreCache:
+        """The part file shard ``index`` writes (it still reads every part, so resuming works for all shards)."""
+        part = ScoreCache(None)
+        part.path = self.path.with_name(f"{self.path.stem}.part{index}.json")
+        part.scores = dict(self.scores)
+        return part
 
     def get(self, name: str, bits: int) -> float | None:
         return self.scores.get(f"{name}|{bits}")
@@ -161,6 +170,7 @@ def weight_sensitivity(
     bos_state: torch.Tensor | None = None,
     progress: bool = True,
     cache: ScoreCache | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> SensitivityResult:
     """Score every layer at every candidate weight width, one layer quantized at a time.
 
@@ -172,6 +182,8 @@ def weight_sensitivity(
         content_calls: denoiser evaluations one ``content_score()`` costs.
         act_spec: the activation part of each layer's spec during the sweep (default: weights only).
         cache: scores already measured are taken from it and new ones written to it (resumable sweeps).
+        shard: ``(index, count)``: measure only every ``count``-th job starting at ``index`` (the others are left
+            to other processes; their scores are missing from the result until the parts are merged).
     """
     from tqdm.auto import tqdm
 
@@ -183,6 +195,8 @@ def weight_sensitivity(
     scores: dict[str, dict[int, float]] = {n: {} for n in layers}
     evaluations = 0
     cache = cache or ScoreCache(None)
+    index, count = shard
+    jobs = jobs[index::count]
     for name, bits in tqdm(jobs, desc="weight sensitivity", disable=not progress, unit="layer×width"):
         cached = cache.get(name, bits)
         if cached is not None:
