@@ -24,52 +24,16 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from diffusers_mixdq.apply.memory import PeakMemory, process_memory
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONFIG = REPO.parent / "shared" / "model-configs" / "sd21-base-unet.json"
 WORK = HERE / "_work"
 RESULTS = HERE / "results"
-
-
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-class PeakSampler:
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self.peak_anon = 0
-        self.peak_rss = 0
-        self._stop = threading.Event()
-
-    def _run(self):
-        while not self._stop.is_set():
-            s = _status()
-            self.peak_anon = max(self.peak_anon, s["RssAnon"])
-            self.peak_rss = max(self.peak_rss, s["VmRSS"])
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        s = _status()
-        self.peak_anon = max(self.peak_anon, s["RssAnon"])
-        self.peak_rss = max(self.peak_rss, s["VmHWM"])
 
 
 def measure(mode: str, path: str) -> dict:
@@ -84,16 +48,16 @@ def measure(mode: str, path: str) -> dict:
     if mode in ("mixdq-int8", "mixdq-int4"):
         plan = diffusers_mixdq.BitPlan.uniform(mode.split("-")[1])
         kwargs["quantization_config"] = diffusers_mixdq.MixDQConfig(plan=plan)
-    base = _status()
+    base = process_memory()
     t0 = time.perf_counter()
-    with PeakSampler() as peak:
+    with PeakMemory() as peak:
         model = UNet2DConditionModel.from_pretrained(path, **kwargs)
         seconds = time.perf_counter() - t0
         # a memory-mapped checkpoint is read lazily: touch every page of every tensor, as a first forward would
         with torch.no_grad():
             for t in model.state_dict().values():
                 t.flatten()[::256].float().sum()
-    after = _status()
+    after = process_memory()
     del model
     return {
         "mode": mode,

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,38 +106,10 @@ def image_metrics(images: torch.Tensor, reference: torch.Tensor) -> tuple[float,
     return psnr, ssim
 
 
-class _PeakRSS:
-    """Peak resident set size of this process while the ``with`` block runs (Linux; sampled every 5 ms)."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-
 def measure_peak_rss(path: str, plan_path: str | None, prompts: Sequence[str], steps: int, guidance: float,
                      seed: int) -> int | None:
     """Peak RSS of a fresh Python process that loads the pipeline (with the plan) and generates ``prompts``."""
-    if not Path("/proc/self/statm").exists():
+    if not Path("/proc/self/status").exists():
         return None
     args = {"path": str(path), "plan": plan_path, "prompts": list(prompts), "steps": steps, "guidance": guidance,
             "seed": seed}
@@ -257,10 +228,12 @@ def _peak_main(args_json: str) -> None:
 
     diffusers_logging.disable_progress_bar()
     args = json.loads(args_json)
-    with _PeakRSS() as peak:
+    from .apply.memory import PeakMemory
+
+    with PeakMemory() as peak:
         pipe = load_pipeline(args["path"], args["plan"])
         generate(pipe, args["prompts"], args["seed"], args["steps"], args["guidance"], len(args["prompts"]))
-    print(peak.peak)
+    print(peak.peak_rss)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
+import time
 from functools import lru_cache
 
 from torch import nn
@@ -48,3 +50,45 @@ def detach_from_checkpoint(model: nn.Module, skip: set[int]) -> None:
             if b is None or id(b) in skip or b.device.type != "cpu":
                 continue
             module._buffers[name] = b.clone()
+
+
+def process_memory() -> dict[str, int]:
+    """Bytes of this process's ``VmRSS``, ``VmHWM`` (peak RSS), ``RssAnon`` and ``RssFile`` (Linux only)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class PeakMemory:
+    """Peak RSS and peak anonymous RSS of this process while the ``with`` block runs (Linux; sampled every
+    ``interval`` seconds by a thread; the RSS peak also takes the kernel's high-water mark at exit)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_anon = 0
+        self._stop = threading.Event()
+
+    def _sample(self, rss_key: str) -> None:
+        s = process_memory()
+        self.peak_anon = max(self.peak_anon, s["RssAnon"])
+        self.peak_rss = max(self.peak_rss, s[rss_key])
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._sample("VmRSS")
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample("VmHWM")
