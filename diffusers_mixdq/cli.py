@@ -23,6 +23,12 @@ app = typer.Typer(
 console = Console(width=max(140, shutil.get_terminal_size((140, 24)).columns))
 
 
+def fail(error: Exception) -> None:
+    """Report a user-facing error and exit with status 2 (no traceback)."""
+    console.print(f"[red]error:[/red] {error}")
+    raise typer.Exit(2) from None
+
+
 @app.callback()
 def _root() -> None:
     """Mixed-precision (MixDQ) quantization plans for diffusers models."""
@@ -95,8 +101,7 @@ def inspect(
             resolved = bitplan.resolve(skeleton, strict=False)
         summary = resolved.summary(skeleton)
     except MixDQError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
     if as_json:
         print(json.dumps(summary.to_dict(), indent=2))
         return
@@ -152,8 +157,7 @@ def push(
             component=component,
         )
     except MixDQError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
     console.print(f"pushed {plan_dir} to {repo_id}: commit {info.oid}")
     console.print(info.commit_url)
 

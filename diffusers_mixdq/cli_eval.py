@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .cli import app, console
+from .cli import app, console, fail
 from .errors import MixDQError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -94,8 +94,7 @@ def eval_command(
             measure_memory=memory,
         )
     except MixDQError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
     _print_results(results, f"{pipeline}: {len(prompts)} prompts")
     if out is not None:
         _write_outputs(results, out, None)
@@ -133,8 +132,7 @@ def demo(
             measure_memory=memory,
         )
     except MixDQError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
     _print_results(results, f"mixdq demo: bundled shapes model, {len(prompts)} prompts, same seeds for all rows")
     _write_outputs(results, out, 8)
 
@@ -175,8 +173,7 @@ def build(
             result = push_plan(out, target, private=is_private)
             console.print(f"pushed to {target}: {getattr(result, 'commit_url', None) or 'no changes'}")
     except MixDQError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
 
 
 def _summary(plan):
