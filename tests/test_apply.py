@@ -72,19 +72,20 @@ def test_error_grows_as_bits_shrink(unet_dir):
     assert errs["int8"] < a8 < errs["int4"], (a8, errs)
 
 
-def test_conv_inputs_are_quantized(unet_dir):
+@pytest.mark.parametrize("act, qmax", [("int8", 127), ("int4", 7)])
+def test_conv_inputs_are_quantized(unet_dir, act, qmax):
     """Activation-only quantization of one Conv2d: its output equals the conv of the fake-quantized input."""
     name = "down_blocks.0.resnets.0.conv2"
     plan = BitPlan(
         defaults={"weights": "none"},
-        layers={name: {"weights": "none", "activations": "int8", "act_range": 0.5}},
+        layers={name: {"weights": "none", "activations": act, "act_range": 0.5}},
     )
     model = load(unet_dir, plan)
     conv = model.get_submodule(name)
     x = torch.randn(1, conv.in_channels, 8, 8) * 0.3
-    scale = torch.tensor(0.5 / 127)
+    scale = torch.tensor(0.5 / qmax)
     expected = torch.nn.functional.conv2d(
-        torch.clamp(torch.round(x / scale), -128, 127) * scale, conv.weight, conv.bias, padding=1
+        torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale, conv.weight, conv.bias, padding=1
     )
     with torch.no_grad():
         got = conv(x)

@@ -56,7 +56,7 @@ from optimum.quanto.tensor.weights import WeightQBitsTensor  # noqa: E402
 _WEIGHT_QTYPES = {"int8": qint8, "int4": qint4, "int2": qint2, "float8": qfloat8}
 _QTYPE_NAMES = {q.name: name for name, q in _WEIGHT_QTYPES.items()}
 _FLOAT8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
-_ACT_QMAX = {"int8": 127.0, "float8": _FLOAT8_MAX}
+_ACT_QMAX = {"int8": 127.0, "int4": 7.0, "float8": _FLOAT8_MAX}
 
 
 def activation_scale(dtype: str, absmax: float) -> float:
@@ -69,8 +69,9 @@ def fake_quantize_activation(x: torch.Tensor, dtype: str, scale: torch.Tensor | 
     if scale is None:
         scale = x.detach().abs().amax().float().clamp_min(1e-12) / _ACT_QMAX[dtype]
     scale = scale.to(x.dtype)
-    if dtype == "int8":
-        return torch.clamp(torch.round(x / scale), -128, 127) * scale
+    if dtype in ("int8", "int4"):
+        qmax = _ACT_QMAX[dtype]
+        return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
     if dtype == "float8":
         q = torch.clamp(x / scale, -_FLOAT8_MAX, _FLOAT8_MAX).to(torch.float8_e4m3fn)
         return q.to(x.dtype) * scale

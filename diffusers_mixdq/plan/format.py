@@ -1,7 +1,7 @@
 """Plan format v1: the per-layer bit-width plan as data, and :class:`BitPlan`, its Python face.
 
 A plan says, for each Linear / Conv2d layer of a diffusers denoiser, how its weights are stored (int8, int4, int2,
-float8 or kept in floating point) and how its input activations are quantized (int8, float8 or not at all, with a
+float8 or kept in floating point) and how its input activations are quantized (int8, int4, float8 or not at all, with a
 static absolute-max range or a dynamic one). Layers are named explicitly, or by rules (name patterns) over
 defaults, with an ignore list. Resolving a plan against a model turns it into an explicit per-layer table, which is
 what a saved quantized model carries. The format is JSON (documented in ``docs/plan-format.md``, schema in
@@ -34,7 +34,7 @@ PLAN_FILENAME = "plan.json"
 #: weight dtype -> bits per stored element (``None``: kept in the model's floating-point dtype)
 WEIGHT_DTYPES: dict[str, int | None] = {"int8": 8, "int4": 4, "int2": 2, "float8": 8, "none": None}
 #: activation dtype -> bits (``None``: not quantized)
-ACTIVATION_DTYPES: dict[str, int | None] = {"int8": 8, "float8": 8, "none": None}
+ACTIVATION_DTYPES: dict[str, int | None] = {"int8": 8, "int4": 4, "float8": 8, "none": None}
 DYNAMIC = "dynamic"
 #: sidecar key of the text encoder's BOS hidden state (see diffusers_mixdq.bos)
 BOS_STATE_KEY = "bos.hidden_state"
