@@ -63,7 +63,14 @@ def test_sd_turbo_recipe_layers_exist_in_the_real_architecture():
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "stepz": 2}, r"unknown field\(s\) \['stepz'\]"),
         ({"pipeline": "x", "weights": {"budget_bits": 4, "size_mb": 3}}, "exactly one of"),
         ({"pipeline": "x", "weights": {"budget_bits": 4, "candidates": {"content": [3]}}}, "list of 2, 4 and 8"),
-        ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": "int4"}, "'activations' must be"),
+        ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": "int4"}, "'activations' \\(mode\\) must be"),
+        ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": {"candidates": [2, 8]}}, "list of 4 and 8"),
+        ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": {"candidates": [4, 8], "budget_bits": 9}},
+         "between 4 and 8"),
+        ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": {"mode": "none", "protect_most_sensitive": 2}},
+         "need activations quantized"),
+        ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": {"bits": 8}}, "'activations' takes"),
+        ({"pipeline": "x", "weights": {"budget_bits": 4}, "sweep_fraction": 0}, "sweep_fraction"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "prompts": "nope.txt"}, "neither 'builtin' nor a file"),
         ({"pipeline": "x", "weights": {"budget_bits": 6, "candidates": {"content": [8], "quality": [8]}}},
          "budget_bits must be 8"),
@@ -72,6 +79,20 @@ def test_sd_turbo_recipe_layers_exist_in_the_real_architecture():
 def test_bad_recipes_are_refused(data, message):
     with pytest.raises(MixDQError, match=message):
         load_recipe(data)
+
+
+def test_activation_options_reach_the_builder():
+    r = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4},
+                     "activations": {"mode": "dynamic", "candidates": [8, 4], "budget_bits": 7.5,
+                                     "protect_most_sensitive": 7},
+                     "sweep_fraction": 0.5, "device": "cuda"})
+    s = r.settings()
+    assert (s.activations, s.act_widths, s.act_bits, s.act_protect) == ("dynamic", [4, 8], 7.5, 7)
+    assert (s.sweep_fraction, s.device) == (0.5, "cuda")
+    s.validate()
+    w8 = load_recipe({"pipeline": "x", "weights": {"budget_bits": 8, "candidates": {"content": [8], "quality": [8]}},
+                      "activations": {"candidates": [8], "protect_most_sensitive": 3}})
+    assert not w8.calibrate_only  # protecting activation-sensitive layers needs the activation sweep
 
 
 def test_bad_yaml_file(tmp_path):

@@ -15,10 +15,13 @@ weights:
   budget_bits: 4.0                 # parameter-weighted average (protected layers count 16) ...
   # size_mb: 900                   # ... or a target size of the denoiser's quantizable weights in MB
   candidates: {content: [2, 4, 8], quality: [4, 8]}
-activations: int8                  # int8 (static, calibrated) | dynamic | none
+activations: int8                  # int8 (static, calibrated) | dynamic | none, or a mapping:
+# activations: {mode: int8, candidates: [4, 8], budget_bits: 7.0, protect_most_sensitive: 7}
 protected: [conv_in, conv_out]     # kept in floating point
 content_patterns: ["*attn2.*", "*.ff.*"]
 split_ratios: [0.5, 0.75, 1.0, 1.5, 2.0]
+sweep_fraction: 0.25               # share of the calibration samples each sensitivity measurement uses
+device: null                       # cuda, cuda:1, cpu (default: cpu; sharded CUDA builds use one GPU per process)
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
 
@@ -74,8 +77,9 @@ BUILTIN_PROMPTS = [
 _KEYS = {
     "pipeline", "revision", "component", "torch_dtype", "prompts", "num_prompts", "steps", "guidance",
     "resolution", "height", "width", "seed", "weights", "activations", "protected", "content_patterns",
-    "split_ratios", "budget_mode", "push", "description",
+    "split_ratios", "budget_mode", "push", "description", "sweep_fraction", "device",
 }
+_ACTIVATION_KEYS = {"mode", "candidates", "budget_bits", "protect_most_sensitive"}
 
 
 @dataclass
@@ -96,6 +100,11 @@ class Recipe:
     size_mb: float | None = None
     candidates: dict[str, list[int]] = field(default_factory=lambda: {"content": [2, 4, 8], "quality": [4, 8]})
     activations: str = "int8"
+    act_candidates: list[int] = field(default_factory=lambda: [8])
+    act_budget_bits: float | None = None
+    act_protect: int = 0
+    sweep_fraction: float = 0.25
+    device: str | None = None
     protected: list[str] = field(default_factory=list)
     content_patterns: list[str] = field(default_factory=lambda: ["*attn2.*", "*.ff.*"])
     split_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 2.0])
@@ -107,7 +116,8 @@ class Recipe:
     @property
     def calibrate_only(self) -> bool:
         widths = {w for ws in self.candidates.values() for w in ws}
-        return len(widths) == 1
+        acts_fixed = self.activations == "none" or (len(set(self.act_candidates)) == 1 and not self.act_protect)
+        return len(widths) == 1 and acts_fixed
 
     def settings(self):
         """The builder's :class:`~diffusers_mixdq.build.BuildSettings` for this recipe (budget in bits)."""
@@ -118,7 +128,9 @@ class Recipe:
             activations=self.activations, steps=self.steps, guidance=self.guidance, height=self.height,
             width=self.width, seed=self.seed, widths={k: list(v) for k, v in self.candidates.items()},
             content_patterns=tuple(self.content_patterns), protected=tuple(self.protected),
-            split_ratios=tuple(self.split_ratios), budget_mode=self.budget_mode,
+            split_ratios=tuple(self.split_ratios), budget_mode=self.budget_mode, sweep_fraction=self.sweep_fraction,
+            act_widths=list(self.act_candidates), act_bits=self.act_budget_bits, act_protect=self.act_protect,
+            device=self.device,
         )
 
 
@@ -214,9 +226,38 @@ def load_recipe(source: str | os.PathLike | dict) -> Recipe:
                 raise _fail(where, f"weights.candidates.{group} must be a non-empty list of 2, 4 and 8; got {widths!r}.")
         r.candidates = {**r.candidates, **{g: sorted(set(w)) for g, w in cands.items()}}
 
-    r.activations = str(data.get("activations", "int8"))
+    acts = data.get("activations", "int8")
+    if isinstance(acts, dict):
+        if set(acts) - _ACTIVATION_KEYS:
+            raise _fail(where, f"'activations' takes {sorted(_ACTIVATION_KEYS)}; got {sorted(acts)}.")
+        r.activations = str(acts.get("mode", "int8"))
+        cands = acts.get("candidates", [8])
+        if not isinstance(cands, list) or not cands or any(w not in (4, 8) for w in cands):
+            raise _fail(where, f"activations.candidates must be a non-empty list of 4 and 8; got {cands!r}.")
+        r.act_candidates = sorted(set(cands))
+        if "budget_bits" in acts:
+            r.act_budget_bits = float(acts["budget_bits"])
+            if not min(r.act_candidates) <= r.act_budget_bits <= max(r.act_candidates):
+                raise _fail(where, f"activations.budget_bits must be between {min(r.act_candidates)} and "
+                                   f"{max(r.act_candidates)} (the candidates), got {r.act_budget_bits}.")
+        protect = acts.get("protect_most_sensitive", 0)
+        if not isinstance(protect, int) or isinstance(protect, bool) or protect < 0:
+            raise _fail(where, f"activations.protect_most_sensitive must be a non-negative integer, got {protect!r}.")
+        r.act_protect = protect
+    else:
+        r.activations = str(acts)
     if r.activations not in ("int8", "dynamic", "none"):
-        raise _fail(where, f"'activations' must be int8, dynamic or none, got {r.activations!r}.")
+        raise _fail(where, f"'activations' (mode) must be int8, dynamic or none, got {r.activations!r}.")
+    if r.activations == "none" and (r.act_protect or r.act_budget_bits is not None):
+        raise _fail(where, "activations.budget_bits / protect_most_sensitive need activations quantized (mode int8 "
+                           "or dynamic).")
+    if "sweep_fraction" in data:
+        frac = data["sweep_fraction"]
+        if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 < frac <= 1:
+            raise _fail(where, f"'sweep_fraction' must be a number in (0, 1], got {frac!r}.")
+        r.sweep_fraction = float(frac)
+    if data.get("device") is not None:
+        r.device = str(data["device"])
     for key in ("protected", "content_patterns"):
         if key in data:
             value = data[key]
@@ -246,8 +287,9 @@ def load_recipe(source: str | os.PathLike | dict) -> Recipe:
 def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, cache_dir: str | None = None):
     """Build the recipe's plan and save it as ``out/<component>/plan.json`` (the Hub plan-repo layout).
 
-    Sensitivity scores are cached in ``cache_dir`` (default ``out/.sensitivity-cache``) as they are measured, so
-    a build that was interrupted resumes where it stopped and gives the same plan.
+    The full-precision calibration run and the sensitivity scores are cached in ``cache_dir`` (default
+    ``out/.sensitivity-cache``) as they are measured, so a build that was interrupted resumes where it stopped and
+    gives the same plan.
 
     Returns ``(plan, plan_path, report)``; ``report`` is ``None`` for calibrate-only recipes.
     """
@@ -278,10 +320,11 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, ca
     if recipe.calibrate_only:
         width = next(iter({w for ws in recipe.candidates.values() for w in ws}))
         acts: dict[str, Any] = {"activations": "none"}
+        act_dtype = f"int{recipe.act_candidates[0]}"
         if recipe.activations == "int8":
-            acts = {"activations": "int8"}
+            acts = {"activations": act_dtype}
         elif recipe.activations == "dynamic":
-            acts = {"activations": "int8", "act_range": "dynamic"}
+            acts = {"activations": act_dtype, "act_range": "dynamic"}
         template = BitPlan(defaults={"weights": f"int{width}", **acts}, ignore=recipe.protected)
         plan = calibrated_plan(pipe, template, settings)
     else:
