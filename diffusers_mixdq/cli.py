@@ -76,6 +76,36 @@ def _summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
     return table
 
 
+def provenance_rows(prov: dict) -> list[tuple[str, str]]:
+    """Readable rows of a plan's provenance (what built it, on what, with which solver results and cost)."""
+    rows = [("tool", str(prov.get("tool", "?")))]
+    if "num_prompts" in prov:
+        rows.append(("calibration prompts", f"{prov['num_prompts']} (sha256 {str(prov.get('prompts_sha256'))[:12]}…)"))
+    recipe = prov.get("recipe") or {}
+    if recipe.get("source"):
+        rows.append(("recipe", str(recipe["source"])))
+    if prov.get("sensitivity_metric"):
+        rows.append(("sensitivity metrics", json.dumps(prov["sensitivity_metric"])))
+    alloc = prov.get("allocation") or {}
+    if alloc:
+        rows.append(("weight allocation", f"k={alloc.get('k')}, {alloc.get('status')}, average "
+                     f"{alloc.get('avg_bits', 0):.3f} bits, MIP gap {alloc.get('mip_gap')}, "
+                     f"{len(alloc.get('candidates', []))} candidates"))
+        for act in alloc.get("activations") or []:
+            rows.append(("activation allocation", f"{act.get('status')}, element-weighted average "
+                         f"{act.get('avg_bits', 0):.3f} bits"))
+        if alloc.get("activations_kept_unquantized"):
+            rows.append(("inputs kept unquantized", ", ".join(alloc["activations_kept_unquantized"])))
+    samples = prov.get("sample_evaluations") or {}
+    if samples:
+        ours = sum(v for k, v in samples.items() if k != "naive_total")
+        naive = samples.get("naive_total")
+        rows.append(("denoiser sample-evaluations", f"{ours:,}" + (f" (naive protocol: {naive:,})" if naive else "")))
+    if prov.get("seconds"):
+        rows.append(("seconds", ", ".join(f"{k} {v:.1f}" for k, v in prov["seconds"].items())))
+    return rows
+
+
 @app.command()
 def inspect(
     plan: str = typer.Argument(..., help="Plan: a .json file or a directory holding plan.json."),
@@ -103,13 +133,15 @@ def inspect(
     except MixDQError as e:
         fail(e)
     if as_json:
-        print(json.dumps(summary.to_dict(), indent=2))
+        print(json.dumps({**summary.to_dict(), "provenance": resolved.provenance}, indent=2, default=str))
         return
     target = resolved.target
     title = f"MixDQ plan for {target.get('class_name', '?')}"
     if target.get("base_model"):
         title += f" ({target['base_model']})"
     console.print(_summary_table(title, summary.rows()))
+    if resolved.provenance:
+        console.print(_summary_table("How it was built", provenance_rows(resolved.provenance)))
     if layers:
         table = Table(title="Layers", title_justify="left")
         for col in ("layer", "type", "shape", "weights", "activations", "range"):

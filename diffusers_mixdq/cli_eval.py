@@ -159,8 +159,10 @@ def build(
             return
         console.print(_summary(plan))
         if report is not None:
+            ours = sum(report.sample_evaluations.values())
             console.print(
-                f"denoiser evaluations: {report.denoiser_evaluations}; seconds: "
+                f"denoiser evaluations: {report.denoiser_evaluations} calls; {ours:,} sample-evaluations vs "
+                f"{report.naive_sample_evaluations:,} for the naive protocol ({report.reduction:.1f}x fewer); seconds: "
                 + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items())
                 + f"; chosen k = {report.chosen_k}"
             )

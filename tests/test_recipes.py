@@ -115,11 +115,15 @@ def test_mixdq_build_mixed_recipe(tmp_path, pipeline_dir):
     recipe = write_recipe(tmp_path, pipeline_dir, budget_bits=4.0)
     result = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "denoiser evaluations" in result.output
+    assert "denoiser evaluations" in result.output and "fewer" in result.output
     plan = BitPlan.load(tmp_path / "out" / "unet")
     assert plan.summary().avg_weight_bits <= 4.0
     assert plan.target["base_model"] == str(pipeline_dir)
     assert plan.provenance["recipe"]["budget_bits"] == 4.0
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "out" / "unet")])
+    assert shown.exit_code == 0, shown.output
+    assert "How it was built" in shown.output and "Optimal" in shown.output
+    assert "naive protocol" in shown.output and str(recipe) in shown.output
 
 
 def test_mixdq_build_calibrate_only_and_size_budget(tmp_path, pipeline_dir):
