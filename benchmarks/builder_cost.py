@@ -3,9 +3,10 @@
     python benchmarks/builder_cost.py            # demo model (W4A8 mixed, as examples/build_demo_plans.py builds it)
     python benchmarks/builder_cost.py --tiny     # also the tiny random pipeline of the tests: time per phase
 
-For the bundled demo model it builds the same W4A8 mixed plan twice, once with ``sweep_fraction=1.0`` (every
-layer x width measured on every recorded sample and a full pipeline run over every prompt per content layer: the
-naive protocol) and once with the default (a quarter of the samples), then evaluates both plans on the same 32
+For the bundled demo model it builds the same W4A8 mixed plan twice, once with the naive protocol (every layer x
+width measured on every recorded sample and a full pipeline run over every prompt per content layer:
+``sweep_fraction=1, content_fraction=1, extrapolate_widest=False``) and once with the defaults (``--variants``
+picks others), then evaluates the plans on the same 32
 held-out prompts and seeds (PSNR / SSIM vs full precision, alignment accuracy of the bundled scorer). Writes
 ``benchmarks/results/builder_cost.json`` and prints a Markdown table.
 """
@@ -28,7 +29,23 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def demo_builds(fractions: list[float], eval_n: int) -> list[dict]:
+NAIVE = {"sweep_fraction": 1.0, "content_fraction": 1.0, "extrapolate_widest": False}
+
+
+def parse_variant(text: str) -> dict:
+    """``"default"``, ``"naive"`` or ``"key=value,key=value"`` (BuildSettings fields) -> settings overrides."""
+    if text == "default":
+        return {}
+    if text == "naive":
+        return dict(NAIVE)
+    out = {}
+    for item in text.split(","):
+        key, value = item.split("=")
+        out[key] = bool(int(value)) if key == "extrapolate_widest" else float(value)
+    return out
+
+
+def demo_builds(variants: list[str], eval_n: int) -> list[dict]:
     from diffusers_mixdq.cli_eval import _demo_scoring
     from diffusers_mixdq.evaluate import evaluate
 
@@ -37,14 +54,14 @@ def demo_builds(fractions: list[float], eval_n: int) -> list[dict]:
     prompts = demo.eval_prompts(16, seed=1234)[:8]  # the calibration prompts of examples/build_demo_plans.py
     rows, plans = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for fraction in fractions:
+        for i, variant in enumerate(variants):
             settings = BuildSettings(prompts=prompts, steps=demo.NUM_INFERENCE_STEPS, guidance=demo.GUIDANCE_SCALE,
-                                     height=32, width=32, seed=1000, weight_bits=4.0, sweep_fraction=fraction)
+                                     height=32, width=32, seed=1000, weight_bits=4.0, **parse_variant(variant))
             t0 = time.perf_counter()
             plan, report = build_plan(pipe, settings)
             seconds = time.perf_counter() - t0
-            name = f"sweep_fraction={fraction:g}"
-            plans[name] = str(plan.save(Path(tmp) / f"f{fraction:g}").parent)
+            name = variant
+            plans[name] = str(plan.save(Path(tmp) / f"v{i}").parent)
             rows.append({"variant": name, "build_seconds": seconds, "seconds": report.seconds,
                          "denoiser_calls": report.denoiser_evaluations,
                          "sample_evaluations": report.sample_evaluations,
@@ -85,15 +102,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="also time the phases on the tests' tiny pipeline")
     parser.add_argument("--eval-prompts", type=int, default=32)
+    parser.add_argument("--variants", nargs="+", default=["naive", "default"],
+                        help="builds to compare: naive, default, or key=value,... BuildSettings overrides")
     args = parser.parse_args()
     out: dict = {"torch_threads": torch.get_num_threads()}
     if args.tiny:
         out["tiny"] = tiny_build()
         print(json.dumps(out["tiny"], indent=1))
-    out["demo"] = demo_builds([1.0, 0.25], args.eval_prompts)
+    out["demo"] = demo_builds(args.variants, args.eval_prompts)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "builder_cost.json").write_text(json.dumps(out, indent=1))
-    print("| sweep | sample-evals (ours) | naive | fewer | build s | PSNR dB | SSIM | aligned | Fréchet |")
+    print("| build | sample-evals (ours) | naive | fewer | build s | PSNR dB | SSIM | aligned | Fréchet |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in out["demo"]:
         if r["variant"] == "FP32":

@@ -164,14 +164,19 @@ def test_calibration_is_cached_on_disk(pipe, tmp_path, monkeypatch):
 
 
 def test_sweep_is_cheaper_than_naive_and_counts_honestly(pipe):
-    # 4 prompts: a quarter of them is one prompt per content measurement
-    s = dict(**{**SETTINGS, "prompts": ["a red circle", "a blue square", "a green star", "a tiny dot"]},
-             weight_bits=4.0, split_ratios=(1.0,))
-    _, naive = build_plan(pipe, BuildSettings(**s, sweep_fraction=1.0), progress=False)
+    # 8 prompts: content measurements generate 4 of them, quality measurements replay a quarter of the samples
+    prompts = ["a red circle", "a blue square", "a green star", "a tiny dot", "two lines", "a big ring", "an arc",
+               "a cross"]
+    s = dict(**{**SETTINGS, "prompts": prompts}, weight_bits=4.0, split_ratios=(1.0,))
+    _, naive = build_plan(pipe, BuildSettings(**s, sweep_fraction=1.0, content_fraction=1.0,
+                                              extrapolate_widest=False), progress=False)
     assert naive.reduction == pytest.approx(1.0)  # measuring everything on every sample is the naive protocol
     _, fast = build_plan(pipe, BuildSettings(**s), progress=False)
     assert fast.naive_sample_evaluations == naive.naive_sample_evaluations
     assert fast.reduction >= 3.0, fast.sample_evaluations
+    from diffusers_mixdq.build.builder import prompt_subset
+
+    assert prompt_subset(8, 0.5, 4) == [0, 2, 4, 6] and prompt_subset(2, 0.5, 4) == [0, 1]
     # a single candidate width leaves nothing to measure
     plan, w8 = build_plan(pipe, BuildSettings(**{**s, "weight_bits": 8.0}, widths={"content": [8], "quality": [8]}),
                           progress=False)
@@ -223,6 +228,7 @@ def test_most_sensitive_ranks_across_groups_by_relative_damage():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(sweep_fraction=0.0), "sweep_fraction"),
+    (dict(content_fraction=1.5), "content_fraction"),
     (dict(act_widths=[2, 8]), "act_widths"),
     (dict(act_widths=[4, 8], act_bits=3.0), "between 4 and 8"),
     (dict(activations="none", act_protect=3), "need quantized activations"),

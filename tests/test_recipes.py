@@ -85,10 +85,10 @@ def test_activation_options_reach_the_builder():
     r = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4},
                      "activations": {"mode": "dynamic", "candidates": [8, 4], "budget_bits": 7.5,
                                      "protect_most_sensitive": 7},
-                     "sweep_fraction": 0.5, "device": "cuda"})
+                     "sweep_fraction": 0.5, "content_fraction": 0.75, "device": "cuda"})
     s = r.settings()
     assert (s.activations, s.act_widths, s.act_bits, s.act_protect) == ("dynamic", [4, 8], 7.5, 7)
-    assert (s.sweep_fraction, s.device) == (0.5, "cuda")
+    assert (s.sweep_fraction, s.content_fraction, s.device) == (0.5, 0.75, "cuda")
     s.validate()
     w8 = load_recipe({"pipeline": "x", "weights": {"budget_bits": 8, "candidates": {"content": [8], "quality": [8]}},
                       "activations": {"candidates": [8], "protect_most_sensitive": 3}})
@@ -102,8 +102,8 @@ def test_bad_yaml_file(tmp_path):
         load_recipe(path)
 
 
-def write_recipe(tmp_path, pipeline_dir, **weights) -> Path:
-    data = {"pipeline": str(pipeline_dir), "prompts": ["a red circle", "a blue square"], "steps": 2,
+def write_recipe(tmp_path, pipeline_dir, extra: dict | None = None, **weights) -> Path:
+    data = {**(extra or {}), "pipeline": str(pipeline_dir), "prompts": ["a red circle", "a blue square"], "steps": 2,
             "guidance": 3.0, "resolution": 32, "weights": weights, "split_ratios": [0.5, 1.0],
             "protected": ["conv_in", "conv_out"]}
     path = tmp_path / "recipe.yaml"
@@ -155,7 +155,9 @@ def test_two_process_sharded_build_equals_single_process(tmp_path, pipeline_dir)
     import subprocess
     import sys
 
-    recipe = write_recipe(tmp_path, pipeline_dir, budget_bits=4.0)
+    # activations are allocated too, so both sweeps are sharded and merged
+    acts = {"activations": {"candidates": [4, 8], "budget_bits": 6.0, "protect_most_sensitive": 1}}
+    recipe = write_recipe(tmp_path, pipeline_dir, acts, budget_bits=4.0)
     mixdq = shutil.which("mixdq", path=os.path.dirname(sys.executable)) or "mixdq"
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same float summation order in every process
@@ -173,3 +175,4 @@ def test_two_process_sharded_build_equals_single_process(tmp_path, pipeline_dir)
     sharded = BitPlan.load(tmp_path / "sharded" / "unet")
     assert sharded.layer_specs() == BitPlan.load(tmp_path / "single" / "unet").layer_specs()
     assert sharded.provenance["denoiser_evaluations"]["shards"] == 2
+    assert {sp.activations for sp in sharded.layer_specs().values()} >= {"int4", "int8", "none"}

@@ -14,10 +14,12 @@ This is the library core of the recipe builder. Given a loaded pipeline and prom
    activation-sensitive layers' inputs unquantized;
 5. returns a resolved :class:`~diffusers_mixdq.BitPlan` with ranges, the BOS state and provenance.
 
-Cheaper than the naive protocol: each measurement replays only ``sweep_fraction`` of the recorded samples
-(quality layers: every recorded call, on a rotating window of its samples; content layers: the pipeline on that
-fraction of the prompts), a layer with a single candidate is not measured, the activation sweep runs only when
-there is an activation decision, and the full-precision run itself is cached on disk. The report counts denoiser
+Cheaper than the naive protocol: a quality-layer measurement replays every recorded call on only
+``sweep_fraction`` of its samples (a rotating window, so every prompt is seen), a content-layer measurement
+generates ``content_fraction`` of the prompts (at least four), a content layer's widest candidate
+is extrapolated from the next one rather than measured, a layer with a single candidate is not measured, the
+activation sweep runs only when there is an activation decision, and the full-precision run itself is cached on
+disk. The report counts denoiser
 sample-evaluations against the naive protocol.
 """
 
@@ -65,6 +67,9 @@ class BuildSettings:
     element-weighted average over quantized inputs (default: the widest candidate), and the ``act_protect``
     most activation-sensitive layers keep their inputs unquantized (MixDQ keeps a few). ``sweep_fraction`` is
     the share of the calibration samples each sensitivity measurement uses (1.0: the naive protocol).
+    ``content_fraction`` is the share of the prompts a content-layer measurement
+    generates (at least :data:`MIN_CONTENT_PROMPTS`: image metrics on too few prompts pick the wrong layers), and
+    ``extrapolate_widest`` estimates content layers' widest candidate instead of measuring it.
     ``device``: where the pipeline runs during the build (default: where it is); in a sharded build on CUDA
     machines every process takes its own GPU."""
 
@@ -87,6 +92,8 @@ class BuildSettings:
     #: directory for the calibration cache and the resumable sensitivity cache (None: no cache)
     cache_dir: str | None = None
     sweep_fraction: float = 0.25
+    content_fraction: float = 0.5
+    extrapolate_widest: bool = True
     act_widths: list[int] = field(default_factory=lambda: [8])
     act_bits: float | None = None
     act_protect: int = 0
@@ -95,8 +102,9 @@ class BuildSettings:
     def validate(self) -> None:
         if self.activations not in ("int8", "dynamic", "none"):
             raise MixDQError(f"activations must be 'int8', 'dynamic' or 'none', got {self.activations!r}.")
-        if not 0 < self.sweep_fraction <= 1:
-            raise MixDQError(f"sweep_fraction must be in (0, 1], got {self.sweep_fraction}.")
+        for name in ("sweep_fraction", "content_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise MixDQError(f"{name} must be in (0, 1], got {getattr(self, name)}.")
         if not self.act_widths or any(w not in (4, 8) for w in self.act_widths):
             raise MixDQError(f"act_widths must be a non-empty list of 4 and 8, got {self.act_widths!r}.")
         if self.act_bits is not None and not min(self.act_widths) <= self.act_bits <= max(self.act_widths):
@@ -158,9 +166,14 @@ def _run_pipeline(pipe, s: BuildSettings, indices: Sequence[int] | None = None) 
     return out.images.float().cpu()
 
 
-def prompt_subset(n: int, fraction: float) -> list[int]:
-    """``max(1, round(fraction * n))`` prompt indices spread evenly over ``0..n-1``."""
-    k = min(n, max(1, round(fraction * n)))
+#: content-layer measurements generate at least this many prompts (on the demo model, SSIM on 2 of 8 prompts chose
+#: int2 layers that cost 11 dB of PSNR; 4 of 8 matched the naive protocol: benchmarks/builder_cost.py)
+MIN_CONTENT_PROMPTS = 4
+
+
+def prompt_subset(n: int, fraction: float, minimum: int = 1) -> list[int]:
+    """``max(minimum, round(fraction * n))`` prompt indices (all when there are fewer) spread evenly over ``0..n-1``."""
+    k = min(n, max(minimum, 1, round(fraction * n)))
     return [i * n // k for i in range(k)]
 
 
@@ -238,7 +251,7 @@ def sweep_key(denoiser: nn.Module, s: BuildSettings) -> str:
     """Identifies a sensitivity sweep: the calibration and what changes a score (the groups' metrics, the share of
     samples measured). A cache file is reused only for the same key; candidate widths may change freely."""
     h = hashlib.sha256(calibration_key(denoiser, s).encode())
-    h.update(json.dumps([list(s.content_patterns), s.sweep_fraction]).encode())
+    h.update(json.dumps([list(s.content_patterns), s.sweep_fraction, s.content_fraction]).encode())
     return h.hexdigest()[:16]
 
 
@@ -320,6 +333,13 @@ def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings) -> BitPlan:
     return resolved
 
 
+def extrapolate_ssim(score: float, bits: int, wider: int) -> float:
+    """SSIM at ``wider`` bits from SSIM at ``bits``: quantization noise power falls 4x per extra bit, and for small
+    noise the SSIM loss is proportional to it, so ``1 - s_wider = (1 - s_bits) / 4**(wider - bits)`` (an 8-bit
+    layer keeps 1/256 of its 4-bit loss: whatever its true value, it can hardly change the allocation)."""
+    return 1.0 - (1.0 - score) / 4 ** (wider - bits)
+
+
 def _damage(score: float, metric: str) -> float:
     """How much a score says the layer hurts: noise power relative to the signal for SQNR (dB), 1 - SSIM."""
     return 10 ** (-score / 10) if metric == "sqnr_db" else max(1.0 - score, 0.0)
@@ -370,7 +390,7 @@ def build_plan(pipe, settings: BuildSettings, progress: bool = True) -> tuple[Bi
             warnings.warn(f"{type(denoiser).__name__} does not compute its samples independently; measuring on "
                           "every recorded sample (sweep_fraction ignored for quality layers).", stacklevel=2)
             quality_rec = rec
-    content_prompts = prompt_subset(len(s.prompts), s.sweep_fraction)
+    content_prompts = prompt_subset(len(s.prompts), s.content_fraction, MIN_CONTENT_PROMPTS)
 
     def content_score() -> float:
         from torchmetrics.functional.image import structural_similarity_index_measure
@@ -388,8 +408,14 @@ def build_plan(pipe, settings: BuildSettings, progress: bool = True) -> tuple[Bi
     common = dict(quality_rec=quality_rec, content=content, naive_cost=(rec.num_calls, rec.num_samples),
                   bos_state=bos_state, progress=progress, cache=cache, shard=shard)
 
-    # a layer with one candidate width has no decision to make: it is not measured
-    sweep_widths = {g: ws if len(set(ws)) > 1 else [] for g, ws in s.widths.items()}
+    # a layer with one candidate width has no decision to make: it is not measured; nor is the widest width of a
+    # content layer (SSIM) when extrapolated from the next one
+    sweep_widths = {g: sorted(set(ws)) if len(set(ws)) > 1 else [] for g, ws in s.widths.items()}
+    extrapolated = {}
+    if s.extrapolate_widest and len(sweep_widths.get("content", [])) > 1:
+        *rest, widest = sweep_widths["content"]
+        extrapolated = {"content": (widest, rest[-1])}
+        sweep_widths["content"] = rest
     sens = layer_sensitivity(denoiser, candidates, sweep_widths, groups, lambda n, b: LayerSpec(f"int{b}"),
                              kind="weights", **common)
     act_sens = None
@@ -411,10 +437,15 @@ def build_plan(pipe, settings: BuildSettings, progress: bool = True) -> tuple[Bi
             if result is not None:
                 result.fill_from(merged)
         report.denoiser_evaluations["shards"] = state.num_processes
+    for name in candidates:  # after the shards' scores are merged
+        if groups[name] in extrapolated:
+            widest, below = extrapolated[groups[name]]
+            sens.scores[name][widest] = extrapolate_ssim(sens.scores[name][below], below, widest)
     report.seconds["sensitivity"] = time.perf_counter() - t0 - report.seconds.get("activation_sensitivity", 0.0)
     report.denoiser_evaluations["sensitivity"] = sens.cost.calls
     report.sample_evaluations["sensitivity"] = sens.cost.samples
-    naive += sens.naive.samples
+    # the naive protocol measures every candidate width of every layer, on every sample and every prompt
+    naive += rec.num_samples * sum(len(set(s.widths[groups[n]])) for n in candidates)
     if act_sens is not None:
         report.denoiser_evaluations["activation_sensitivity"] = act_sens.cost.calls
         report.sample_evaluations["activation_sensitivity"] = act_sens.cost.samples

@@ -20,7 +20,8 @@ activations: int8                  # int8 (static, calibrated) | dynamic | none,
 protected: [conv_in, conv_out]     # kept in floating point
 content_patterns: ["*attn2.*", "*.ff.*"]
 split_ratios: [0.5, 0.75, 1.0, 1.5, 2.0]
-sweep_fraction: 0.25               # share of the calibration samples each sensitivity measurement uses
+sweep_fraction: 0.25               # share of each recorded call's samples a quality-layer measurement replays
+content_fraction: 0.5              # share of the prompts a content-layer measurement generates (at least 4)
 device: null                       # cuda, cuda:1, cpu (default: cpu; sharded CUDA builds use one GPU per process)
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
@@ -77,7 +78,8 @@ BUILTIN_PROMPTS = [
 _KEYS = {
     "pipeline", "revision", "component", "torch_dtype", "prompts", "num_prompts", "steps", "guidance",
     "resolution", "height", "width", "seed", "weights", "activations", "protected", "content_patterns",
-    "split_ratios", "budget_mode", "push", "description", "sweep_fraction", "device",
+    "split_ratios", "budget_mode", "push", "description", "sweep_fraction", "content_fraction",
+    "device",
 }
 _ACTIVATION_KEYS = {"mode", "candidates", "budget_bits", "protect_most_sensitive"}
 
@@ -104,6 +106,7 @@ class Recipe:
     act_budget_bits: float | None = None
     act_protect: int = 0
     sweep_fraction: float = 0.25
+    content_fraction: float = 0.5
     device: str | None = None
     protected: list[str] = field(default_factory=list)
     content_patterns: list[str] = field(default_factory=lambda: ["*attn2.*", "*.ff.*"])
@@ -129,6 +132,7 @@ class Recipe:
             width=self.width, seed=self.seed, widths={k: list(v) for k, v in self.candidates.items()},
             content_patterns=tuple(self.content_patterns), protected=tuple(self.protected),
             split_ratios=tuple(self.split_ratios), budget_mode=self.budget_mode, sweep_fraction=self.sweep_fraction,
+            content_fraction=self.content_fraction,
             act_widths=list(self.act_candidates), act_bits=self.act_budget_bits, act_protect=self.act_protect,
             device=self.device,
         )
@@ -251,11 +255,12 @@ def load_recipe(source: str | os.PathLike | dict) -> Recipe:
     if r.activations == "none" and (r.act_protect or r.act_budget_bits is not None):
         raise _fail(where, "activations.budget_bits / protect_most_sensitive need activations quantized (mode int8 "
                            "or dynamic).")
-    if "sweep_fraction" in data:
-        frac = data["sweep_fraction"]
-        if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 < frac <= 1:
-            raise _fail(where, f"'sweep_fraction' must be a number in (0, 1], got {frac!r}.")
-        r.sweep_fraction = float(frac)
+    for key in ("sweep_fraction", "content_fraction"):
+        if key in data:
+            frac = data[key]
+            if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 < frac <= 1:
+                raise _fail(where, f"'{key}' must be a number in (0, 1], got {frac!r}.")
+            setattr(r, key, float(frac))
     if data.get("device") is not None:
         r.device = str(data["device"])
     for key in ("protected", "content_patterns"):
