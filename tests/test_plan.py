@@ -74,7 +74,7 @@ def test_not_a_plan():
     "where, spec, message",
     [
         ("defaults", {"weights": "int3"}, r"unknown weight dtype 'int3'; use one of int8, int4, int2, float8, none"),
-        ("defaults", {"activations": "int4"}, r"unknown activation dtype 'int4'"),
+        ("defaults", {"activations": "int2"}, r"unknown activation dtype 'int2'; use one of int8, int4, float8, none"),
         ("defaults", {"weights": "int8", "bits": 8}, r"unknown field"),
         ("defaults", {"activations": "int8", "act_range": -1}, r"act_range must be a positive number"),
     ],
