@@ -79,22 +79,31 @@ def load_pipeline(path: str | os.PathLike, plan=None, torch_dtype: torch.dtype =
     return pipe
 
 
-def generate(pipe, prompts: Sequence[str], seed: int, steps: int, guidance: float, batch_size: int = 16,
-             height: int | None = None, width: int | None = None) -> tuple[torch.Tensor, float]:
-    """Images ``(N, 3, H, W)`` in [0, 1] (prompt ``i`` always uses seed ``seed + i``) and the median seconds per
-    batch (the first batch, which includes one-time set-up, is left out when there are several)."""
+def generate_timed(pipe, prompts: Sequence[str], seed: int, steps: int, guidance: float, batch_size: int = 16,
+                   height: int | None = None, width: int | None = None,
+                   inference_mode: bool = True) -> tuple[torch.Tensor, list[float]]:
+    """Images ``(N, 3, H, W)`` in [0, 1] (prompt ``i`` always uses seed ``seed + i``) and the seconds of each batch.
+    ``inference_mode=False`` generates under ``no_grad`` instead (some peers' layers fail in inference mode)."""
     images, times = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode() if inference_mode else torch.no_grad():
             out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                        output_type="pt", height=height, width=width).images
         times.append(time.perf_counter() - t0)
         images.append(out.float().cpu())
+    return torch.cat(images), times
+
+
+def generate(pipe, prompts: Sequence[str], seed: int, steps: int, guidance: float, batch_size: int = 16,
+             height: int | None = None, width: int | None = None) -> tuple[torch.Tensor, float]:
+    """Images ``(N, 3, H, W)`` in [0, 1] (prompt ``i`` always uses seed ``seed + i``) and the median seconds per
+    batch (the first batch, which includes one-time set-up, is left out when there are several)."""
+    images, times = generate_timed(pipe, prompts, seed, steps, guidance, batch_size, height, width)
     timed = times[1:] or times
-    return torch.cat(images), sorted(timed)[len(timed) // 2]
+    return images, sorted(timed)[len(timed) // 2]
 
 
 def image_metrics(images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:

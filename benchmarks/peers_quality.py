@@ -1,0 +1,191 @@
+"""Quality of MixDQ plans and of the peers on the bundled demo model: PSNR / SSIM vs FP32, alignment, Fréchet.
+
+    python benchmarks/peers_quality.py                      # writes benchmarks/results/peers_quality.json
+
+Every variant (see ``_common.VARIANTS``) generates the same prompts (``demo.eval_prompts(N)``, the set ``mixdq
+eval`` uses) with the same seeds (prompt ``i``: seed ``i``), steps and guidance (the demo model's defaults), each in
+its own fresh process (no variant's imports, kernels or allocations affect another). The images come back to this
+process, which scores them all the same way: PSNR / SSIM against the FP32 images, text alignment with the bundled
+scorer (every attribute right), and the Fréchet distance of the scorer's features to those of the rendered
+ground-truth scenes.
+PSNR is reported twice: pooled over all images (``evaluate.image_metrics``, what ``mixdq eval`` prints), which a
+single image that turns into another scene dominates, and the median of the per-image PSNRs; images whose own PSNR
+is below ``DIVERGED_DB`` (20 dB: another scene, not noise) are counted as diverged.
+
+Size is the denoiser's bytes as held in memory (quantized weights packed, scales included). Generation runs under
+``torch.no_grad()`` for every variant: quanto's int4 layers fail under ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import BY_NAME, RESULTS, VARIANTS, error_line, format_exception  # noqa: E402
+
+
+def generate(pipe, prompts, seed: int, steps: int, guidance: float, batch_size: int):
+    """``evaluate.generate_timed`` under ``no_grad`` for every variant (quanto's int4 layers fail in inference
+    mode): images and the seconds of each batch."""
+    from diffusers_mixdq.evaluate import generate_timed
+
+    return generate_timed(pipe, prompts, seed, steps, guidance, batch_size, inference_mode=False)
+
+
+#: an image this far from its FP32 counterpart (per-image PSNR below, dB) shows another scene: it diverged
+DIVERGED_DB = 20.0
+
+
+def per_image_psnr(images, reference):
+    """PSNR in dB of each image against its reference (identical images: 120 dB)."""
+    import torch
+
+    mse = (images - reference).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+def load_demo_pipeline(variant):
+    """The demo pipeline with its UNet loaded as ``variant``."""
+    from diffusers import DiffusionPipeline
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    from _common import demo_plan, peer_config, torch_dtype
+    from diffusers_mixdq import demo
+    from diffusers_mixdq.evaluate import load_pipeline
+
+    if variant.family == "MixDQ":  # the library's own loading path (checks the BOS state too)
+        return load_pipeline(demo.pipeline_path(), demo_plan(variant))
+    kwargs = {"dtype": torch_dtype(variant.dtype)}
+    if variant.peer is not None:
+        kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping={"unet": peer_config(variant.peer)})
+    pipe = DiffusionPipeline.from_pretrained(demo.pipeline_path(), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def measure(name: str, args_json: str) -> dict:
+    """In a fresh process: load the variant, generate, save the images; sizes and times."""
+    import torch
+
+    from _common import quiet, storage_bytes
+
+    quiet()
+    args = json.loads(args_json)
+    torch.set_num_threads(args["threads"])
+    variant = BY_NAME[name]
+    t0 = time.perf_counter()
+    pipe = load_demo_pipeline(variant)
+    load_seconds = time.perf_counter() - t0
+    images, times = generate(pipe, args["prompts"], args["seed"], args["steps"], args["guidance"], args["batch_size"])
+    torch.save(images, args["images"])
+    timed = times[1:] or times
+    avg_bits = None
+    cfg = getattr(pipe.unet.config, "quantization_config", None)
+    if variant.family == "MixDQ" and cfg is not None:
+        avg_bits = cfg.plan.summary().avg_weight_bits
+    return {
+        "denoiser_bytes": storage_bytes(pipe.unet),
+        "denoiser_bytes_16": storage_bytes(pipe.unet, float_bytes=2),
+        "denoiser_dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "avg_weight_bits": avg_bits,
+        "load_seconds": load_seconds,
+        "seconds_per_batch": sorted(timed)[len(timed) // 2],
+        "loadavg": os.getloadavg(),
+    }
+
+
+def run_variant(name: str, args: dict) -> dict:
+    """Measure one variant in its own process; ``{"error": ...}`` when it fails."""
+    cmd = [sys.executable, __file__, "--measure", name, "--args", json.dumps(args)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        return {"error": "process failed", "detail": (result.stderr or result.stdout)[-3000:]}
+    return json.loads(lines[-1])
+
+
+def run(num_prompts: int = 128, seed: int = 0, batch_size: int = 32, threads: int | None = None,
+        variants: list[str] | None = None, progress: bool = True) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from diffusers_mixdq import demo
+    from diffusers_mixdq.cli_eval import _demo_scoring
+    from diffusers_mixdq.demo.scorer import frechet_distance
+    from diffusers_mixdq.evaluate import image_metrics
+
+    names = variants or [v.name for v in VARIANTS]
+    if names[0] != "FP32":
+        names = ["FP32"] + [n for n in names if n != "FP32"]
+    prompts = demo.eval_prompts(num_prompts)
+    scorer, real_features = _demo_scoring(prompts)
+    settings = {"prompts": prompts, "seed": seed, "steps": demo.NUM_INFERENCE_STEPS,
+                "guidance": demo.GUIDANCE_SCALE, "batch_size": batch_size, "threads": threads or os.cpu_count() or 1}
+    rows, reference = [], None
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in tqdm(names, desc="demo variants", disable=not progress):
+            images_path = Path(tmp) / f"{len(rows)}.pt"
+            t0 = time.perf_counter()
+            row = {"name": name, "family": BY_NAME[name].family, "weight_bits": BY_NAME[name].weight_bits,
+                   **run_variant(name, {**settings, "images": str(images_path)})}
+            row["wall_seconds"] = time.perf_counter() - t0
+            if "error" not in row:
+                images = torch.load(images_path)
+                if reference is None:
+                    reference = images
+                psnr, ssim = image_metrics(images, reference)
+                per_image = per_image_psnr(images, reference)
+                row.update(psnr=psnr, ssim=ssim, psnr_median=float(per_image.median()),
+                           diverged=int((per_image < DIVERGED_DB).sum()),
+                           psnr_per_image=[round(float(v), 3) for v in per_image],
+                           alignment=scorer.score(images, prompts),
+                           frechet=frechet_distance(scorer.features(images), real_features))
+            elif name == "FP32":
+                raise RuntimeError(f"the FP32 reference failed:\n{row['detail']}")
+            rows.append(row)
+    return {
+        "model": "bundled demo model (diffusers_mixdq/demo/pipeline), UNet quantized",
+        "settings": {k: v for k, v in settings.items() if k != "prompts"} | {"num_prompts": num_prompts,
+                                                                             "height": 32, "width": 32},
+        "seconds": time.perf_counter() - t_start,
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--args", help=argparse.SUPPRESS)
+    parser.add_argument("--num-prompts", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all CPUs)")
+    parser.add_argument("--variants", nargs="+", choices=[v.name for v in VARIANTS], metavar="NAME",
+                        help="variants to run (default: all; FP32 always runs first, as the reference)")
+    parser.add_argument("--out", default=str(RESULTS / "peers_quality.json"))
+    args = parser.parse_args()
+    if args.measure:
+        try:
+            print(json.dumps(measure(args.measure, args.args)))
+        except Exception as e:  # noqa: BLE001 - the parent records it
+            print(format_exception(e), file=sys.stderr)
+            print(json.dumps({"error": error_line(e), "detail": format_exception(e)}))
+        return
+    result = run(args.num_prompts, args.seed, args.batch_size, args.threads, args.variants)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
