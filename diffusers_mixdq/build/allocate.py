@@ -399,14 +399,14 @@ def _solve_ilp(
         infeasible = budget < lo_avg - scale
     else:
         infeasible = budget + tol < lo_avg - scale or budget - tol > hi_avg + scale
-    if infeasible:
-        raise BudgetInfeasibleError(
+    def infeasible_error() -> BudgetInfeasibleError:
+        return BudgetInfeasibleError(
             _infeasible_message(budget, lo_avg, hi_avg, mode, tol, group),
-            budget=budget,
-            smallest=lo_avg,
-            largest=hi_avg,
-            group=group,
+            budget=budget, smallest=lo_avg, largest=hi_avg, group=group,
         )
+
+    if infeasible:
+        raise infeasible_error()
     fixed_choice = {f.name: f.bits for f in fixed}
     if not layers:
         return _Solved(fixed_choice, "Optimal", 0.0, 0.0, 0.0, True)
@@ -474,13 +474,7 @@ def _solve_ilp(
     info = h.getInfo()
     has_solution = int(info.primal_solution_status) == int(highspy.kSolutionStatusFeasible)
     if model_status == highspy.HighsModelStatus.kInfeasible:
-        raise BudgetInfeasibleError(
-            _infeasible_message(budget, lo_avg, hi_avg, mode, tol, group),
-            budget=budget,
-            smallest=lo_avg,
-            largest=hi_avg,
-            group=group,
-        )
+        raise infeasible_error()
     if not has_solution:
         where = f" for group {group!r}" if group is not None else ""
         raise AllocationError(

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -160,27 +161,12 @@ def _download(
     plan_file: str | None = None,
 ) -> str:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
     rev = revision or "main"
     try:
-        return hf_hub_download(repo_id, filename, revision=revision, token=token)
-    except LocalEntryNotFoundError as e:
-        # not on the Hub (unreachable, offline, server error) and not in the cache either
-        raise PlanSourceError(unreachable_message(repo_id, f"'{filename}'", rev, e)) from None
-    except RepositoryNotFoundError:
-        raise PlanSourceError(repo_not_found_message(repo_id)) from None
-    except RevisionNotFoundError:
-        raise PlanSourceError(
-            f"Hub repo '{repo_id}' has no revision '{rev}' (no such branch, tag or commit). Check revision=, or "
-            "leave it out to use 'main'."
-        ) from None
+        with hub_lookup_errors(repo_id, f"'{filename}'", revision):
+            return hf_hub_download(repo_id, filename, revision=revision, token=token)
     except EntryNotFoundError:
         if plan_file is not None:
             raise PlanSourceError(
@@ -203,6 +189,27 @@ def _download(
         raise PlanSourceError(
             f"Downloading '{filename}' of Hub repo '{repo_id}' (revision '{rev}') from {_endpoint()} failed: "
             f"{type(e).__name__}: {_first_line(e)}. Try again; nothing was cached."
+        ) from None
+
+
+@contextmanager
+def hub_lookup_errors(repo_id: str, what: str, revision: str | None):
+    """Turn huggingface_hub's "not reachable and not cached", "no such repo" and "no such revision" errors raised
+    inside the block into one :class:`PlanSourceError` saying what to do (``what`` names what was being fetched)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    rev = revision or "main"
+    try:
+        yield
+    except LocalEntryNotFoundError as e:
+        # not on the Hub (unreachable, offline, server error) and not in the cache either
+        raise PlanSourceError(unreachable_message(repo_id, what, rev, e)) from None
+    except RepositoryNotFoundError:
+        raise PlanSourceError(repo_not_found_message(repo_id)) from None
+    except RevisionNotFoundError:
+        raise PlanSourceError(
+            f"Hub repo '{repo_id}' has no revision '{rev}' (no such branch, tag or commit). Check revision=, or "
+            "leave it out to use 'main'."
         ) from None
 
 

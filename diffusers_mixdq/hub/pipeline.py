@@ -8,13 +8,7 @@ from pathlib import Path
 
 from ..errors import PlanSourceError
 from ..plan.format import PLAN_FILENAME
-from .download import (
-    _HEX40,
-    missing_plan_message,
-    network_errors,
-    repo_not_found_message,
-    unreachable_message,
-)
+from .download import _HEX40, hub_lookup_errors, missing_plan_message, network_errors
 from .layout import check_component, component_for_class
 
 
@@ -32,26 +26,14 @@ def plan_components(
     fetched with ``snapshot_download`` (cached; works offline from the cache).
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import HfHubHTTPError
 
     rev = revision or "main"
     try:
-        folder = snapshot_download(
-            repo_id, revision=revision, token=token, allow_patterns=[PLAN_FILENAME, f"*/{PLAN_FILENAME}"]
-        )
-    except LocalEntryNotFoundError as e:
-        raise PlanSourceError(unreachable_message(repo_id, "the plans", rev, e)) from None
-    except RepositoryNotFoundError:
-        raise PlanSourceError(repo_not_found_message(repo_id)) from None
-    except RevisionNotFoundError:
-        raise PlanSourceError(
-            f"Hub repo '{repo_id}' has no revision '{rev}' (no such branch, tag or commit). Check revision=."
-        ) from None
+        with hub_lookup_errors(repo_id, "the plans", revision):
+            folder = snapshot_download(
+                repo_id, revision=revision, token=token, allow_patterns=[PLAN_FILENAME, f"*/{PLAN_FILENAME}"]
+            )
     except HfHubHTTPError as e:
         code = getattr(getattr(e, "response", None), "status_code", None)
         raise PlanSourceError(
