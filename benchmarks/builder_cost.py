@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from diffusers_mixdq import demo
-from diffusers_mixdq.build import BuildSettings, build_plan
+from diffusers_mixdq.builder import BuildSettings, build_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

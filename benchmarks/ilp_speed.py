@@ -1,4 +1,4 @@
-"""Solve time of the bit-width allocation ILP (diffusers_mixdq.build.allocate) at SDXL scale.
+"""Solve time of the bit-width allocation ILP (diffusers_mixdq.builder.allocate) at SDXL scale.
 
     python benchmarks/ilp_speed.py                  # writes benchmarks/results/ilp_speed.json
 
@@ -26,7 +26,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from diffusers_mixdq.build.allocate import AllocationProblem, LayerChoice, solve  # noqa: E402
+from diffusers_mixdq.builder.allocate import AllocationProblem, LayerChoice, solve  # noqa: E402
 
 RESULTS = HERE / "results"
 WIDTHS = (2, 4, 8)

@@ -99,7 +99,7 @@ def skeleton(arch: str):
 def group_widths(plan) -> tuple[dict[str, float], dict[str, list[int]]]:
     """A resolved plan's average weight width per group (content / quality, parameter-weighted) and the widths
     its build could choose from (its provenance, else the widths it uses)."""
-    from diffusers_mixdq.build.sensitivity import CONTENT_PATTERNS, layer_group
+    from diffusers_mixdq.builder.sensitivity import CONTENT_PATTERNS, layer_group
 
     settings = (plan.provenance or {}).get("settings", {})
     patterns = settings.get("content_patterns", CONTENT_PATTERNS)
@@ -122,8 +122,8 @@ def realsize_plan(arch: str, name: str, activations: bool = True):
     """The MixDQ plan ``name`` (see the module docstring) for ``arch``, and a one-line description."""
     from _common import demo_plan_dir
     from diffusers_mixdq import BitPlan
-    from diffusers_mixdq.build.allocate import AllocationProblem, LayerChoice, solve_groups
-    from diffusers_mixdq.build.sensitivity import layer_group
+    from diffusers_mixdq.builder.allocate import AllocationProblem, LayerChoice, solve_groups
+    from diffusers_mixdq.builder.sensitivity import layer_group
     from diffusers_mixdq.plan.layers import layer_table
 
     act = {"activations": "int8", "act_range": ACT_RANGE} if activations else {"activations": "none"}

@@ -19,10 +19,10 @@ from typing import Any, Sequence
 import torch
 
 from .errors import MixDQError
-from .plan.format import BOS_DEFAULT_PATTERNS as DEFAULT_PATTERNS  # noqa: F401  (re-exported)
-from .plan.format import BOS_MATCH_TOLERANCE as MATCH_TOLERANCE
-from .plan.format import BOS_STATE_KEY as STATE_KEY
-from .plan.format import BitPlan
+from .plan import BOS_DEFAULT_PATTERNS as DEFAULT_PATTERNS  # noqa: F401  (re-exported)
+from .plan import BOS_MATCH_TOLERANCE as MATCH_TOLERANCE
+from .plan import BOS_STATE_KEY as STATE_KEY
+from .plan import BitPlan
 PROBE_PROMPTS = (
     "a photograph of an astronaut riding a horse",
     "",

@@ -117,7 +117,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Summarise a plan: layers per width, average bits, estimated size vs FP16 / FP32."""
-    from .plan.sources import resolve_plan_source
+    from .plan import resolve_plan_source
 
     try:
         bitplan = resolve_plan_source(plan)

@@ -139,7 +139,7 @@ def demo(
 
 @app.command()
 def build(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file (see hub_recipes/ and diffusers_mixdq.build.recipe)."),
+    recipe: Path = typer.Argument(..., help="Recipe YAML file (see hub_recipes/ and diffusers_mixdq.builder.recipe)."),
     out: Path = typer.Option(Path("mixdq-plan"), help="Output directory (receives <component>/plan.json)."),
     push: Optional[str] = typer.Option(None, help="Also publish the plan to this Hub repo (user/repo)."),
     private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility of a repo created by --push."),
@@ -148,10 +148,10 @@ def build(
     ),
 ):
     """Build a plan from a recipe: calibrate, measure sensitivity, allocate widths with HiGHS, save (and push)."""
-    from .build.recipe import load_recipe, run_recipe
+    from .builder.recipe import load_recipe, run_recipe
 
     try:
-        from .build.builder import is_main_process
+        from .builder.builder import is_main_process
 
         r = load_recipe(recipe)
         plan, path, report = run_recipe(r, out, cache_dir=None if cache_dir is None else str(cache_dir))

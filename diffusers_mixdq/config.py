@@ -12,8 +12,8 @@ from typing import Any
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from .errors import MixDQError
-from .plan.format import BitPlan
-from .plan.sources import resolve_plan_source
+from .plan import BitPlan
+from .plan import resolve_plan_source
 
 
 class MixDQMethod(str, Enum):

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import torch
 
 from .errors import MixDQError
-from .plan.format import BitPlan
-from .plan.sources import resolve_plan_source
+from .plan import BitPlan
+from .plan import resolve_plan_source
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 
 from diffusers_mixdq import BitPlan
 from diffusers_mixdq import demo
-from diffusers_mixdq.build import BuildSettings, build_plan, calibrated_plan
+from diffusers_mixdq.builder import BuildSettings, build_plan, calibrated_plan
 
 RECIPES = Path(__file__).resolve().parent.parent / "hub_recipes"
 OUT = RECIPES / "demo-shapes"

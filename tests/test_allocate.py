@@ -1,4 +1,4 @@
-"""The bit-width allocation ILP (diffusers_mixdq.build.allocate): optimality, budgets, groups, errors."""
+"""The bit-width allocation ILP (diffusers_mixdq.builder.allocate): optimality, budgets, groups, errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from diffusers_mixdq.build.allocate import (
+from diffusers_mixdq.builder.allocate import (
     Allocation,
     AllocationError,
     AllocationProblem,

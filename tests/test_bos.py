@@ -20,7 +20,7 @@ from diffusers_mixdq.bos import (
     state_sha256,
     verify_text_encoder,
 )
-from diffusers_mixdq.build import record_input_ranges
+from diffusers_mixdq.builder import record_input_ranges
 
 KV = ["*.attn2.to_k", "*.attn2.to_v"]
 CALIB = ["a red circle", "a blue square at the top", "green", "a yellow triangle, small", "purple star"]

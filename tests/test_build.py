@@ -11,8 +11,8 @@ from diffusers.quantizers import PipelineQuantizationConfig
 
 from diffusers_mixdq import BitPlan, MixDQConfig
 from diffusers_mixdq.apply import quantized_layers
-from diffusers_mixdq.build import BuildSettings, build_plan, calibrated_plan, record_input_ranges
-from diffusers_mixdq.build.sensitivity import layer_group, sqnr_db
+from diffusers_mixdq.builder import BuildSettings, build_plan, calibrated_plan, record_input_ranges
+from diffusers_mixdq.builder.sensitivity import layer_group, sqnr_db
 
 SETTINGS = dict(prompts=["a red circle", "a blue square"], steps=2, guidance=3.0, height=32, width=32)
 
@@ -89,7 +89,7 @@ def test_bos_layers_are_calibrated_without_token_zero(pipe):
 
 
 def test_interrupted_build_resumes_to_the_identical_plan(pipe, tmp_path, monkeypatch):
-    from diffusers_mixdq.build import sensitivity
+    from diffusers_mixdq.builder import sensitivity
 
     s = dict(**SETTINGS, weight_bits=4.0, split_ratios=(1.0,))
     reference, _ = build_plan(pipe, BuildSettings(**s), progress=False)
@@ -116,13 +116,13 @@ def test_interrupted_build_resumes_to_the_identical_plan(pipe, tmp_path, monkeyp
 
 
 def test_sample_subset_replays_exactly_and_covers_every_sample(pipe):
-    from diffusers_mixdq.build.builder import BuildSettings as S, calibrate
+    from diffusers_mixdq.builder.builder import BuildSettings as S, calibrate
 
     rec = calibrate(pipe, S(**SETTINGS)).recording
     assert rec.num_calls == 2 and rec.num_samples == 8  # 2 steps x (2 prompts x CFG)
     sub = rec.subset(0.25)
     assert sub.num_calls == rec.num_calls and sub.num_samples == 2
-    from diffusers_mixdq.build.sensitivity import subset_is_exact
+    from diffusers_mixdq.builder.sensitivity import subset_is_exact
 
     assert subset_is_exact(pipe.unet, sub)
     # a wrong slice is caught: shift every recorded output
@@ -133,8 +133,8 @@ def test_sample_subset_replays_exactly_and_covers_every_sample(pipe):
 
 
 def test_calibration_is_cached_on_disk(pipe, tmp_path, monkeypatch):
-    from diffusers_mixdq.build import builder
-    from diffusers_mixdq.build.calibrate import load_calibration
+    from diffusers_mixdq.builder import builder
+    from diffusers_mixdq.builder.calibrate import load_calibration
 
     s = BuildSettings(**SETTINGS, cache_dir=str(tmp_path))
     first = builder.calibrate(pipe, s)
@@ -174,7 +174,7 @@ def test_sweep_is_cheaper_than_naive_and_counts_honestly(pipe):
     _, fast = build_plan(pipe, BuildSettings(**s), progress=False)
     assert fast.naive_sample_evaluations == naive.naive_sample_evaluations
     assert fast.reduction >= 3.0, fast.sample_evaluations
-    from diffusers_mixdq.build.builder import prompt_subset
+    from diffusers_mixdq.builder.builder import prompt_subset
 
     assert prompt_subset(8, 0.5, 4) == [0, 2, 4, 6] and prompt_subset(2, 0.5, 4) == [0, 1]
     # a single candidate width leaves nothing to measure
@@ -216,7 +216,7 @@ def test_activation_allocation_meets_its_budget_and_protects_the_most_sensitive(
 
 
 def test_most_sensitive_ranks_across_groups_by_relative_damage():
-    from diffusers_mixdq.build.builder import most_sensitive
+    from diffusers_mixdq.builder.builder import most_sensitive
 
     groups = {"q1": "quality", "q2": "quality", "q3": "quality", "c1": "content", "c2": "content"}
     metric = {"quality": "sqnr_db", "content": "ssim"}
@@ -244,7 +244,7 @@ def test_bad_settings_are_refused_before_any_work(pipe, kwargs, message):
 def test_build_device_placement():
     from types import SimpleNamespace
 
-    from diffusers_mixdq.build.builder import build_device
+    from diffusers_mixdq.builder.builder import build_device
 
     s = BuildSettings(**SETTINGS)
     assert build_device(s) is None

@@ -34,7 +34,7 @@ def test_extra_plan_fits_the_demo_model(name):
 
 
 def test_below_four_bits_uses_two_bit_quality_layers():
-    from diffusers_mixdq.build.sensitivity import layer_group
+    from diffusers_mixdq.builder.sensitivity import layer_group
 
     plan = BitPlan.load(EXTRA / "w3a8-mixed")
     quality = {s.weights for n, s in plan.layer_specs().items() if layer_group(n) == "quality"}

@@ -12,7 +12,7 @@ from accelerate import init_empty_weights
 from typer.testing import CliRunner
 
 from diffusers_mixdq import BitPlan, MixDQError
-from diffusers_mixdq.build.recipe import BUILTIN_PROMPTS, load_recipe
+from diffusers_mixdq.builder.recipe import BUILTIN_PROMPTS, load_recipe
 from diffusers_mixdq.cli import app
 from diffusers_mixdq.plan import layer_table
 

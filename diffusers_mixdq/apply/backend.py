@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..plan.format import BOS_MATCH_TOLERANCE, LayerSpec
+from ..plan import BOS_MATCH_TOLERANCE, LayerSpec
 
 
 def cache_dir() -> Path:

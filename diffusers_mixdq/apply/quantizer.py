@@ -21,7 +21,7 @@ import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 
 from ..errors import MixDQError, PlanMismatchError
-from ..plan.format import BOS_STATE_KEY
+from ..plan import BOS_STATE_KEY
 from . import memory
 
 if TYPE_CHECKING:

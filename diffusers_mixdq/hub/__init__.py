@@ -13,7 +13,7 @@ subfolder=..., token=...)`` downloads the plan through ``huggingface_hub`` (cach
 The repository layout is documented in ``docs/hub.md``.
 """
 
-from ..plan.sources import register_source
+from ..plan import register_source
 from .card import plan_card
 from .download import download_plan, hub_plan_source, list_plans, looks_like_repo_id
 from .layout import collect_plans, component_for_class

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Mapping
 
-from ..plan.format import BitPlan
+from ..plan import BitPlan
 from .layout import SIDECAR_FILENAME, component_for_class, plan_path
 
 TAGS = ["mixdq", "quantization", "diffusers", "mixed-precision"]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import PlanFormatError, PlanSourceError
-from ..plan.format import PLAN_FILENAME, BitPlan
+from ..plan import PLAN_FILENAME, BitPlan
 from .layout import normalize_subfolder, plan_path
 
 _HEX40 = re.compile(r"[0-9a-f]{40}")
@@ -93,7 +93,7 @@ def download_plan(
         side_path = _download(repo_id, side_name, commit or revision, token, what="tensor sidecar", plan_file=where)
         side_where = _where(repo_id, side_name, revision, commit)
         _verify(side_path, side_where)
-        from ..plan.tensors import load_tensors
+        from ..plan import load_tensors
 
         try:
             plan.tensors = load_tensors(side_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import PlanSourceError
-from ..plan.format import PLAN_FILENAME, BitPlan
+from ..plan import PLAN_FILENAME, BitPlan
 
 #: the sidecar name BitPlan.save writes beside plan.json
 SIDECAR_FILENAME = PLAN_FILENAME.replace(".json", ".safetensors")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import PlanSourceError
-from ..plan.format import PLAN_FILENAME
+from ..plan import PLAN_FILENAME
 from .download import _HEX40, hub_lookup_errors, missing_plan_message, network_errors
 from .layout import check_component, component_for_class
 

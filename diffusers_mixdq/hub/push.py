@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MixDQError, PlanPushError
-from ..plan.format import BitPlan
+from ..plan import BitPlan
 from .card import plan_card
 from .download import network_errors
 from .layout import CARD_FILENAME, collect_plans, is_plan_file

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..plan.layers import layer_table
+from ..plan import layer_table
 from .sensitivity import Recording
 
 

@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from ..errors import MixDQError
-from ..plan.format import BitPlan
-from ..plan.layers import layer_table
-from ..plan.format import LayerSpec
+from ..plan import BitPlan
+from ..plan import layer_table
+from ..plan import LayerSpec
 from .allocate import AllocationProblem, FixedLayer, LayerChoice, pick, solve_groups, sweep
 from .calibrate import Calibration, load_calibration, record_input_ranges, save_calibration
 from .sensitivity import (
@@ -180,7 +180,7 @@ def prompt_subset(n: int, fraction: float, minimum: int = 1) -> list[int]:
 @contextmanager
 def applied(denoiser: nn.Module, plan: BitPlan, bos_state: torch.Tensor | None = None):
     """Temporarily quantize ``denoiser`` in memory per a resolved ``plan`` (restored on exit)."""
-    from ..apply.backend import quantize_module
+    from ..apply import quantize_module
 
     originals = {}
     try:
@@ -236,7 +236,7 @@ def is_main_process() -> bool:
 def calibration_key(denoiser: nn.Module, s: BuildSettings) -> str:
     """Identifies a full-precision calibration run: the model's structure and a sample of its weights, the prompts
     and the settings of the run."""
-    from ..plan.layers import fingerprint
+    from ..plan import fingerprint
 
     h = hashlib.sha256()
     h.update(fingerprint(layer_table(denoiser)).encode())

@@ -123,7 +123,7 @@ class Recipe:
         return len(widths) == 1 and acts_fixed
 
     def settings(self):
-        """The builder's :class:`~diffusers_mixdq.build.BuildSettings` for this recipe (budget in bits)."""
+        """The builder's :class:`~diffusers_mixdq.builder.BuildSettings` for this recipe (budget in bits)."""
         from .builder import BuildSettings
 
         return BuildSettings(
@@ -161,7 +161,7 @@ def load_recipe(source: str | os.PathLike | dict) -> Recipe:
         except yaml.YAMLError as e:
             raise _fail(where, f"is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise _fail(where, "must be a mapping of fields (see diffusers_mixdq.build.recipe).")
+        raise _fail(where, "must be a mapping of fields (see diffusers_mixdq.builder.recipe).")
     unknown = sorted(set(data) - _KEYS)
     if unknown:
         raise _fail(where, f"unknown field(s) {unknown}; known fields are {sorted(_KEYS)}.")
@@ -302,8 +302,8 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, ca
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    from ..plan.format import BitPlan
-    from ..plan.layers import layer_table
+    from ..plan import BitPlan
+    from ..plan import layer_table
     from .builder import calibrated_plan, build_plan, denoiser_of
 
     diffusers_logging.disable_progress_bar()

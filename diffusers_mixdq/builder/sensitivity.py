@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..plan.format import LayerSpec
+from ..plan import LayerSpec
 
 #: MixDQ's content / text-alignment group: cross-attention and feed-forward layers
 CONTENT_PATTERNS = ("*attn2.*", "*.ff.*")
@@ -269,7 +269,7 @@ def layer_sensitivity(
     """
     from tqdm.auto import tqdm
 
-    from ..apply.backend import quantize_module
+    from ..apply import quantize_module
 
     layers = list(layers)
     all_jobs = [(n, b) for n in layers for b in widths[groups[n]]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..plan.layers import layer_table
+from ..plan import layer_table
 
 
 def quantized_layers(model: nn.Module) -> dict[str, tuple[str, str]]:
