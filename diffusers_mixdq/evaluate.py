@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -84,17 +83,11 @@ def generate_timed(pipe, prompts: Sequence[str], seed: int, steps: int, guidance
                    inference_mode: bool = True) -> tuple[torch.Tensor, list[float]]:
     """Images ``(N, 3, H, W)`` in [0, 1] (prompt ``i`` always uses seed ``seed + i``) and the seconds of each batch.
     ``inference_mode=False`` generates under ``no_grad`` instead (some peers' layers fail in inference mode)."""
-    images, times = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        t0 = time.perf_counter()
-        with torch.inference_mode() if inference_mode else torch.no_grad():
-            out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                       output_type="pt", height=height, width=width).images
-        times.append(time.perf_counter() - t0)
-        images.append(out.float().cpu())
-    return torch.cat(images), times
+    from .sampling import generate as run
+
+    seeds = [seed + i for i in range(len(prompts))]
+    return run(pipe, prompts, seeds, steps, guidance, batch_size=batch_size, height=height, width=width,
+               grad_mode="inference" if inference_mode else "no_grad")
 
 
 def generate(pipe, prompts: Sequence[str], seed: int, steps: int, guidance: float, batch_size: int = 16,

@@ -160,10 +160,11 @@ def denoiser_of(pipe, component: str | None = None) -> tuple[str, nn.Module]:
 def _run_pipeline(pipe, s: BuildSettings, indices: Sequence[int] | None = None) -> torch.Tensor:
     """Images of prompts ``indices`` (default all); prompt ``i`` always uses seed ``s.seed + i``."""
     indices = range(len(s.prompts)) if indices is None else indices
-    gens = [torch.Generator().manual_seed(s.seed + i) for i in indices]
-    out = pipe([s.prompts[i] for i in indices], num_inference_steps=s.steps, guidance_scale=s.guidance,
-               generator=gens, height=s.height, width=s.width, output_type="pt")
-    return out.images.float().cpu()
+    from ..sampling import generate
+
+    images, _ = generate(pipe, [s.prompts[i] for i in indices], [s.seed + i for i in indices], s.steps, s.guidance,
+                         height=s.height, width=s.width, grad_mode=None)
+    return images
 
 
 #: content-layer measurements generate at least this many prompts (on the demo model, SSIM on 2 of 8 prompts chose
