@@ -73,3 +73,9 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._entries)})"
+
+
+#: weight backends by name: how quantized weights are stored and run (filled by ``diffusers_mixdq.apply.backends``;
+#: plan summaries ask the default one for storage sizes, so the layout rules live in the backend alone)
+WEIGHT_BACKENDS: Registry = Registry("weight backend")
+DEFAULT_WEIGHT_BACKEND = "quanto"

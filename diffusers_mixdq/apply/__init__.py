@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
+from . import backends as _backends  # noqa: F401  (registers the weight backends)
+
 _EXPORTS = {
     "quantized_layers": ".readback",
     "quantize_module": ".backend",

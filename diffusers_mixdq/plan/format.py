@@ -94,25 +94,12 @@ def _matches(pattern: str, name: str) -> bool:
 
 
 def storage_bits_per_weight(dtype: str, info: LayerInfo, float_bits: int = 16) -> float:
-    """Estimated stored bits per weight element, quantization metadata included.
+    """Estimated stored bits per weight element, quantization metadata included, as the default weight backend
+    lays the weight out (``none``: the floating-point dtype itself)."""
+    from ..registry import DEFAULT_WEIGHT_BACKEND, WEIGHT_BACKENDS
 
-    int8 / float8: one ``float_bits`` scale per output channel. int4 / int2: a scale and a shift per group, the
-    group being the first of 128 / 96 / 64 / 32 that divides the reduced dimension, else the whole row (the
-    layout optimum-quanto uses). ``none``: the floating-point dtype itself.
-    """
-    bits = WEIGHT_DTYPES[dtype]
-    if bits is None:
-        return float(float_bits)
-    k = max(info.in_features, 1)
-    if dtype in ("int8", "float8"):
-        return bits + float_bits / k
-    group = k
-    if k > 128:
-        for g in (128, 96, 64, 32):
-            if k % g == 0:
-                group = g
-                break
-    return bits + 2 * float_bits / group
+    backend = WEIGHT_BACKENDS.get(DEFAULT_WEIGHT_BACKEND)
+    return backend.storage_bits(dtype, WEIGHT_DTYPES[dtype], info.in_features, float_bits)
 
 
 @dataclass
