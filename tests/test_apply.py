@@ -287,3 +287,72 @@ def test_checkpoint_with_the_table_in_config_json_still_loads(unet_dir, tmp_path
     qc = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
     assert set(qc["plan"]) == {"file", "sha256"} and "plan_source" not in qc
     assert torch.equal(run(UNet2DConditionModel.from_pretrained(tmp_path / "again")), run(model))
+
+
+# ---------------------------------------------------------------------------------------------- extension points
+def test_a_second_weight_backend_is_used_for_sizes_and_loading(unet_dir, monkeypatch):
+    """A backend registered from outside the package (here: quanto's modules with fp32 scales in its size
+    estimate) replaces the default one without any other change."""
+    from diffusers_mixdq import registry
+    from diffusers_mixdq.apply.backends.quanto import QuantoBackend
+
+    made = []
+
+    class Fp32Scales(QuantoBackend):
+        name = "test-fp32-scales"
+
+        def storage_bits(self, dtype, bits, in_features, float_bits=16):
+            return super().storage_bits(dtype, bits, in_features, float_bits=32)
+
+        def make_module(self, module, spec, scale_dtype):
+            made.append(spec)
+            qmodule = super().make_module(module, spec, scale_dtype)
+            qmodule.mixdq_backend = self.name
+            return qmodule
+
+    model = make_unet()
+    plan = BitPlan.uniform("int4")
+    quanto_size = plan.summary(model).size_bytes
+    monkeypatch.setitem(registry.WEIGHT_BACKENDS._entries, Fp32Scales.name, Fp32Scales())
+    monkeypatch.setattr(registry, "DEFAULT_WEIGHT_BACKEND", Fp32Scales.name)
+    table = layer_table(model)
+    summary = plan.summary(model)
+    layer_bits = sum(Fp32Scales().storage_bits("int4", 4, i.in_features) * i.numel for i in table.values())
+    assert summary.size_bytes == pytest.approx((layer_bits + 16 * summary.other_params) / 8)
+    assert summary.size_bytes > quanto_size
+    loaded = load(unet_dir, plan)
+    assert len(made) == len(table)
+    assert all(m.mixdq_backend == Fp32Scales.name for m in loaded.modules() if hasattr(m, "mixdq_spec"))
+    assert set(quantized_layers(loaded).values()) == {("int4", "none")}
+
+
+def test_activation_schemes_are_picked_from_the_plan_and_extensible(monkeypatch):
+    from diffusers_mixdq import LayerSpec
+    from diffusers_mixdq.apply import ACTIVATION_SCHEMES, ActivationScheme, quantize_module
+    from diffusers_mixdq.apply.activations import scheme_for
+
+    assert scheme_for(LayerSpec("int8", "none")) is None
+    assert scheme_for(LayerSpec("int8", "int8", 2.0)).name == "static"
+    assert scheme_for(LayerSpec("int8", "int8", "dynamic")).name == "dynamic"
+    x = torch.linspace(-1, 1, 9)
+    static = ACTIVATION_SCHEMES.get("static")
+    scale = torch.tensor(0.5 / 127)
+    assert torch.equal(static.quantize(x, "int8", scale), torch.clamp(torch.round(x / scale), -128, 127) * scale)
+    dyn = torch.tensor(1.0 / 7)  # from the input's absmax (1.0); the module's input_scale is not used
+    assert torch.equal(ACTIVATION_SCHEMES.get("dynamic").quantize(x, "int4", torch.tensor(123.0)),
+                       torch.clamp(torch.round(x / dyn), -8, 7) * dyn)
+
+    class Halve(ActivationScheme):
+        name = "static"
+
+        def quantize(self, x, dtype, input_scale):
+            return x / 2
+
+    with pytest.raises(MixDQError, match="registered already"):
+        ACTIVATION_SCHEMES.register("static", Halve())
+    monkeypatch.setitem(ACTIVATION_SCHEMES._entries, "static", Halve())
+    lin = torch.nn.Linear(8, 4)
+    layer = quantize_module(lin, LayerSpec("none", "int8", 1.0))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), lin(x / 2), atol=1e-6)
