@@ -57,14 +57,6 @@ class WeightBackend(ABC):
     def weight_dtype(self, module: nn.Module) -> str:
         """The module's stored weight dtype in plan vocabulary (``"int8"``, ..., ``"none"``)."""
 
-    @abstractmethod
-    def is_quantized_weight(self, tensor) -> bool:
-        """Whether ``tensor`` is a quantized weight of this backend."""
-
-    def owns(self, module: nn.Module) -> bool:
-        """Whether ``module`` is a MixDQ module made by this backend."""
-        return getattr(module, "mixdq_backend", None) == self.name
-
     def has_meta_tensors(self, module: nn.Module) -> bool:
         """Whether any of the module's own tensors (quantized weights' inner tensors included) is on meta."""
         own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))

@@ -62,9 +62,6 @@ class QuantoBackend(WeightBackend):
     def weight_dtype(self, module) -> str:
         return _weights().weight_dtype(module)
 
-    def is_quantized_weight(self, tensor) -> bool:
-        return _weights().is_quantized_weight(tensor)
-
     def has_meta_tensors(self, module) -> bool:
         return _weights().has_meta_tensors(module)
 

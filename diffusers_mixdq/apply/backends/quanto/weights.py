@@ -66,10 +66,6 @@ def weight_dtype(module: nn.Module) -> str:
     return QTYPE_NAMES[qtype.name]
 
 
-def is_quantized_weight(tensor) -> bool:
-    return isinstance(tensor, QTensor)
-
-
 def has_meta_tensors(module: nn.Module) -> bool:
     for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
         if t.device.type == "meta":
