@@ -130,9 +130,8 @@ class MixDQConfig(QuantizationConfigMixin):
         if self.plan_file is None:
             # tensors (e.g. the BOS state) live in the model's weights or the plan's sidecar, never in config.json
             return {k: v for k, v in self._plan.to_dict().items() if k != "tensors"}
-        if self._plan is not None:
-            self.plan_file = plan_reference(self._plan)  # the plan may have been edited since it was loaded
-        entry: dict[str, Any] = dict(self.plan_file)
+        # recomputed from the plan held now (it may have been edited since it was loaded)
+        entry: dict[str, Any] = dict(self.plan_file) if self._plan is None else plan_reference(self._plan)
         source = self._plan.provenance.get("source") if self._plan is not None else None
         if isinstance(source, dict) and "repo_id" in source:
             entry["provenance"] = {"source": dict(source)}

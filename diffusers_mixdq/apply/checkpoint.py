@@ -88,6 +88,9 @@ def read_plan_file(reference: dict[str, str], checkpoint_files: Sequence[str]) -
 
 
 def _locate(name: str, checkpoint_files: Sequence[str]) -> Path:
+    if not checkpoint_files:
+        raise MixDQError(f"This quantized model refers to its plan file {name}, but diffusers gave no checkpoint "
+                         "file to look beside; load it from a directory or Hub repo saved with save_pretrained.")
     folder = Path(checkpoint_files[0]).parent
     path = folder / name
     if path.is_file():
