@@ -2,14 +2,19 @@
 
 Flow inside ``ModelMixin.from_pretrained``:
 
+0. ``maybe_update_loaded_keys``: for a saved quantized model, read the plan file its config.json refers to from
+   beside the checkpoint files (``checkpoint.py``).
 1. ``_process_model_before_weight_loading`` (model still on meta): resolve the plan against the model, check it,
-   and swap each planned Linear / Conv2d for a MixDQ module. For a pre-quantized checkpoint the swapped modules
-   are frozen on meta so the model's state-dict keys equal the checkpoint's.
+   and swap each planned Linear / Conv2d for a MixDQ module made by the weight backend (``model.set_submodule``).
+   For a pre-quantized checkpoint the swapped modules are frozen on meta so the model's state-dict keys equal the
+   checkpoint's. The model's ``save_pretrained`` is bound to also write the plan file.
 2. ``check_if_quantized_param`` / ``create_quantized_param`` (per tensor, as it is read): a full-precision weight
    is placed and quantized at once, so no full-precision copy of the whole model ever exists; the pieces of a
    saved quantized weight are gathered per module and installed together.
-3. ``_process_model_after_weight_loading``: verify nothing is left on meta and record the resolved plan in the
-   model's config (what ``save_pretrained`` writes).
+3. ``_process_model_after_weight_loading``: verify nothing is left on meta.
+
+Everything specific to the library that stores the weights goes through ``self.backend``
+(:class:`~diffusers_mixdq.apply.backends.WeightBackend`).
 """
 
 from __future__ import annotations
@@ -143,13 +148,8 @@ class MixDQQuantizer(DiffusersQuantizer):
             config.attach_plan_file(checkpoint.read_plan_file(config.plan_file, checkpoint_files))
         if not self.pre_quantized:
             return loaded_keys
-        out = []
-        for key in loaded_keys:
-            i = key.rfind(".weight.")
-            key = key[: i + len(".weight")] if i >= 0 else key
-            if key not in out:
-                out.append(key)
-        return out
+        # each piece of a saved quantized weight counts as the module's "weight" (dict: unique, in order)
+        return list(dict.fromkeys(self.backend.weight_key_of(key) or key for key in loaded_keys))
 
     def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         if not self.pre_quantized:
@@ -179,14 +179,11 @@ class MixDQQuantizer(DiffusersQuantizer):
 
     def _owner(self, param_name: str) -> tuple[str, str] | None:
         """(module name, key relative to it) when ``param_name`` belongs to a replaced module's weight."""
-        if param_name.endswith(".weight"):
-            module_name, key = param_name[: -len(".weight")], "weight"
-        else:
-            i = param_name.rfind(".weight.")
-            if i < 0:
-                return None
-            module_name, key = param_name[:i], param_name[i + 1 :]
-        return (module_name, key) if module_name in self._modules else None
+        weight_key = param_name if param_name.endswith(".weight") else self.backend.weight_key_of(param_name)
+        if weight_key is None:
+            return None
+        module_name = weight_key[: -len(".weight")]
+        return (module_name, param_name[len(module_name) + 1 :]) if module_name in self._modules else None
 
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
         if self.pre_quantized:

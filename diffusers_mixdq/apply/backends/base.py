@@ -49,6 +49,11 @@ class WeightBackend(ABC):
         """State-dict keys, relative to the module, under which its quantized weight is saved."""
 
     @abstractmethod
+    def weight_key_of(self, key: str) -> str | None:
+        """For a checkpoint key that is a piece of a saved quantized weight (``"a.b.weight._data"`` for quanto),
+        the weight's own key (``"a.b.weight"``); ``None`` for any other key."""
+
+    @abstractmethod
     def load_quantized_weight(self, module: nn.Module, tensors: dict[str, torch.Tensor], device) -> None:
         """Install a saved quantized weight (``tensors`` keyed as :meth:`quantized_weight_keys`). Raises
         ``KeyError`` / ``RuntimeError`` / ``ValueError`` when the tensors do not fit the module."""

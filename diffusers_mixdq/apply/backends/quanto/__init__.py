@@ -56,6 +56,11 @@ class QuantoBackend(WeightBackend):
     def quantized_weight_keys(self, module) -> frozenset[str]:
         return _weights().quantized_weight_keys(module)
 
+    def weight_key_of(self, key: str) -> str | None:
+        """quanto saves a quantized weight as its inner tensors: ``<module>.weight._data``, ``._scale``, ..."""
+        i = key.rfind(".weight.")
+        return key[: i + len(".weight")] if i >= 0 else None
+
     def load_quantized_weight(self, module, tensors, device) -> None:
         _weights().load_quantized_weight(module, tensors, device)
 
