@@ -18,7 +18,7 @@ import torch
 from optimum.quanto import QLinear, qint8
 
 from diffusers_mixdq import LayerSpec
-from diffusers_mixdq.apply.backend import quantize_module
+from diffusers_mixdq.apply import quantize_module
 
 SHAPES = [(4096, 320, 320), (1024, 640, 2560), (256, 1280, 1280)]  # (tokens, in, out)
 

@@ -10,8 +10,8 @@ Steps (each load runs in its own fresh process, so peaks do not leak between mea
 3. Measure, each in a new process: plain FP16 ``from_pretrained``; MixDQ int8 / int4 quantize-on-load from the FP16
    checkpoint; loads of the pre-quantized int8 / int4 checkpoints.
 
-Memory is read from ``/proc/self/status`` by a sampling thread (every 5 ms) during ``from_pretrained`` followed by
-a pass that touches every page of every tensor (a memory-mapped checkpoint is otherwise read lazily, so a plain
+Memory is read through psutil (``apply.memory.process_memory``) by a sampling thread (every 5 ms) during
+``from_pretrained`` followed by a pass that touches every page of every tensor (a memory-mapped checkpoint is otherwise read lazily, so a plain
 FP16 load looks free until the first forward): peak RSS (``VmHWM``) and peak anonymous RSS (``RssAnon``: what the
 process allocated itself, without the file-backed pages of the memory-mapped checkpoint). Both are reported in
 total and above the process's baseline after imports; "resident" is the RSS once loading is over.

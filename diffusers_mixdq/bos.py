@@ -19,10 +19,12 @@ from typing import Any, Sequence
 import torch
 
 from .errors import MixDQError
+from .families import denoiser_of
 from .plan import BOS_DEFAULT_PATTERNS as DEFAULT_PATTERNS  # noqa: F401  (re-exported)
 from .plan import BOS_MATCH_TOLERANCE as MATCH_TOLERANCE
 from .plan import BOS_STATE_KEY as STATE_KEY
 from .plan import BitPlan
+
 PROBE_PROMPTS = (
     "a photograph of an astronaut riding a horse",
     "",
@@ -119,9 +121,13 @@ def bos_layers(model) -> dict[str, Any]:
 def verify_text_encoder(pipe, denoiser: str | None = None) -> None:
     """Raise :class:`MixDQError` when the pipeline's text encoder does not give the BOS state the denoiser's
     BOS rows were computed for (e.g. a quantized UNet paired with another model's text encoder)."""
-    name = denoiser or next((c for c in ("unet", "transformer") if getattr(pipe, c, None) is not None), None)
-    model = getattr(pipe, name) if name else None
-    layers = bos_layers(model) if model is not None else {}
+    try:
+        name, model = denoiser_of(pipe, denoiser)
+    except MixDQError:
+        if denoiser:
+            raise
+        return  # no denoiser, so no BOS rows to check
+    layers = bos_layers(model)
     if not layers:
         return
     expected = next(iter(layers.values())).bos_input.detach().float().cpu()

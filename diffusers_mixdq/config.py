@@ -7,13 +7,14 @@ import json
 import os
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
+from .apply.checkpoint import is_reference, plan_reference
 from .errors import MixDQError
-from .plan import BitPlan
-from .plan import resolve_plan_source
+from .plan import BitPlan, resolve_plan_source
 
 
 class MixDQMethod(str, Enum):
@@ -27,7 +28,9 @@ class MixDQConfig(QuantizationConfigMixin):
     Args:
         plan: a :class:`~diffusers_mixdq.BitPlan`, a plan dict, JSON text, a local plan ``.json`` file or a
             directory holding ``plan.json``. The plan is read and validated here, so mistakes surface before any
-            weight is loaded.
+            weight is loaded. A saved model's config.json holds ``{"file": "mixdq_plan.json", "sha256": ...}``
+            instead: a reference to the plan file beside its weights, read and hash-checked when it loads
+            (:mod:`diffusers_mixdq.apply.checkpoint`).
         strict: refuse plans that leave some quantizable layer unmentioned or have rules that match nothing
             (``False``: warn and keep such layers in floating point).
         revision, subfolder, token: where to find the plan inside a repository (used by non-local plan sources).
@@ -55,58 +58,84 @@ class MixDQConfig(QuantizationConfigMixin):
         **kwargs: Any,
     ):
         self.quant_method = MixDQMethod.MIXDQ
-        if not isinstance(strict, bool):
-            raise MixDQError(f"strict must be True or False, got {strict!r}.")
-        if modules_to_not_convert is not None and (
-            isinstance(modules_to_not_convert, str) or not all(isinstance(m, str) for m in modules_to_not_convert)
-        ):
-            raise MixDQError("modules_to_not_convert must be a list of layer-name patterns (strings).")
+        _check_arguments(strict, modules_to_not_convert, kwargs)
         self.strict = strict
         self.revision = revision
         self.subfolder = subfolder
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.plan_source = os.fspath(plan) if isinstance(plan, (str, os.PathLike)) and not _is_json(plan) else None
         self._token = token
-        self._plan = resolve_plan_source(plan, revision=revision, subfolder=subfolder, token=token)
-        unknown = set(kwargs) - {"quant_method", "plan_source"}
-        if unknown:
-            raise MixDQError(
-                f"MixDQConfig got unknown argument(s) {sorted(unknown)}; it takes plan, strict, revision, "
-                "subfolder, token and modules_to_not_convert."
-            )
+        #: ``{"file", "sha256"}`` of the plan file beside a saved model's weights (set for configs that a loaded
+        #: model carries, and for those read from a saved model's config.json; their plan comes from that file)
+        self.plan_file: dict[str, str] | None = None
+        if is_reference(plan):
+            self.plan_file, self._plan = {"file": plan["file"], "sha256": plan["sha256"]}, None
+        else:
+            self._plan = resolve_plan_source(plan, revision=revision, subfolder=subfolder, token=token)
         if kwargs.get("plan_source"):
             self.plan_source = kwargs["plan_source"]
+        self._local_source = self.plan_source is not None and self._source_exists(self.plan_source)
+
+    def _source_exists(self, source: str) -> bool:
+        path = Path(source) / self.subfolder if self.subfolder else Path(source)
+        return path.exists() or Path(source).exists()
 
     # ------------------------------------------------------------------ the plan
     def plan_object(self) -> BitPlan:
         """The plan as given (not yet resolved against a model)."""
+        if self._plan is None:
+            raise MixDQError(
+                f"This MixDQConfig refers to the plan file {self.plan_file['file']} of a saved model, which has not "
+                "been read: load the model with from_pretrained from the directory (or Hub repo) holding it."
+            )
         return self._plan
 
     @property
     def plan(self) -> BitPlan:
-        return self._plan
+        return self.plan_object()
+
+    @property
+    def awaits_plan_file(self) -> bool:
+        """True for a config read from a saved model's config.json whose plan file has not been read yet."""
+        return self._plan is None
+
+    def attach_plan_file(self, plan: BitPlan) -> None:
+        """Give a config read from a saved model's config.json the plan read from its (hash-checked) file."""
+        self._plan = plan
 
     def with_resolved_plan(self, resolved: BitPlan) -> MixDQConfig:
-        """A copy of this config holding ``resolved`` (what a loaded model carries and saves)."""
+        """A copy of this config holding ``resolved`` (what a loaded model carries; it saves a reference to the
+        plan file written beside the weights)."""
         new = copy.copy(self)
         new._plan = resolved
+        new.plan_file = plan_reference(resolved)
         new.modules_to_not_convert = []
         return new
 
     # ------------------------------------------------------------------ serialisation (never the token)
     def to_dict(self) -> dict[str, Any]:
-        out = {
-            "quant_method": self.quant_method.value,
-            # tensors (e.g. the BOS state) live in the model's weights or the plan's sidecar, never in config.json
-            "plan": {k: v for k, v in self._plan.to_dict().items() if k != "tensors"},
-            "strict": self.strict,
-        }
+        out = {"quant_method": self.quant_method.value, "plan": self._plan_entry(), "strict": self.strict}
         if self.modules_to_not_convert:
             out["modules_to_not_convert"] = list(self.modules_to_not_convert)
-        for key in ("plan_source", "revision", "subfolder"):
+        if self.plan_source and not self._local_source and _is_repo_id(self.plan_source):
+            out["plan_source"] = self.plan_source  # a Hub repo id; never a machine path
+        for key in ("revision", "subfolder"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
         return out
+
+    def _plan_entry(self) -> dict[str, Any]:
+        """The plan as config.json holds it: a reference to the plan file (plus where a Hub plan came from) for
+        a loaded model's config; the plan itself, without tensors, for a config made by hand."""
+        if self.plan_file is None:
+            # tensors (e.g. the BOS state) live in the model's weights or the plan's sidecar, never in config.json
+            return {k: v for k, v in self._plan.to_dict().items() if k != "tensors"}
+        # recomputed from the plan held now (it may have been edited since it was loaded)
+        entry: dict[str, Any] = dict(self.plan_file) if self._plan is None else plan_reference(self._plan)
+        source = self._plan.provenance.get("source") if self._plan is not None else None
+        if isinstance(source, dict) and "repo_id" in source:
+            entry["provenance"] = {"source": dict(source)}
+        return entry
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
@@ -115,12 +144,40 @@ class MixDQConfig(QuantizationConfigMixin):
         yield from self.to_dict().items()
 
     def __repr__(self) -> str:
-        summary = repr(self._plan)
+        summary = repr(self._plan) if self._plan is not None else f"file={self.plan_file['file']!r}"
         return f"MixDQConfig(plan={summary}, strict={self.strict}, source={self.plan_source!r})"
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
+def _check_arguments(strict: Any, modules_to_not_convert: Any, kwargs: dict[str, Any]) -> None:
+    if not isinstance(strict, bool):
+        raise MixDQError(f"strict must be True or False, got {strict!r}.")
+    if modules_to_not_convert is not None and (
+        isinstance(modules_to_not_convert, str) or not all(isinstance(m, str) for m in modules_to_not_convert)
+    ):
+        raise MixDQError("modules_to_not_convert must be a list of layer-name patterns (strings).")
+    unknown = set(kwargs) - {"quant_method", "plan_source"}
+    if unknown:
+        raise MixDQError(
+            f"MixDQConfig got unknown argument(s) {sorted(unknown)}; it takes plan, strict, revision, "
+            "subfolder, token and modules_to_not_convert."
+        )
+
+
 def _is_json(value: Any) -> bool:
     return isinstance(value, str) and value.lstrip().startswith("{")
+
+
+def _is_repo_id(value: str) -> bool:
+    """``namespace/name`` or ``name`` that huggingface_hub accepts as a repo id (machine paths are not)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if value.count("/") > 1 or value.lower().endswith(".json") or Path(value).is_absolute():
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True

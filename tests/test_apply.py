@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 
@@ -120,8 +121,9 @@ def test_inference_and_no_grad_modes(unet_dir, weights, mode):
 
 def test_full_precision_copy_never_materialises_for_quantized_layers(unet_fp16_dir, monkeypatch):
     """Each weight is quantized right after it is placed: at most one full-precision planned weight exists."""
-    from diffusers_mixdq.apply import backend
+    from diffusers_mixdq.apply import default_backend
 
+    backend = default_backend()
     live = []
     original = backend.quantize_weight_
 
@@ -151,7 +153,8 @@ def test_save_and_reload_is_bit_identical(unet_dir, tmp_path):
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "mixdq"
-    assert len(config["quantization_config"]["plan"]["layers"]) == len(layer_table(model))
+    saved_plan = BitPlan.load(tmp_path / "mixdq_plan.json")
+    assert len(saved_plan.layers) == len(layer_table(model))
     reloaded = UNet2DConditionModel.from_pretrained(tmp_path)
     assert quantized_layers(reloaded) == quantized_layers(model)
     assert torch.equal(run(reloaded), run(model))
@@ -221,7 +224,7 @@ def test_modules_to_not_convert(unet_dir):
 def test_quanto_extension_builds_in_user_cache():
     from optimum.quanto.library.extensions import cpp
 
-    from diffusers_mixdq.apply.backend import cache_dir
+    from diffusers_mixdq.apply.backends.quanto.modules import cache_dir
 
     assert cpp.ext.build_directory.startswith(str(cache_dir()))
     assert "site-packages" not in cpp.ext.build_directory
@@ -233,3 +236,123 @@ def test_repr_and_to_dict_do_not_leak_token():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert MixDQConfig.from_dict(cfg.to_dict()).plan == cfg.plan
+
+
+# ---------------------------------------------------------------------------------------------- the plan file
+def test_config_keeps_a_reference_to_the_plan_file(unet_dir, tmp_path):
+    plan_path = MIXED.save(tmp_path / "plans" / "mine.json")
+    model = UNet2DConditionModel.from_pretrained(unet_dir, quantization_config=MixDQConfig(plan=plan_path))
+    model.save_pretrained(tmp_path / "q")
+    text = (tmp_path / "q" / "config.json").read_text()
+    qc = json.loads(text)["quantization_config"]
+    plan_file = tmp_path / "q" / "mixdq_plan.json"
+    assert qc["plan"] == {"file": "mixdq_plan.json", "sha256": hashlib.sha256(plan_file.read_bytes()).hexdigest()}
+    assert str(tmp_path) not in text and "plan_source" not in qc and '"layers"' not in text
+    assert len(json.dumps(qc)) < 2048  # small enough for diffusers' user-agent
+    assert BitPlan.load(plan_file) == model.config.quantization_config.plan
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "q")
+    assert reloaded.config.quantization_config.plan == model.config.quantization_config.plan
+    assert torch.equal(run(reloaded), run(model))
+
+
+def test_edited_or_missing_plan_file_is_refused(unet_dir, tmp_path):
+    load(unet_dir, BitPlan.uniform("int8")).save_pretrained(tmp_path)
+    plan_file = tmp_path / "mixdq_plan.json"
+    original = plan_file.read_text()
+    plan_file.write_text(original.replace('"int8"', '"int4"', 1))
+    with pytest.raises(MixDQError, match="mixdq_plan.json does not match the sha256 its config.json records"):
+        UNet2DConditionModel.from_pretrained(tmp_path)
+    plan_file.unlink()
+    with pytest.raises(MixDQError, match="refers to its plan file mixdq_plan.json, but there is none"):
+        UNet2DConditionModel.from_pretrained(tmp_path)
+    plan_file.write_text(original)
+    assert quantized_layers(UNet2DConditionModel.from_pretrained(tmp_path))["conv_in"] == ("int8", "none")
+
+
+def test_checkpoint_with_the_table_in_config_json_still_loads(unet_dir, tmp_path):
+    """Checkpoints saved before the plan file existed carry the whole resolved table in config.json."""
+    model = load(unet_dir, MIXED)
+    model.save_pretrained(tmp_path)
+    resolved = model.config.quantization_config.plan
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mixdq", "strict": True, "plan_source": str(tmp_path / "p.json"),
+                                     "plan": {k: v for k, v in resolved.to_dict().items() if k != "tensors"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "mixdq_plan.json").unlink()
+    old = UNet2DConditionModel.from_pretrained(tmp_path)
+    assert quantized_layers(old) == quantized_layers(model)
+    assert torch.equal(run(old), run(model))
+    # saved again, it gets the new layout and forgets the machine path
+    old.save_pretrained(tmp_path / "again")
+    qc = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert set(qc["plan"]) == {"file", "sha256"} and "plan_source" not in qc
+    assert torch.equal(run(UNet2DConditionModel.from_pretrained(tmp_path / "again")), run(model))
+
+
+# ---------------------------------------------------------------------------------------------- extension points
+def test_a_second_weight_backend_is_used_for_sizes_and_loading(unet_dir, monkeypatch):
+    """A backend registered from outside the package (here: quanto's modules with fp32 scales in its size
+    estimate) replaces the default one without any other change."""
+    from diffusers_mixdq import registry
+    from diffusers_mixdq.apply.backends.quanto import QuantoBackend
+
+    made = []
+
+    class Fp32Scales(QuantoBackend):
+        name = "test-fp32-scales"
+
+        def storage_bits(self, dtype, bits, in_features, float_bits=16):
+            return super().storage_bits(dtype, bits, in_features, float_bits=32)
+
+        def make_module(self, module, spec, scale_dtype):
+            made.append(spec)
+            qmodule = super().make_module(module, spec, scale_dtype)
+            qmodule.mixdq_backend = self.name
+            return qmodule
+
+    model = make_unet()
+    plan = BitPlan.uniform("int4")
+    quanto_size = plan.summary(model).size_bytes
+    monkeypatch.setitem(registry.WEIGHT_BACKENDS._entries, Fp32Scales.name, Fp32Scales())
+    monkeypatch.setattr(registry, "DEFAULT_WEIGHT_BACKEND", Fp32Scales.name)
+    table = layer_table(model)
+    summary = plan.summary(model)
+    layer_bits = sum(Fp32Scales().storage_bits("int4", 4, i.in_features) * i.numel for i in table.values())
+    assert summary.size_bytes == pytest.approx((layer_bits + 16 * summary.other_params) / 8)
+    assert summary.size_bytes > quanto_size
+    loaded = load(unet_dir, plan)
+    assert len(made) == len(table)
+    assert all(m.mixdq_backend == Fp32Scales.name for m in loaded.modules() if hasattr(m, "mixdq_spec"))
+    assert set(quantized_layers(loaded).values()) == {("int4", "none")}
+
+
+def test_activation_schemes_are_picked_from_the_plan_and_extensible(monkeypatch):
+    from diffusers_mixdq import LayerSpec
+    from diffusers_mixdq.apply import ACTIVATION_SCHEMES, ActivationScheme, quantize_module
+    from diffusers_mixdq.apply.activations import scheme_for
+
+    assert scheme_for(LayerSpec("int8", "none")) is None
+    assert scheme_for(LayerSpec("int8", "int8", 2.0)).name == "static"
+    assert scheme_for(LayerSpec("int8", "int8", "dynamic")).name == "dynamic"
+    x = torch.linspace(-1, 1, 9)
+    static = ACTIVATION_SCHEMES.get("static")
+    scale = torch.tensor(0.5 / 127)
+    assert torch.equal(static.quantize(x, "int8", scale), torch.clamp(torch.round(x / scale), -128, 127) * scale)
+    dyn = torch.tensor(1.0 / 7)  # from the input's absmax (1.0); the module's input_scale is not used
+    assert torch.equal(ACTIVATION_SCHEMES.get("dynamic").quantize(x, "int4", torch.tensor(123.0)),
+                       torch.clamp(torch.round(x / dyn), -8, 7) * dyn)
+
+    class Halve(ActivationScheme):
+        name = "static"
+
+        def quantize(self, x, dtype, input_scale):
+            return x / 2
+
+    with pytest.raises(MixDQError, match="registered already"):
+        ACTIVATION_SCHEMES.register("static", Halve())
+    monkeypatch.setitem(ACTIVATION_SCHEMES._entries, "static", Halve())
+    lin = torch.nn.Linear(8, 4)
+    layer = quantize_module(lin, LayerSpec("none", "int8", 1.0))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), lin(x / 2), atol=1e-6)

@@ -145,6 +145,9 @@ def test_save_reload_keeps_bos_rows_bit_identical(pipe, tmp_path):
         assert torch.equal(bos_layers(reloaded)[name].bos_output, module.bos_output)
     assert torch.equal(unet_run(reloaded, emb), unet_run(model, emb))
     assert reloaded.config.quantization_config.plan.target["bos"]["sha256"] == state_sha256(emb[0, 0])
+    # the plan file travels with its tensor sidecar (the BOS state), both beside the weights
+    assert (tmp_path / "q" / "mixdq_plan.safetensors").is_file()
+    assert torch.equal(reloaded.config.quantization_config.plan.tensors["bos.hidden_state"], emb[0, 0])
 
 
 def test_non_bos_rows_keep_the_quantized_path(pipe, tmp_path):

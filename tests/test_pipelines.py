@@ -75,6 +75,9 @@ def test_pipeline_quant_mapping_save_reload_bit_identical(pipeline_dir, tmp_path
     pipe.save_pretrained(tmp_path)
     unet_cfg = json.loads((tmp_path / "unet" / "config.json").read_text())
     assert unet_cfg["quantization_config"]["quant_method"] == "mixdq"
+    # each component's save_pretrained writes its plan file beside its weights; config.json refers to it
+    assert unet_cfg["quantization_config"]["plan"]["file"] == "mixdq_plan.json"
+    assert BitPlan.load(tmp_path / "unet" / "mixdq_plan.json") == pipe.unet.config.quantization_config.plan
     again = DiffusionPipeline.from_pretrained(tmp_path)
     again.set_progress_bar_config(disable=True)
     assert np.array_equal(generate(again), images)
@@ -94,21 +97,33 @@ def test_pipeline_with_cfg_and_batches(pipeline_dir):
 
 def test_registration_is_idempotent():
     from diffusers.quantizers import auto
+    from diffusers.quantizers.auto import DiffusersAutoQuantizer
 
-    before = (dict(auto.AUTO_QUANTIZER_MAPPING), dict(auto.AUTO_QUANTIZATION_CONFIG_MAPPING))
+    from diffusers_mixdq._registration import is_registered
+    from diffusers_mixdq.apply.quantizer import MixDQQuantizer
+
+    tables = (auto.AUTO_QUANTIZER_MAPPING, auto.AUTO_QUANTIZATION_CONFIG_MAPPING)
+    saved = [table.pop("mixdq") for table in tables]
+    try:
+        assert not is_registered()  # the check can fail: registering is what puts the entries there
+        diffusers_mixdq._register()
+        assert is_registered()
+    finally:
+        for table, entry in zip(tables, saved):
+            table.setdefault("mixdq", entry)
+    before = [dict(table) for table in tables]
     for _ in range(3):
         importlib.reload(diffusers_mixdq)
         diffusers_mixdq._register()
-    assert set(auto.AUTO_QUANTIZER_MAPPING) == set(before[0])
-    assert set(auto.AUTO_QUANTIZATION_CONFIG_MAPPING) == set(before[1])
-    from diffusers_mixdq._registration import is_registered
-
-    assert is_registered()
-    # a config from the reloaded module still resolves through diffusers
-    from diffusers.quantizers.auto import DiffusersAutoQuantizer
-
-    cfg = DiffusersAutoQuantizer.from_dict(MixDQConfig(plan=BitPlan.uniform()).to_dict())
-    assert type(cfg).__name__ == "MixDQConfig"
+    # same names, each still pointing at the very same classes
+    assert [dict(table) for table in tables] == before
+    assert auto.AUTO_QUANTIZER_MAPPING["mixdq"] is MixDQQuantizer
+    assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING["mixdq"] is MixDQConfig
+    # a config from the reloaded module still resolves through diffusers, to our config and quantizer
+    plan = BitPlan.uniform("int4")
+    cfg = DiffusersAutoQuantizer.from_dict(MixDQConfig(plan=plan).to_dict())
+    assert isinstance(cfg, MixDQConfig) and cfg.plan == plan
+    assert isinstance(DiffusersAutoQuantizer.from_config(cfg), MixDQQuantizer)
 
 
 def test_cli_inspect(tmp_path, unet_dir):

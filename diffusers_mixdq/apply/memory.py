@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
 import threading
 import time
 from functools import lru_cache
 
+import psutil
 from torch import nn
 
 
@@ -53,19 +55,18 @@ def detach_from_checkpoint(model: nn.Module, skip: set[int]) -> None:
 
 
 def process_memory() -> dict[str, int]:
-    """Bytes of this process's ``VmRSS``, ``VmHWM`` (peak RSS), ``RssAnon`` and ``RssFile`` (Linux only)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
+    """Bytes of this process's resident memory, named as Linux's ``/proc/self/status`` names them: ``VmRSS``,
+    ``VmHWM`` (peak RSS), ``RssFile`` (file-backed and shared pages) and ``RssAnon`` (the rest: what the
+    process allocated itself). Read through psutil (and ``getrusage`` for the peak)."""
+    info = psutil.Process().memory_info()
+    shared = getattr(info, "shared", 0)  # Linux: RssFile + RssShmem
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return {"VmRSS": info.rss, "VmHWM": max(peak, info.rss), "RssAnon": info.rss - shared, "RssFile": shared}
 
 
 class PeakMemory:
-    """Peak RSS and peak anonymous RSS of this process while the ``with`` block runs (Linux; sampled every
-    ``interval`` seconds by a thread; the RSS peak also takes the kernel's high-water mark at exit)."""
+    """Peak RSS and peak anonymous RSS of this process while the ``with`` block runs (sampled every ``interval``
+    seconds by a thread; the RSS peak also takes the kernel's high-water mark at exit)."""
 
     def __init__(self, interval: float = 0.005):
         self.interval = interval

@@ -2,14 +2,19 @@
 
 Flow inside ``ModelMixin.from_pretrained``:
 
+0. ``maybe_update_loaded_keys``: for a saved quantized model, read the plan file its config.json refers to from
+   beside the checkpoint files (``checkpoint.py``).
 1. ``_process_model_before_weight_loading`` (model still on meta): resolve the plan against the model, check it,
-   and swap each planned Linear / Conv2d for a MixDQ module. For a pre-quantized checkpoint the swapped modules
-   are frozen on meta so the model's state-dict keys equal the checkpoint's.
+   and swap each planned Linear / Conv2d for a MixDQ module made by the weight backend (``model.set_submodule``).
+   For a pre-quantized checkpoint the swapped modules are frozen on meta so the model's state-dict keys equal the
+   checkpoint's. The model's ``save_pretrained`` is bound to also write the plan file.
 2. ``check_if_quantized_param`` / ``create_quantized_param`` (per tensor, as it is read): a full-precision weight
    is placed and quantized at once, so no full-precision copy of the whole model ever exists; the pieces of a
    saved quantized weight are gathered per module and installed together.
-3. ``_process_model_after_weight_loading``: verify nothing is left on meta and record the resolved plan in the
-   model's config (what ``save_pretrained`` writes).
+3. ``_process_model_after_weight_loading``: verify nothing is left on meta.
+
+Everything specific to the library that stores the weights goes through ``self.backend``
+(:class:`~diffusers_mixdq.apply.backends.WeightBackend`).
 """
 
 from __future__ import annotations
@@ -22,10 +27,22 @@ from diffusers.quantizers.base import DiffusersQuantizer
 
 from ..errors import MixDQError, PlanMismatchError
 from ..plan import BOS_STATE_KEY
-from . import memory
+from . import checkpoint, memory
+from .backends import default_backend
+from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
+from .qmodule import is_mixdq_module
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
+
+
+def _refuse_quantized(model) -> None:
+    for name, module in model.named_modules():
+        if is_mixdq_module(module):
+            raise MixDQError(
+                f"'{name}' is already quantized; a quantized module is never quantized again. Load the "
+                "original full-precision model instead."
+            )
 
 
 def _single_device(device_map) -> torch.device:
@@ -55,6 +72,7 @@ class MixDQQuantizer(DiffusersQuantizer):
         self._device = torch.device("cpu")
         self._lock = threading.Lock()
         self._since_trim = 0
+        self.backend = default_backend()
 
     # ------------------------------------------------------------------ environment
     def validate_environment(self, *args, **kwargs):
@@ -80,27 +98,31 @@ class MixDQQuantizer(DiffusersQuantizer):
 
     # ------------------------------------------------------------------ before loading
     def _process_model_before_weight_loading(self, model: ModelMixin, device_map=None, keep_in_fp32_modules=(), **kw):
-        from . import backend
-
         config = self.quantization_config
-        for name, module in model.named_modules():
-            if backend.is_quantized_module(module):
-                raise MixDQError(
-                    f"'{name}' is already quantized; a quantized module is never quantized again. Load the "
-                    "original full-precision model instead."
-                )
+        _refuse_quantized(model)
         extra_ignore = list(config.modules_to_not_convert or [])
         extra_ignore += [f"*{m}*" for m in (keep_in_fp32_modules or [])]
         resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
-        specs = resolved.layer_specs()
+        self._modules = self._make_modules(model, resolved)
+        for name, qmodule in self._modules.items():
+            model.set_submodule(name, qmodule)
+            if self.pre_quantized and qmodule.stores_quantized_weight:
+                self._expected[name] = {f"{name}.{k}" for k in self.backend.quantized_weight_keys(qmodule)}
+        self._device = _single_device(device_map)
+        # the config the loaded model carries: the resolved plan, saved as its own file beside the weights
+        self.quantization_config = config.with_resolved_plan(resolved)
+        model.register_to_config(quantization_config=self.quantization_config)
+        checkpoint.bind_save_pretrained(model)
 
+    def _make_modules(self, model, resolved) -> dict[str, torch.nn.Module]:
+        """A MixDQ module for every layer the plan quantizes (BOS-aware ones given the plan's BOS state)."""
+        self.backend.prepare()
         bos_state = resolved.tensors.get(BOS_STATE_KEY)
         replacements = {}
-        for name, spec in specs.items():
+        for name, spec in resolved.layer_specs().items():
             if not spec.is_quantized:
                 continue
-            module = model.get_submodule(name)
-            qmodule = backend.make_module(module, spec, scale_dtype=self.torch_dtype)
+            qmodule = self.backend.make_module(model.get_submodule(name), spec, scale_dtype=self.torch_dtype)
             if qmodule.bos_aware and not self.pre_quantized:
                 if bos_state is None:
                     raise MixDQError(
@@ -108,19 +130,9 @@ class MixDQQuantizer(DiffusersQuantizer):
                         "BOS row from. Attach it with diffusers_mixdq.bos.attach_bos(plan, "
                         "bos_hidden_state(pipe)), or set flags {\"bos_aware\": false} for these layers."
                     )
-                backend.set_bos_state(qmodule, bos_state)
+                set_bos_state(qmodule, bos_state)
             replacements[name] = qmodule
-        for name, qmodule in replacements.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, qmodule)
-            if self.pre_quantized and qmodule.weight_qtype is not None:
-                self._expected[name] = {f"{name}.{k}" for k in backend.quantized_weight_keys(qmodule)}
-        self._modules = replacements
-        self._device = _single_device(device_map)
-        # the config the loaded model carries (and save_pretrained writes): the resolved per-layer table
-        self.quantization_config = config.with_resolved_plan(resolved)
-        model.register_to_config(quantization_config=self.quantization_config)
+        return replacements
 
     # ------------------------------------------------------------------ per tensor
     # Full-precision checkpoint: each planned weight is placed, then quantized at once (create_quantized_param).
@@ -130,21 +142,18 @@ class MixDQQuantizer(DiffusersQuantizer):
     # loaded (maybe_update_loaded_keys).
 
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files) -> list[str]:
+        config = self.quantization_config
+        if config.awaits_plan_file:
+            # a saved model: config.json refers to the plan file beside the weights (called before preprocessing)
+            config.attach_plan_file(checkpoint.read_plan_file(config.plan_file, checkpoint_files))
         if not self.pre_quantized:
             return loaded_keys
-        out = []
-        for key in loaded_keys:
-            i = key.rfind(".weight.")
-            key = key[: i + len(".weight")] if i >= 0 else key
-            if key not in out:
-                out.append(key)
-        return out
+        # each piece of a saved quantized weight counts as the module's "weight" (dict: unique, in order)
+        return list(dict.fromkeys(self.backend.weight_key_of(key) or key for key in loaded_keys))
 
     def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         if not self.pre_quantized:
             return state_dict
-        from . import backend
-
         kept = {}
         complete = []
         with self._lock:
@@ -160,7 +169,7 @@ class MixDQQuantizer(DiffusersQuantizer):
             ready = [(name, self._pending.pop(name)) for name in complete]
         for name, tensors in ready:
             try:
-                backend.load_quantized_weight(self._modules[name], tensors, self._device)
+                self.backend.load_quantized_weight(self._modules[name], tensors, self._device)
             except (KeyError, RuntimeError, ValueError) as e:
                 raise MixDQError(
                     f"The quantized weight of '{name}' in this checkpoint does not match its plan ({e}). The "
@@ -170,32 +179,27 @@ class MixDQQuantizer(DiffusersQuantizer):
 
     def _owner(self, param_name: str) -> tuple[str, str] | None:
         """(module name, key relative to it) when ``param_name`` belongs to a replaced module's weight."""
-        if param_name.endswith(".weight"):
-            module_name, key = param_name[: -len(".weight")], "weight"
-        else:
-            i = param_name.rfind(".weight.")
-            if i < 0:
-                return None
-            module_name, key = param_name[:i], param_name[i + 1 :]
-        return (module_name, key) if module_name in self._modules else None
+        weight_key = param_name if param_name.endswith(".weight") else self.backend.weight_key_of(param_name)
+        if weight_key is None:
+            return None
+        module_name = weight_key[: -len(".weight")]
+        return (module_name, param_name[len(module_name) + 1 :]) if module_name in self._modules else None
 
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
         if self.pre_quantized:
             return False
         owner = self._owner(param_name)
-        return owner is not None and owner[1] == "weight" and self._modules[owner[0]].weight_qtype is not None
+        return owner is not None and owner[1] == "weight" and self._modules[owner[0]].stores_quantized_weight
 
     def create_quantized_param(self, model, param_value, param_name, target_device, *args, **kwargs):
         from accelerate.utils import set_module_tensor_to_device
-
-        from . import backend
 
         module = self._modules[self._owner(param_name)[0]]
         dtype = kwargs.get("dtype") or self.torch_dtype
         set_module_tensor_to_device(model, param_name, target_device, value=param_value, dtype=dtype)
         if module.bos_aware:
-            backend.compute_bos_row_(module)
-        backend.quantize_weight_(module)
+            compute_bos_row_(module)
+        self.backend.quantize_weight_(module)
         self._since_trim += param_value.numel() * param_value.element_size()
         # every 32 MB read, keep the allocator from hoarding the quantization temporaries
         if self._since_trim > 32 * 2**20:
@@ -211,8 +215,6 @@ class MixDQQuantizer(DiffusersQuantizer):
 
     # ------------------------------------------------------------------ after loading
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from . import backend
-
         if self._pending:
             raise PlanMismatchError(
                 "The checkpoint lacks parts of the quantized weights of: "
@@ -222,13 +224,13 @@ class MixDQQuantizer(DiffusersQuantizer):
         if not self.pre_quantized:
             for module in self._modules.values():
                 if module.bos_aware:
-                    backend.finish_bos_(module, self.torch_dtype)
+                    finish_bos_(module, self.torch_dtype)
             # quantized weights have their own storage; copy the rest out of the full-precision checkpoint's
             # memory map so the file is unmapped, then hand freed heap pages back
-            quantized = {id(m.weight) for m in self._modules.values() if m.weight_qtype is not None}
+            quantized = {id(m.weight) for m in self._modules.values() if m.stores_quantized_weight}
             memory.detach_from_checkpoint(model, skip=quantized)
         memory.release_free_memory()
-        unloaded = [n for n, m in self._modules.items() if backend.has_meta_tensors(m)]
+        unloaded = [n for n, m in self._modules.items() if self.backend.has_meta_tensors(m)]
         if unloaded:
             raise PlanMismatchError(
                 "The checkpoint has no weights for these quantized layers: "
@@ -237,11 +239,7 @@ class MixDQQuantizer(DiffusersQuantizer):
                 + ". The checkpoint does not match the model class."
             )
         for module in self._modules.values():
-            device = module.weight.device
-            for name in ("input_scale", "output_scale"):
-                buf = getattr(module, name)
-                if buf.device != device:
-                    setattr(module, name, buf.to(device))
+            module.move_scales_to_weight_device()
         return model
 
     # ------------------------------------------------------------------ capabilities

@@ -1,15 +1,29 @@
-"""The weight-backend interface."""
+"""The weight-backend interface: everything ``apply`` needs from a library that stores quantized weights.
+
+Adding a backend is one new module (or package) under ``apply/backends/`` that subclasses :class:`WeightBackend`
+and registers an instance: ``WEIGHT_BACKENDS.register("name", MyBackend())`` (see ``backends/quanto`` for the
+optimum-quanto one). Its Linear / Conv2d classes mix in :class:`~diffusers_mixdq.apply.qmodule.MixDQModuleMixin`
+(input quantization and BOS rows come with it) and provide ``_qforward`` and ``weight_is_quantized``. Nothing else
+changes: the diffusers quantizer, ``quantize_module`` and ``quantized_layers`` only call the methods below.
+
+Rules: ``storage_bits`` must not import the backend's library (plan summaries call it to estimate sizes); the
+other methods may, but lazily, so that ``import diffusers_mixdq`` never imports a quantization library.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ...plan import LayerSpec
 
 
 class WeightBackend(ABC):
-    """How quantized weights are laid out in memory and on disk.
-
-    ``storage_bits`` must not import the backend's quantization library: plan summaries call it to estimate sizes.
-    """
+    """How quantized weights are laid out in memory and on disk, made, loaded and described."""
 
     name: str = ""
 
@@ -17,3 +31,38 @@ class WeightBackend(ABC):
     def storage_bits(self, dtype: str, bits: int | None, in_features: int, float_bits: int = 16) -> float:
         """Stored bits per weight element of a layer whose rows reduce ``in_features`` elements, metadata
         (scales, shifts) included; ``bits=None`` means kept in floating point."""
+
+    def prepare(self) -> None:
+        """One-time setup before the first module is made (extension build directories, caches)."""
+
+    @abstractmethod
+    def make_module(self, module: nn.Module, spec: LayerSpec, scale_dtype: torch.dtype) -> nn.Module:
+        """A MixDQ module shaped like the Linear / Conv2d ``module``, weights on the meta device, not yet
+        quantized. Raises ``TypeError`` when ``module`` is already quantized by the library."""
+
+    @abstractmethod
+    def quantize_weight_(self, module: nn.Module) -> None:
+        """Quantize the module's just-loaded full-precision weight in place (no-op for float weights)."""
+
+    @abstractmethod
+    def quantized_weight_keys(self, module: nn.Module) -> frozenset[str]:
+        """State-dict keys, relative to the module, under which its quantized weight is saved."""
+
+    @abstractmethod
+    def weight_key_of(self, key: str) -> str | None:
+        """For a checkpoint key that is a piece of a saved quantized weight (``"a.b.weight._data"`` for quanto),
+        the weight's own key (``"a.b.weight"``); ``None`` for any other key."""
+
+    @abstractmethod
+    def load_quantized_weight(self, module: nn.Module, tensors: dict[str, torch.Tensor], device) -> None:
+        """Install a saved quantized weight (``tensors`` keyed as :meth:`quantized_weight_keys`). Raises
+        ``KeyError`` / ``RuntimeError`` / ``ValueError`` when the tensors do not fit the module."""
+
+    @abstractmethod
+    def weight_dtype(self, module: nn.Module) -> str:
+        """The module's stored weight dtype in plan vocabulary (``"int8"``, ..., ``"none"``)."""
+
+    def has_meta_tensors(self, module: nn.Module) -> bool:
+        """Whether any of the module's own tensors (quantized weights' inner tensors included) is on meta."""
+        own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        return any(t.device.type == "meta" for t in own)

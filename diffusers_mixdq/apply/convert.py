@@ -1,0 +1,41 @@
+"""Quantizing modules that already live in memory (calibration and sensitivity sweeps, benchmarks).
+
+The counterpart of what ``from_pretrained`` does while streaming a checkpoint (``quantizer.py``); both go through
+the default weight backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..plan import LayerSpec
+from .backends import backend_of, default_backend
+from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
+
+
+def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor | None = None) -> nn.Module:
+    """A quantized copy of an in-memory Linear / Conv2d (the original is left untouched)."""
+    backend = default_backend()
+    dtype = module.weight.dtype
+    qmodule = backend.make_module(module, spec, scale_dtype=dtype)
+    qmodule.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+    if module.bias is not None:
+        qmodule.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    qmodule.move_scales_to_weight_device()
+    if qmodule.bos_aware:
+        if bos_state is None:
+            raise ValueError("a BOS-aware layer needs the BOS hidden state")
+        set_bos_state(qmodule, bos_state)
+        compute_bos_row_(qmodule)
+        finish_bos_(qmodule, dtype)
+    backend.quantize_weight_(qmodule)
+    return qmodule
+
+
+def describe(module: nn.Module) -> tuple[str, str]:
+    """(weight dtype, activation dtype) of a module, in plan vocabulary; ``("none", "none")`` if not quantized."""
+    backend = backend_of(module)
+    if backend is None:
+        return "none", "none"
+    return backend.weight_dtype(module), module.act_dtype

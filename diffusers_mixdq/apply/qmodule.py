@@ -1,0 +1,102 @@
+"""What every MixDQ module does whatever library stores its weight: input quantization and BOS rows.
+
+A weight backend builds its quantized Linear / Conv2d classes as ``class MyLinear(MixDQModuleMixin, LibraryLinear)``
+and provides ``_qforward`` (the weight-quantized op on an already quantized input) and ``weight_is_quantized``.
+The mixin picks the layer's activation scheme from its :class:`~diffusers_mixdq.LayerSpec`
+(:mod:`diffusers_mixdq.apply.activations`) and serves the BOS-aware row 0 (:mod:`diffusers_mixdq.bos`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..plan import BOS_MATCH_TOLERANCE, LayerSpec
+from .activations import scheme_for
+
+
+class MixDQModuleMixin:
+    """Input quantization + BOS rows + weight-quantized forward (mixed into a backend's module classes)."""
+
+    act_dtype: str = "none"
+    act_dynamic: bool = False
+    #: BOS-aware: output row 0 comes from ``bos_output`` (computed in full precision) when input row 0 is the
+    #: recorded BOS state ``bos_input``; rows 1..n go through the quantized path
+    bos_aware: bool = False
+    #: name of the weight backend that made the module (``WEIGHT_BACKENDS``)
+    mixdq_backend: str = ""
+
+    def _configure(self, spec: LayerSpec, scale_dtype: torch.dtype, backend: str) -> None:
+        self.mixdq_spec = spec
+        self.mixdq_backend = backend
+        self.act_dtype = spec.activations
+        self.act_dynamic = spec.dynamic
+        self.mixdq_flags = dict(spec.flags)
+        self._act_scheme = scheme_for(spec)
+        scale = 1.0 if self._act_scheme is None else self._act_scheme.initial_scale(spec)
+        # small buffers are created for real (not on meta) so they exist even when the checkpoint lacks them
+        self.input_scale = torch.tensor(scale, dtype=scale_dtype)
+        self.output_scale = torch.ones((), dtype=scale_dtype)
+        self.bos_aware = bool(spec.flags.get("bos_aware"))
+        if self.bos_aware:
+            # on meta until filled (from the plan and the full-precision weight, or from a saved checkpoint)
+            self.register_buffer("bos_input", torch.empty(self.in_features, dtype=scale_dtype, device="meta"))
+            self.register_buffer("bos_output", torch.empty(self.out_features, dtype=scale_dtype, device="meta"))
+
+    @property
+    def stores_quantized_weight(self) -> bool:
+        """Whether the plan gives this layer a quantized weight (else the weight stays floating point)."""
+        return self.mixdq_spec.weights != "none"
+
+    def weight_is_quantized(self) -> bool:  # pragma: no cover - provided by the backend's classes
+        raise NotImplementedError
+
+    def _needs_grad_mode(self) -> bool:
+        """True when the backend's kernel cannot run under ``torch.inference_mode()`` (it then runs under
+        ``no_grad`` instead)."""
+        return False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # the library's module writes only its own tensors; add ours (BOS rows)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.bos_aware:
+            for name in ("bos_input", "bos_output"):
+                buf = getattr(self, name)
+                destination[prefix + name] = buf if keep_vars else buf.detach()
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self._act_scheme is None:
+            return x
+        return self._act_scheme.quantize(x, self.act_dtype, self.input_scale)
+
+    def move_scales_to_weight_device(self) -> None:
+        device = self.weight.device
+        for name in ("input_scale", "output_scale"):
+            buf = getattr(self, name)
+            if buf.device != device:
+                setattr(self, name, buf.to(device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_inference_mode_enabled() and self._needs_grad_mode():
+            with torch.inference_mode(False), torch.no_grad():
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bos_aware and x.dim() == 3 and x.shape[1] >= 2:
+            return self._bos_forward(x)
+        return self._qforward(self.quantize_input(x))
+
+    def _bos_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows 1..n quantized; row 0 the stored full-precision row wherever input row 0 is the BOS state
+        (per sample, without a host sync: e.g. zeroed negative prompts keep the quantized path)."""
+        rest = self._qforward(self.quantize_input(x[:, 1:]))
+        first = self._qforward(self.quantize_input(x[:, :1]))
+        h = self.bos_input.float()
+        is_bos = (x[:, 0].float() - h).norm(dim=-1) <= BOS_MATCH_TOLERANCE * h.norm()
+        stored = self.bos_output.to(first.dtype).expand_as(first)
+        return torch.cat([torch.where(is_bos[:, None, None], stored, first), rest], dim=1)
+
+
+def is_mixdq_module(module) -> bool:
+    """Whether ``module`` is a MixDQ module (of any weight backend)."""
+    return isinstance(module, MixDQModuleMixin)
