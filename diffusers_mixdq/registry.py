@@ -4,8 +4,9 @@ Four things can be added without touching the code that uses them, each through 
 
 * model families (:data:`diffusers_mixdq.families.FAMILIES`): which layers of a denoiser class read the text
   embeddings, belong to the content group, are its first/last layers or its time embedding;
-* activation schemes (``diffusers_mixdq.apply.activations.SCHEMES``): how a layer's input is quantized;
-* weight backends (``diffusers_mixdq.apply.backends.BACKENDS``): how quantized weights are stored and run;
+* activation schemes (``diffusers_mixdq.apply.activations.ACTIVATION_SCHEMES``): how a layer's input is quantized;
+* weight backends (:data:`WEIGHT_BACKENDS` below, filled from ``diffusers_mixdq.apply.backends``): how quantized
+  weights are stored and run;
 * allocators (``diffusers_mixdq.builder.allocate.ALLOCATORS``): how bit widths are chosen from sensitivities.
 
 ``docs/architecture.md`` shows how to add one of each. This module imports nothing of the package but its errors,
