@@ -55,7 +55,8 @@ def hub_session(tmp_path_factory):
     module)."""
     from huggingface_hub import constants, hf_api
 
-    server = LoopbackHub(tokens={TOKEN: "tester", "hf_other_user_token": "someone"}).start()
+    server = LoopbackHub(tokens={TOKEN: "tester", "hf_other_user_token": "someone"})
+    server.start()
     home = tmp_path_factory.mktemp("hf_home")
     mp = pytest.MonkeyPatch()
     for key, value in {
@@ -91,12 +92,11 @@ def hub_session(tmp_path_factory):
 
 @pytest.fixture
 def hub(hub_session):
-    """The session's hub; faults are cleared after each test and every request must have been understood."""
-    hub_session.clear_fault()
-    hub_session.unhandled.clear()
+    """The module's hub; every request of the test must have been understood (no unknown endpoint, no crash)."""
+    hub_session.clear_assertions()
+    hub_session.clear_handler_errors()
     yield hub_session
-    hub_session.clear_fault()
-    assert hub_session.unhandled == [], f"requests the loopback hub does not implement: {hub_session.unhandled}"
+    hub_session.check()
 
 
 @pytest.fixture
@@ -238,10 +238,10 @@ def test_offline_mode_uses_the_cache(hub, repo_id, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    before = len(hub.requests)
+    before = len(hub.log)
     offline = MixDQConfig(plan=repo_id, subfolder="unet").plan
     mapping = pipeline_quantization_config(repo_id).quant_mapping
-    assert len(hub.requests) == before, "offline mode made HTTP requests"
+    assert len(hub.log) == before, "offline mode made HTTP requests"
     assert offline == online and offline.provenance["source"]["commit"] == commit
     assert torch.equal(offline.tensors["test.marker"], torch.ones(3))
     assert set(mapping) == {"unet"} and mapping["unet"].plan == online
@@ -374,10 +374,10 @@ def test_push_refuses_invalid_plans_before_uploading(hub, repo_id, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "plan.json").write_text('{"format": "diffusers-mixdq-plan", "version": 1, '
                                                '"defaults": {"weights": "int3"}}')
-    before = len(hub.requests)
+    before = len(hub.log)
     with pytest.raises(MixDQError, match="unknown weight dtype 'int3'"):
         push_plan(tmp_path / "bad", repo_id)
-    assert len(hub.requests) == before
+    assert len(hub.log) == before
     with pytest.raises(PlanPushError, match="HTTP 401.*hf auth login"):
         push_plan(PLAN, repo_id, token="hf_not_a_real_token")
 
@@ -390,9 +390,9 @@ def test_repo_ids_and_local_paths(hub, tmp_path, monkeypatch):
     assert not mixdq_hub.looks_like_repo_id("plans/w8")  # an existing local directory
     assert not mixdq_hub.looks_like_repo_id("a/b/c") and not mixdq_hub.looks_like_repo_id("plans/plan.json")
     assert not mixdq_hub.looks_like_repo_id("user/re po")
-    before = len(hub.requests)
+    before = len(hub.log)
     assert MixDQConfig(plan="plans/w8").plan == PLAN  # an existing local path never goes to the Hub
-    assert len(hub.requests) == before
+    assert len(hub.log) == before
     with pytest.raises(PlanSourceError, match="not a local file or directory, and the Hub at http://127.0.0.1"):
         MixDQConfig(plan="tester/no-such-repo")
     with pytest.raises(PlanSourceError, match="No plan found at 'plans/missing.json'"):
