@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import PlanSourceError
+from ..families import DENOISER_COMPONENTS
 from ..plan import PLAN_FILENAME, BitPlan
 
 #: the sidecar name BitPlan.save writes beside plan.json
@@ -49,14 +50,10 @@ def check_component(name: str) -> str:
 
 
 def component_for_class(class_name: str | None) -> str | None:
-    """The pipeline component a denoiser class usually is: ``unet`` for UNets, ``transformer`` for DiTs."""
-    if not class_name:
-        return None
-    if "UNet" in class_name:
-        return "unet"
-    if "Transformer" in class_name:
-        return "transformer"
-    return None
+    """The pipeline component a denoiser class usually is, by name: the first of
+    :data:`~diffusers_mixdq.families.DENOISER_COMPONENTS` in it (``UNet...`` -> ``unet``, ``...Transformer...`` ->
+    ``transformer``)."""
+    return next((c for c in DENOISER_COMPONENTS if c in (class_name or "").lower()), None)
 
 
 def is_plan_file(path_in_repo: str) -> bool:
