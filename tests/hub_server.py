@@ -1,31 +1,21 @@
 """A test double of the Hugging Face Hub's HTTP API, for the test suite only: it is NOT the Hub.
 
-:class:`LoopbackHub` is a ``pytest_httpserver.HTTPServer`` on 127.0.0.1 (ephemeral port) that keeps model repos in
-memory as commit histories (each commit a full snapshot; branches and tags point at commits). Point
-``huggingface_hub`` at :attr:`LoopbackHub.url` and the real client talks real HTTP to it. It answers only what
-``huggingface_hub``, diffusers and diffusers-mixdq call in these tests; any other request fails the test (the
-server's ``check_assertions``):
-
-- ``POST /api/repos/create``, ``POST /api/validate-yaml`` (the card's front matter must parse)
-- ``GET /api/models/{repo}[/revision/{rev}]`` (``sha``, ``siblings``, card metadata), ``GET .../tree/{rev}``
-- ``POST /api/models/{repo}/{preupload|commit|branch|tag}/{rev}``; preupload answers ``"regular"`` for every file
-  (no LFS / Xet) with the blob id already there, so the client skips unchanged files
-- ``HEAD`` / ``GET /{repo}/resolve/{rev}/{path}`` with ``ETag`` (git blob sha1), ``X-Repo-Commit``, ``Content-Length``
-
-Errors carry the Hub's ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) so the client
-raises its usual exceptions. Writes need a known token; a private repo is visible to its owner's token only.
-:meth:`LoopbackHub.fault` makes matching requests fail with an HTTP status (``Retry-After: 0`` keeps client retries
-fast) or serves corrupted bytes of the right length.
+:class:`LoopbackHub` is a ``pytest_httpserver.HTTPServer`` on 127.0.0.1 keeping model repos in memory as commit
+histories (each commit a full snapshot; branches and tags point at commits). ``huggingface_hub`` pointed at
+:attr:`~LoopbackHub.url` talks real HTTP to it. It answers only the endpoints the client calls in these tests (repo
+creation, model info, tree, preupload -- always ``"regular"``, no LFS --, commit, branch, tag, and ``resolve`` with
+``ETag`` = git blob sha1, ``X-Repo-Commit``, ``Content-Length``); any other request fails the test. Errors carry the
+Hub's ``X-Error-Code`` so the client raises its usual exceptions; writes need a known token; a private repo is
+visible to its owner only. :meth:`~LoopbackHub.fault` makes requests fail or serve corrupted bytes.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
-import itertools
 import json
 import re
+import secrets
 from dataclasses import dataclass, field
 
 from huggingface_hub import ModelCard
@@ -40,7 +30,7 @@ REPO = r"(?P<repo_id>[^/]+/[^/]+)"
 class HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None):
         super().__init__(message)
-        self.status, self.code, self.commit = status, code, commit
+        self.status, self.code, self.commit = status, code, commit  # commit: X-Repo-Commit of a missing entry
 
 
 @dataclass
@@ -59,8 +49,7 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
 
-    def resolve(self, revision: str) -> Commit:
-        """A branch, a tag or a full commit sha."""
+    def resolve(self, revision: str) -> Commit:  # a branch, a tag or a full commit sha
         oid = self.branches.get(revision) or self.tags.get(revision) or revision
         if oid not in self.commits:
             raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
@@ -79,7 +68,7 @@ class Fault:
     status: int | None = None  # answer this HTTP error instead
     corrupt: bool = False  # or flip the bytes of what is served
     methods: tuple[str, ...] = ("GET", "HEAD", "POST")
-    match: str | None = None  # substring of the request path
+    match: str = ""  # substring of the request path
 
 
 class LoopbackHub(HTTPServer):
@@ -89,7 +78,6 @@ class LoopbackHub(HTTPServer):
         self.tokens = dict(tokens)  # token -> user name
         self.repos: dict[str, Repo] = {}
         self.active_fault: Fault | None = None
-        self._oids = itertools.count()
         self._route(("POST",), r"/api/repos/create", self._create_repo)
         self._route(("POST",), r"/api/validate-yaml", self._validate_yaml)
         self._route(("GET",), rf"/api/models/{REPO}(?:/revision/(?P<revision>.+))?", self._model_info)
@@ -117,9 +105,9 @@ class LoopbackHub(HTTPServer):
     def repo_files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         return dict(self.repos[repo_id].resolve(revision).files)
 
-    def put_files(self, repo_id: str, files: dict[str, bytes], owner: str = "tester") -> str:
+    def put_files(self, repo_id: str, files: dict[str, bytes]) -> str:
         """Commit ``files`` straight into the store (to set up broken repos the client would refuse to make)."""
-        repo = self.repos.get(repo_id) or self.create(repo_id, owner)
+        repo = self.repos.get(repo_id) or self.create(repo_id, "tester")
         return self.commit(repo, "main", files, [], "test upload").oid
 
     def create(self, repo_id: str, owner: str, private: bool = False) -> Repo:
@@ -136,7 +124,7 @@ class LoopbackHub(HTTPServer):
             if files.pop(path, None) is None:
                 raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
         files.update(added)
-        oid = hashlib.sha1(f"{title}{head}{sorted(files)}{next(self._oids)}".encode()).hexdigest()
+        oid = secrets.token_hex(20)
         repo.commits[oid] = Commit(oid, head, title, files)
         repo.branches[branch] = oid
         return repo.commits[oid]
@@ -144,7 +132,7 @@ class LoopbackHub(HTTPServer):
     # ------------------------------------------------------------------ plumbing
     def dispatch(self, request: Request) -> Response:
         fault = self.active_fault
-        if fault is None or request.method not in fault.methods or (fault.match or "") not in request.path:
+        if fault is None or request.method not in fault.methods or fault.match not in request.path:
             return super().dispatch(request)
         if fault.status is not None:
             return _error(HubError(fault.status, "injected fault"), {"Retry-After": "0"})
@@ -226,7 +214,7 @@ class LoopbackHub(HTTPServer):
         if len(added) + len(deleted) + 1 != len(ops):
             raise HubError(400, f"Unsupported commit operations: {sorted({op['key'] for op in ops})}")
         commit = self.commit(repo, revision, added, deleted, header["summary"], header.get("parentCommit"))
-        return _json({"success": True, "commitOid": commit.oid, "commitUrl": f"{self.url}/{repo_id}/commit/{commit.oid}"})
+        return _json({"commitOid": commit.oid, "commitUrl": f"{self.url}/{repo_id}/commit/{commit.oid}"})
 
     def _branch(self, request: Request, repo_id: str, branch: str) -> Response:
         repo = self._repo(request, repo_id, write=True)
@@ -255,7 +243,5 @@ def _json(data, status: int = 200, headers: dict | None = None) -> Response:
 
 
 def _error(err: HubError, headers: dict | None = None) -> Response:
-    extra = {"X-Error-Message": str(err), **({"X-Error-Code": err.code} if err.code else {}), **(headers or {})}
-    if err.commit:
-        extra["X-Repo-Commit"] = err.commit
-    return _json({"error": str(err)}, err.status, extra)
+    named = {"X-Error-Message": str(err), "X-Error-Code": err.code, "X-Repo-Commit": err.commit, **(headers or {})}
+    return _json({"error": str(err)}, err.status, {k: v for k, v in named.items() if v is not None})

@@ -1,7 +1,7 @@
 """Plans on the Hub: push, load by repo id, revisions, offline cache, pipelines, errors.
 
-Everything runs the real huggingface_hub client over real HTTP against ``tests/hub_server.py``, a loopback test
-double of the Hub's HTTP API (nothing in the client is mocked). huggingface_hub reads ``HF_ENDPOINT``,
+Everything runs the real huggingface_hub client over real HTTP against ``tests/hub_server.py``, a test double of
+the Hub's HTTP API on pytest-httpserver, on 127.0.0.1 (nothing in the client is mocked). huggingface_hub reads ``HF_ENDPOINT``,
 ``HF_HOME``, ``HF_HUB_OFFLINE``... when it is imported, which conftest does before any fixture runs, so the
 ``hub`` fixtures patch ``huggingface_hub.constants`` (and the module-level ``HfApi`` behind diffusers'
 ``create_repo`` / ``upload_folder`` / ``model_info``) as well as setting the environment for subprocesses.
@@ -290,6 +290,7 @@ def test_plan_for_another_model_is_refused_at_load(hub, repo_id, unet_dir, pipel
         DiffusionPipeline.from_pretrained(pipeline_dir, quantization_config=pipeline_quantization_config(repo_id))
 
 
+@pytest.mark.slow  # a fresh Python process imports torch and diffusers
 def test_quantized_unet_push_to_hub_reloads_with_only_import(hub, repo_id, unet_dir, tmp_path):
     model = load_unet(unet_dir, plan=PLAN)
     model.save_pretrained(str(tmp_path / "q"), push_to_hub=True, repo_id=repo_id, token=TOKEN)
@@ -500,6 +501,36 @@ def test_readme_hub_commands_run_as_written(hub, tmp_path, monkeypatch):
     namespace = {"UNet2DConditionModel": UNet2DConditionModel, "DiffusionPipeline": DiffusionPipeline,
                  "MixDQConfig": MixDQConfig, "base": "diffusers_mixdq/demo/pipeline"}
     exec(snippet.replace("you/", "tester/"), namespace)
-    assert quantized_layers(namespace["unet"]) == quantized_layers(namespace["pipe"].unet)
+    local = UNet2DConditionModel.from_pretrained(namespace["base"], subfolder="unet",
+                                                 quantization_config=MixDQConfig(plan=args[1]))
+    expected = quantized_layers(local)  # the plan the README pushes, applied from the local directory
+    assert any(w != "none" for w, _ in expected.values())
+    assert quantized_layers(namespace["unet"]) == expected
+    assert quantized_layers(namespace["pipe"].unet) == expected
     assert namespace["pipe"].unet.config.quantization_config.plan.provenance["source"]["repo_id"] == \
         "tester/shapes-mixdq"
+
+
+def test_cache_checks_lfs_files_by_sha256_and_evicts_them(tmp_path, monkeypatch):
+    """LFS files are cached under their sha256 (the test Hub serves git blobs only): the same check applies."""
+    from huggingface_hub import constants
+
+    from diffusers_mixdq.hub.cache import commit_of, verify
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    data, commit = b"tensor bytes", "c" * 40
+    repo = tmp_path / "models--tester--lfs"
+    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+    entry = repo / "snapshots" / commit / "unet" / "plan.safetensors"
+    blob.parent.mkdir(parents=True)
+    entry.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    entry.symlink_to(Path("..", "..", "..", "blobs", blob.name))
+    assert commit_of(str(entry), "unet/plan.safetensors") == commit
+    verify(str(entry), "the sidecar")  # intact: no error, nothing removed
+    assert entry.exists() and blob.exists()
+
+    blob.write_bytes(b"tensor bytez")  # same length, other content
+    with pytest.raises(PlanSourceError, match="the sidecar is corrupted.*removed from the cache"):
+        verify(str(entry), "the sidecar")
+    assert not entry.is_symlink() and not blob.exists()
