@@ -139,6 +139,18 @@ def _usage(repo_id: str, plans: Mapping[str, BitPlan], bases: list[str]) -> list
     ]
 
 
+def _plans_table(plans: Mapping[str, BitPlan]) -> list[str]:
+    lines = ["| component | file | model class | kind |", "|---|---|---|---|"]
+    for folder, plan in plans.items():
+        files = f"`{plan_path(folder)}`"
+        if plan.tensors:
+            files += f" + `{folder + '/' if folder else ''}{SIDECAR_FILENAME}`"
+        kind = f"resolved, {len(plan.layers)} layers" if plan.is_resolved else "rule-based"
+        component = _component(folder, plan) or "(the pipeline's denoiser)"
+        lines.append(f"| {component} | {files} | {plan.target.get('class_name') or '-'} | {kind} |")
+    return lines
+
+
 def plan_card(plans: Mapping[str, BitPlan], repo_id: str):
     """The :class:`huggingface_hub.ModelCard` for a plan repository holding ``plans`` (``{folder: plan}``,
     ``""`` for the root)."""
@@ -159,14 +171,7 @@ def plan_card(plans: Mapping[str, BitPlan], repo_id: str):
         "Conv2d layer of the denoiser gets its own weight precision (int8, int4, int2, float8 or floating point) "
         "and activation precision. It is applied inside `from_pretrained`, storing weights as optimum-quanto tensors."
     )
-    lines += ["", "## Plans in this repository", "", "| component | file | model class | kind |", "|---|---|---|---|"]
-    for folder, plan in plans.items():
-        files = f"`{plan_path(folder)}`"
-        if plan.tensors:
-            files += f" + `{folder + '/' if folder else ''}{SIDECAR_FILENAME}`"
-        kind = f"resolved, {len(plan.layers)} layers" if plan.is_resolved else "rule-based"
-        component = _component(folder, plan) or "(the pipeline's denoiser)"
-        lines.append(f"| {component} | {files} | {plan.target.get('class_name') or '-'} | {kind} |")
+    lines += ["", "## Plans in this repository", ""] + _plans_table(plans)
     for folder, plan in plans.items():
         title = _component(folder, plan) or "plan"
         lines += ["", f"## {title}: summary", ""] + _summary_section(plan)

@@ -87,6 +87,17 @@ def collect_plans(source: Any, component: str | None = None) -> dict[str, BitPla
         return {component or "": BitPlan.load(path)}
     if not path.is_dir():
         raise PlanSourceError(f"No plan at '{source}': there is no such file or directory.")
+    plans = _plans_in_directory(path, component)
+    if component is not None and set(plans) != {component}:
+        raise PlanSourceError(
+            f"--component/component= moves a single root-level plan into a folder, but '{source}' already has "
+            f"component folders ({', '.join(sorted(k for k in plans if k != component))})."
+        )
+    return plans
+
+
+def _plans_in_directory(path: Path, component: str | None) -> dict[str, BitPlan]:
+    """The root plan of a plan directory (in folder ``component`` if given) and its component-folder plans."""
     plans: dict[str, BitPlan] = {}
     if (path / PLAN_FILENAME).is_file():
         plans[component or ""] = BitPlan.load(path)
@@ -99,12 +110,7 @@ def collect_plans(source: Any, component: str | None = None) -> dict[str, BitPla
         plans[name] = BitPlan.load(sub)
     if not plans:
         raise PlanSourceError(
-            f"'{source}' holds no {PLAN_FILENAME}, neither at its root nor in a component folder (unet/, "
+            f"'{path}' holds no {PLAN_FILENAME}, neither at its root nor in a component folder (unet/, "
             "transformer/, ...). Save a plan there with BitPlan.save(...) first."
-        )
-    if component is not None and set(plans) != {component}:
-        raise PlanSourceError(
-            f"--component/component= moves a single root-level plan into a folder, but '{source}' already has "
-            f"component folders ({', '.join(sorted(k for k in plans if k != component))})."
         )
     return plans
