@@ -55,12 +55,8 @@ class Repo:
             raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         return self.commits[oid]
 
-    def history(self, oid: str | None) -> list[Commit]:
-        out = []
-        while oid is not None:
-            out.append(self.commits[oid])
-            oid = self.commits[oid].parent
-        return out
+    def history(self, oid: str | None) -> list[Commit]:  # newest first
+        return [] if oid is None else [self.commits[oid], *self.history(self.commits[oid].parent)]
 
 
 @dataclass
@@ -92,7 +88,6 @@ class LoopbackHub(HTTPServer):
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    # ------------------------------------------------------------------ for tests
     @contextlib.contextmanager
     def fault(self, **kwargs):
         """``with hub.fault(status=500): ...`` or ``with hub.fault(corrupt=True, match="plan.json"): ...``."""
@@ -129,7 +124,6 @@ class LoopbackHub(HTTPServer):
         repo.branches[branch] = oid
         return repo.commits[oid]
 
-    # ------------------------------------------------------------------ plumbing
     def dispatch(self, request: Request) -> Response:
         fault = self.active_fault
         if fault is None or request.method not in fault.methods or fault.match not in request.path:
@@ -166,7 +160,6 @@ class LoopbackHub(HTTPServer):
             raise HubError(401 if repo and user is None else 404, "Repository not found", "RepoNotFound")
         return repo
 
-    # ------------------------------------------------------------------ endpoints
     def _create_repo(self, request: Request) -> Response:
         user, payload = self._user(request, required=True), request.get_json()
         repo_id = f"{payload.get('organization') or user}/{payload['name']}"
