@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -65,16 +66,10 @@ def download_plan(
     ``{"repo_id", "revision" (as requested), "commit" (the sha it resolved to), "subfolder"}``. Raises
     :class:`~diffusers_mixdq.errors.PlanSourceError`.
     """
-    from huggingface_hub.file_download import REGEX_COMMIT_HASH
-
     subfolder = normalize_subfolder(subfolder)
     filename = plan_path(subfolder)
-    path = _download(repo_id, filename, revision, token, lambda: missing_plan_message(repo_id, filename, revision,
-                                                                                      token))
-    pinned = revision if revision and REGEX_COMMIT_HASH.fullmatch(revision) else None
-    commit = commit_of(path, filename) or pinned
-    where = _where(repo_id, filename, revision, commit)
-    verify(path, where)
+    path, commit, where = _fetch(repo_id, filename, revision, token,
+                                 partial(missing_plan_message, repo_id, filename, revision, token))
     with _evicted_if_invalid(path, f"The plan file {where} is not a valid diffusers-mixdq plan: ",
                              "\nThe repository holds a broken plan; ask its owner to publish it again with `mixdq "
                              "push`, or pin an earlier good commit with revision=."):
@@ -94,12 +89,23 @@ def _sidecar(repo_id: str, name: str, revision: str | None, commit: str | None, 
         f"The plan {plan_file} names the tensor sidecar '{name.rsplit('/', 1)[-1]}', but the repository has no "
         f"'{name}'. Publish the plan again with `mixdq push` (it uploads plan.json and its sidecar together)."
     )
-    path = _download(repo_id, name, commit or revision, token, lambda: missing)
-    where = _where(repo_id, name, revision, commit)
-    verify(path, where)
+    path, _, where = _fetch(repo_id, name, revision, token, lambda: missing, at=commit)
     with _evicted_if_invalid(path, f"The tensor sidecar {where} of this plan is unreadable: ", "\nPublish the plan "
                              "again with `mixdq push`, or pin an earlier good commit with revision=."):
         return load_tensors(path)
+
+
+def _fetch(repo_id: str, filename: str, revision: str | None, token, missing: Callable[[], str], at=None):
+    """``(path, commit, where)`` of ``filename`` downloaded at ``at`` (default: ``revision``) and checked against
+    its checksum; ``where`` names it in messages."""
+    from huggingface_hub.file_download import REGEX_COMMIT_HASH
+
+    path = _download(repo_id, filename, at or revision, token, missing)
+    pinned = revision if revision and REGEX_COMMIT_HASH.fullmatch(revision) else None
+    commit = commit_of(path, filename) or at or pinned
+    where = _where(repo_id, filename, revision, commit)
+    verify(path, where)
+    return path, commit, where
 
 
 @contextmanager
