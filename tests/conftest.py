@@ -108,6 +108,10 @@ def write_tiny_clip_tokenizer(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over 10 s; deselect with -m 'not slow'")
+
+
 @pytest.fixture(scope="session")
 def unet_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("unet")

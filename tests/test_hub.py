@@ -1,7 +1,7 @@
 """Plans on the Hub: push, load by repo id, revisions, offline cache, pipelines, errors.
 
-Everything runs the real huggingface_hub client over real HTTP against ``tests/hub_server.py``, a loopback test
-double of the Hub's HTTP API (nothing in the client is mocked). huggingface_hub reads ``HF_ENDPOINT``,
+Everything runs the real huggingface_hub client over real HTTP against ``tests/hub_server.py``, a test double of
+the Hub's HTTP API on pytest-httpserver, on 127.0.0.1 (nothing in the client is mocked). huggingface_hub reads ``HF_ENDPOINT``,
 ``HF_HOME``, ``HF_HUB_OFFLINE``... when it is imported, which conftest does before any fixture runs, so the
 ``hub`` fixtures patch ``huggingface_hub.constants`` (and the module-level ``HfApi`` behind diffusers'
 ``create_repo`` / ``upload_folder`` / ``model_info``) as well as setting the environment for subprocesses.
@@ -55,7 +55,8 @@ def hub_session(tmp_path_factory):
     module)."""
     from huggingface_hub import constants, hf_api
 
-    server = LoopbackHub(tokens={TOKEN: "tester", "hf_other_user_token": "someone"}).start()
+    server = LoopbackHub(tokens={TOKEN: "tester", "hf_other_user_token": "someone"})
+    server.start()
     home = tmp_path_factory.mktemp("hf_home")
     mp = pytest.MonkeyPatch()
     for key, value in {
@@ -91,12 +92,11 @@ def hub_session(tmp_path_factory):
 
 @pytest.fixture
 def hub(hub_session):
-    """The session's hub; faults are cleared after each test and every request must have been understood."""
-    hub_session.clear_fault()
-    hub_session.unhandled.clear()
+    """The module's hub; every request of the test must have been understood (no unknown endpoint, no crash)."""
+    hub_session.clear_assertions()
+    hub_session.clear_handler_errors()
     yield hub_session
-    hub_session.clear_fault()
-    assert hub_session.unhandled == [], f"requests the loopback hub does not implement: {hub_session.unhandled}"
+    hub_session.check()
 
 
 @pytest.fixture
@@ -238,10 +238,10 @@ def test_offline_mode_uses_the_cache(hub, repo_id, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    before = len(hub.requests)
+    before = len(hub.log)
     offline = MixDQConfig(plan=repo_id, subfolder="unet").plan
     mapping = pipeline_quantization_config(repo_id).quant_mapping
-    assert len(hub.requests) == before, "offline mode made HTTP requests"
+    assert len(hub.log) == before, "offline mode made HTTP requests"
     assert offline == online and offline.provenance["source"]["commit"] == commit
     assert torch.equal(offline.tensors["test.marker"], torch.ones(3))
     assert set(mapping) == {"unet"} and mapping["unet"].plan == online
@@ -290,6 +290,7 @@ def test_plan_for_another_model_is_refused_at_load(hub, repo_id, unet_dir, pipel
         DiffusionPipeline.from_pretrained(pipeline_dir, quantization_config=pipeline_quantization_config(repo_id))
 
 
+@pytest.mark.slow  # a fresh Python process imports torch and diffusers
 def test_quantized_unet_push_to_hub_reloads_with_only_import(hub, repo_id, unet_dir, tmp_path):
     model = load_unet(unet_dir, plan=PLAN)
     model.save_pretrained(str(tmp_path / "q"), push_to_hub=True, repo_id=repo_id, token=TOKEN)
@@ -374,10 +375,10 @@ def test_push_refuses_invalid_plans_before_uploading(hub, repo_id, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "plan.json").write_text('{"format": "diffusers-mixdq-plan", "version": 1, '
                                                '"defaults": {"weights": "int3"}}')
-    before = len(hub.requests)
+    before = len(hub.log)
     with pytest.raises(MixDQError, match="unknown weight dtype 'int3'"):
         push_plan(tmp_path / "bad", repo_id)
-    assert len(hub.requests) == before
+    assert len(hub.log) == before
     with pytest.raises(PlanPushError, match="HTTP 401.*hf auth login"):
         push_plan(PLAN, repo_id, token="hf_not_a_real_token")
 
@@ -390,9 +391,9 @@ def test_repo_ids_and_local_paths(hub, tmp_path, monkeypatch):
     assert not mixdq_hub.looks_like_repo_id("plans/w8")  # an existing local directory
     assert not mixdq_hub.looks_like_repo_id("a/b/c") and not mixdq_hub.looks_like_repo_id("plans/plan.json")
     assert not mixdq_hub.looks_like_repo_id("user/re po")
-    before = len(hub.requests)
+    before = len(hub.log)
     assert MixDQConfig(plan="plans/w8").plan == PLAN  # an existing local path never goes to the Hub
-    assert len(hub.requests) == before
+    assert len(hub.log) == before
     with pytest.raises(PlanSourceError, match="not a local file or directory, and the Hub at http://127.0.0.1"):
         MixDQConfig(plan="tester/no-such-repo")
     with pytest.raises(PlanSourceError, match="No plan found at 'plans/missing.json'"):
@@ -500,6 +501,36 @@ def test_readme_hub_commands_run_as_written(hub, tmp_path, monkeypatch):
     namespace = {"UNet2DConditionModel": UNet2DConditionModel, "DiffusionPipeline": DiffusionPipeline,
                  "MixDQConfig": MixDQConfig, "base": "diffusers_mixdq/demo/pipeline"}
     exec(snippet.replace("you/", "tester/"), namespace)
-    assert quantized_layers(namespace["unet"]) == quantized_layers(namespace["pipe"].unet)
+    local = UNet2DConditionModel.from_pretrained(namespace["base"], subfolder="unet",
+                                                 quantization_config=MixDQConfig(plan=args[1]))
+    expected = quantized_layers(local)  # the plan the README pushes, applied from the local directory
+    assert any(w != "none" for w, _ in expected.values())
+    assert quantized_layers(namespace["unet"]) == expected
+    assert quantized_layers(namespace["pipe"].unet) == expected
     assert namespace["pipe"].unet.config.quantization_config.plan.provenance["source"]["repo_id"] == \
         "tester/shapes-mixdq"
+
+
+def test_cache_checks_lfs_files_by_sha256_and_evicts_them(tmp_path, monkeypatch):
+    """LFS files are cached under their sha256 (the test Hub serves git blobs only): the same check applies."""
+    from huggingface_hub import constants
+
+    from diffusers_mixdq.hub.cache import commit_of, verify
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    data, commit = b"tensor bytes", "c" * 40
+    repo = tmp_path / "models--tester--lfs"
+    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+    entry = repo / "snapshots" / commit / "unet" / "plan.safetensors"
+    blob.parent.mkdir(parents=True)
+    entry.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    entry.symlink_to(Path("..", "..", "..", "blobs", blob.name))
+    assert commit_of(str(entry), "unet/plan.safetensors") == commit
+    verify(str(entry), "the sidecar")  # intact: no error, nothing removed
+    assert entry.exists() and blob.exists()
+
+    blob.write_bytes(b"tensor bytez")  # same length, other content
+    with pytest.raises(PlanSourceError, match="the sidecar is corrupted.*removed from the cache"):
+        verify(str(entry), "the sidecar")
+    assert not entry.is_symlink() and not blob.exists()

@@ -10,12 +10,15 @@ subfolder=..., token=...)`` downloads the plan through ``huggingface_hub`` (cach
   commit;
 - :func:`plan_card`: the model card alone.
 
-The repository layout is documented in ``docs/hub.md``.
+The repository layout is documented in ``docs/hub.md``. Inside: ``layout`` (repo paths, collecting plans) ->
+``failures`` (Hub errors turned into ours) / ``cache`` (commit, checksum, eviction) -> ``download`` / ``pipeline``
+(reading) and ``card`` -> ``push`` (publishing).
 """
 
 from ..plan import register_source
 from .card import plan_card
-from .download import download_plan, hub_plan_source, list_plans, looks_like_repo_id
+from .download import download_plan, hub_plan_source, looks_like_repo_id
+from .failures import list_plans
 from .layout import collect_plans, component_for_class
 from .pipeline import pipeline_quantization_config, plan_components
 from .push import PlanPushError, push_plan

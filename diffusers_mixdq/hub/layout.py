@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import PlanSourceError
+from ..families import DENOISER_COMPONENTS
 from ..plan import PLAN_FILENAME, BitPlan
 
 #: the sidecar name BitPlan.save writes beside plan.json
@@ -49,14 +50,10 @@ def check_component(name: str) -> str:
 
 
 def component_for_class(class_name: str | None) -> str | None:
-    """The pipeline component a denoiser class usually is: ``unet`` for UNets, ``transformer`` for DiTs."""
-    if not class_name:
-        return None
-    if "UNet" in class_name:
-        return "unet"
-    if "Transformer" in class_name:
-        return "transformer"
-    return None
+    """The pipeline component a denoiser class usually is, by name: the first of
+    :data:`~diffusers_mixdq.families.DENOISER_COMPONENTS` in it (``UNet...`` -> ``unet``, ``...Transformer...`` ->
+    ``transformer``)."""
+    return next((c for c in DENOISER_COMPONENTS if c in (class_name or "").lower()), None)
 
 
 def is_plan_file(path_in_repo: str) -> bool:
@@ -90,6 +87,17 @@ def collect_plans(source: Any, component: str | None = None) -> dict[str, BitPla
         return {component or "": BitPlan.load(path)}
     if not path.is_dir():
         raise PlanSourceError(f"No plan at '{source}': there is no such file or directory.")
+    plans = _plans_in_directory(path, component)
+    if component is not None and set(plans) != {component}:
+        raise PlanSourceError(
+            f"--component/component= moves a single root-level plan into a folder, but '{source}' already has "
+            f"component folders ({', '.join(sorted(k for k in plans if k != component))})."
+        )
+    return plans
+
+
+def _plans_in_directory(path: Path, component: str | None) -> dict[str, BitPlan]:
+    """The root plan of a plan directory (in folder ``component`` if given) and its component-folder plans."""
     plans: dict[str, BitPlan] = {}
     if (path / PLAN_FILENAME).is_file():
         plans[component or ""] = BitPlan.load(path)
@@ -102,12 +110,7 @@ def collect_plans(source: Any, component: str | None = None) -> dict[str, BitPla
         plans[name] = BitPlan.load(sub)
     if not plans:
         raise PlanSourceError(
-            f"'{source}' holds no {PLAN_FILENAME}, neither at its root nor in a component folder (unet/, "
+            f"'{path}' holds no {PLAN_FILENAME}, neither at its root nor in a component folder (unet/, "
             "transformer/, ...). Save a plan there with BitPlan.save(...) first."
-        )
-    if component is not None and set(plans) != {component}:
-        raise PlanSourceError(
-            f"--component/component= moves a single root-level plan into a folder, but '{source}' already has "
-            f"component folders ({', '.join(sorted(k for k in plans if k != component))})."
         )
     return plans

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..errors import PlanSourceError
 from ..plan import PLAN_FILENAME
-from .download import _HEX40, hub_lookup_errors, missing_plan_message, network_errors
+from .cache import snapshot_commit
+from .failures import READ_HINTS, hub_lookup_errors, missing_plan_message, transfer_errors
 from .layout import check_component, component_for_class
 
 
@@ -25,49 +25,44 @@ def plan_components(
     (``UNet...`` -> ``unet``, ``...Transformer...`` -> ``transformer``); its subfolder is ``None``. The plan files are
     fetched with ``snapshot_download`` (cached; works offline from the cache).
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
-
-    rev = revision or "main"
-    try:
-        with hub_lookup_errors(repo_id, "the plans", revision):
-            folder = snapshot_download(
-                repo_id, revision=revision, token=token, allow_patterns=[PLAN_FILENAME, f"*/{PLAN_FILENAME}"]
-            )
-    except HfHubHTTPError as e:
-        code = getattr(getattr(e, "response", None), "status_code", None)
-        raise PlanSourceError(
-            f"The Hub answered HTTP {code} while listing the plans of '{repo_id}' (revision '{rev}'). Try again "
-            "later."
-        ) from None
-    except network_errors() as e:
-        raise PlanSourceError(
-            f"Listing the plans of Hub repo '{repo_id}' failed ({type(e).__name__}: {e}). Try again."
-        ) from None
-    commit = Path(folder).name
-    if not _HEX40.fullmatch(commit):
+    folder = Path(_plan_snapshot(repo_id, revision, token))
+    commit = snapshot_commit(folder)
+    if commit is None:
         raise PlanSourceError(f"Unexpected Hugging Face cache layout for '{repo_id}': {folder}.")
     found: dict[str, str | None] = {}
-    root = Path(folder) / PLAN_FILENAME
-    if root.is_file():
-        name = root_component or _root_class_component(root)
-        if name is None:
+    if (folder / PLAN_FILENAME).is_file():
+        found[_root_component(repo_id, folder / PLAN_FILENAME, root_component)] = None
+    for sub in sorted(p for p in folder.glob(f"*/{PLAN_FILENAME}") if p.is_file()):
+        name = sub.parent.name
+        if name in found:
             raise PlanSourceError(
-                f"Hub repo '{repo_id}' has a root-level {PLAN_FILENAME} without target.class_name, so it is not "
-                "known which pipeline component it is for. Pass root_component='unet' (or 'transformer', ...)."
+                f"Hub repo '{repo_id}' has both a root-level plan for '{name}' and a '{name}/' plan; keep one of them."
             )
-        found[check_component(name)] = None
-    if os.path.isdir(folder):
-        for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir() and (p / PLAN_FILENAME).is_file()):
-            if sub.name in found:
-                raise PlanSourceError(
-                    f"Hub repo '{repo_id}' has both a root-level plan for '{sub.name}' and a '{sub.name}/' plan; "
-                    "keep one of them."
-                )
-            found[sub.name] = sub.name
+        found[name] = name
     if not found:
         raise PlanSourceError(missing_plan_message(repo_id, PLAN_FILENAME, revision, token))
     return commit, found
+
+
+def _plan_snapshot(repo_id: str, revision: str | None, token: str | bool | None) -> str:
+    """The cache snapshot folder holding the repo's plan files (root and one folder deep) at ``revision``."""
+    from huggingface_hub import snapshot_download
+
+    doing = f"listing the plans of Hub repo '{repo_id}' (revision '{revision or 'main'}')"
+    with transfer_errors(doing, READ_HINTS), hub_lookup_errors(repo_id, "the plans", revision):
+        return snapshot_download(
+            repo_id, revision=revision, token=token, allow_patterns=[PLAN_FILENAME, f"*/{PLAN_FILENAME}"]
+        )
+
+
+def _root_component(repo_id: str, path: Path, root_component: str | None) -> str:
+    name = root_component or _root_class_component(path)
+    if name is None:
+        raise PlanSourceError(
+            f"Hub repo '{repo_id}' has a root-level {PLAN_FILENAME} without target.class_name, so it is not "
+            "known which pipeline component it is for. Pass root_component='unet' (or 'transformer', ...)."
+        )
+    return check_component(name)
 
 
 def _root_class_component(path: Path) -> str | None:

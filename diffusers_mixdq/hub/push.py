@@ -6,11 +6,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import MixDQError, PlanPushError
+from ..errors import PlanPushError
 from ..plan import BitPlan
 from .card import plan_card
-from .download import network_errors
+from .failures import transfer_errors
 from .layout import CARD_FILENAME, collect_plans, is_plan_file
+
+#: what to do after an HTTP error answer while publishing, by status code
+WRITE_HINTS = {
+    401: "Log in with `hf auth login` or pass token= (a token with write access).",
+    403: "Your token cannot write to this namespace or repository: use a write token or another repo id.",
+    None: "Try again later.",
+}
 
 
 def repo_files(plans: dict[str, BitPlan], repo_id: str) -> dict[str, bytes]:
@@ -55,48 +62,29 @@ def push_plan(
     card. Returns huggingface_hub's ``CommitInfo`` (``.oid`` is the commit sha, ``.commit_url`` its page). Raises
     :class:`PlanPushError` when the Hub refuses or cannot be reached, ``MixDQError`` for invalid plans.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import HfApi
 
-    plans = collect_plans(plan, component)
-    files = repo_files(plans, repo_id)
+    files = repo_files(collect_plans(plan, component), repo_id)
     api = HfApi(token=token)
     branch = revision or "main"
-    try:
+    doing = f"publishing the plan to Hub repo '{repo_id}' (branch '{branch}')"
+    with transfer_errors(doing, WRITE_HINTS, error=PlanPushError):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
-        existing = api.list_repo_files(repo_id, revision=branch)
-        stale = sorted(p for p in existing if is_plan_file(p) and p not in files)
-        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=data) for p, data in files.items()]
-        operations += [CommitOperationDelete(path_in_repo=p) for p in stale]
         return api.create_commit(
             repo_id,
-            operations=operations,
+            operations=_operations(api, repo_id, branch, files),
             commit_message=commit_message or "Upload MixDQ plan",
             revision=branch,
         )
-    except HfHubHTTPError as e:
-        code = getattr(getattr(e, "response", None), "status_code", None)
-        hint = {
-            401: "Log in with `hf auth login` or pass token= (a token with write access).",
-            403: "Your token cannot write to this namespace or repository: use a write token or another repo id.",
-        }.get(code, "Try again later.")
-        raise PlanPushError(
-            f"Publishing the plan to Hub repo '{repo_id}' (branch '{branch}') failed: HTTP {code}: "
-            f"{_first_line(e)}. {hint}"
-        ) from None
-    except network_errors() as e:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            raise PlanPushError("HF_HUB_OFFLINE is set: unset it to publish plans to the Hub.") from None
-        raise PlanPushError(
-            f"Publishing the plan to Hub repo '{repo_id}' failed: the Hub at {constants.ENDPOINT} could not be "
-            f"reached ({type(e).__name__}: {_first_line(e)}). Check the connection and try again."
-        ) from None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _operations(api, repo_id: str, branch: str, files: dict[str, bytes]) -> list:
+    """Add ``files``; delete the plan files of the layout on ``branch`` that they do not replace."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    stale = sorted(p for p in api.list_repo_files(repo_id, revision=branch) if is_plan_file(p) and p not in files)
+    return [CommitOperationAdd(path_in_repo=p, path_or_fileobj=data) for p, data in files.items()] + [
+        CommitOperationDelete(path_in_repo=p) for p in stale
+    ]
