@@ -1,16 +1,15 @@
 """diffusers-mixdq: mixed-precision post-training quantization of diffusion models, as a diffusers backend.
 
 ``import diffusers_mixdq`` registers the ``mixdq`` quantization method with diffusers. Data flow of the package:
-``plan`` (what each layer gets) -> ``apply`` (how, on optimum-quanto) -> ``build`` (calibrate, sense, allocate)
--> ``hub`` (share).
+``plan`` (what each layer gets) -> ``apply`` (how: a weight backend, optimum-quanto by default) -> ``builder``
+(calibrate, measure, allocate, write) -> ``hub`` (share) -> ``cli``. See docs/architecture.md.
 """
 
 from ._registration import register as _register
+from ._version import __version__
 from .config import MixDQConfig
 from .errors import MixDQError, PlanFormatError, PlanMismatchError, PlanPushError, PlanSourceError
 from .plan import BitPlan, LayerSpec, PlanSummary
-
-__version__ = "0.1.0"
 
 _register()
 
