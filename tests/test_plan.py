@@ -9,8 +9,14 @@ from accelerate import init_empty_weights
 from conftest import TINY_UNET, make_pixart
 
 from diffusers_mixdq import BitPlan, MixDQError, PlanFormatError, PlanMismatchError, PlanSourceError
-from diffusers_mixdq.plan import LayerInfo, fingerprint, layer_table, resolve_plan_source, schema
-from diffusers_mixdq.plan.format import storage_bits_per_weight
+from diffusers_mixdq.plan import (
+    LayerInfo,
+    fingerprint,
+    layer_table,
+    resolve_plan_source,
+    schema,
+    storage_bits_per_weight,
+)
 
 
 @pytest.fixture(scope="module")

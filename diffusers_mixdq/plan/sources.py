@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import PlanSourceError
-from .format import BitPlan
+from .bitplan import BitPlan
 
 #: resolvers tried in order for string sources that are not local paths: (source, options) -> BitPlan | None
 _RESOLVERS: list[Callable[[str, Mapping[str, Any]], BitPlan | None]] = []
