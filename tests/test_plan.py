@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from accelerate import init_empty_weights
 from conftest import TINY_UNET, make_pixart
 
-from diffusers_mixdq import BitPlan, MixDQError, PlanFormatError, PlanMismatchError, PlanSourceError
-from diffusers_mixdq.plan import LayerInfo, fingerprint, layer_table, resolve_plan_source, schema
-from diffusers_mixdq.plan.format import storage_bits_per_weight
+from diffusers_mixdq import BitPlan, MixDQError, PlanFormatError, PlanMismatchError, PlanSourceError, families
+from diffusers_mixdq.plan import (
+    ACTIVATION_DTYPES,
+    BOS_DEFAULT_PATTERNS,
+    WEIGHT_DTYPES,
+    LayerInfo,
+    fingerprint,
+    layer_table,
+    resolve_plan_source,
+    schema,
+    storage_bits_per_weight,
+)
+from diffusers_mixdq.plan import resolve, validation
+from diffusers_mixdq.plan.summary import format_bytes
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +166,9 @@ def test_rule_matching_nothing(meta_unet):
     plan = BitPlan(defaults={"weights": "int8"}, rules=[{"targets": ["*.attn3.*"], "weights": "int4"}])
     with pytest.raises(PlanMismatchError, match=r"match no layer[\s\S]*attn3"):
         plan.resolve(meta_unet)
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match=r"match no layer[\s\S]*attn3") as caught:
         plan.resolve(meta_unet, strict=False)
+    assert caught[0].filename == __file__  # the warning points at the caller of resolve()
 
 
 def test_static_activations_need_a_range(meta_unet):
@@ -222,3 +235,103 @@ def test_tensor_sidecar_round_trip(tmp_path):
     (path.parent / "plan.safetensors").unlink()
     with pytest.raises(PlanFormatError, match="no such file beside it"):
         BitPlan.load(path.parent)
+
+
+def test_schema_spells_the_dtype_vocabulary():
+    s = schema()
+    assert s["$defs"]["weight_dtype"]["enum"] == list(WEIGHT_DTYPES)
+    assert s["$defs"]["activation_dtype"]["enum"] == list(ACTIVATION_DTYPES)
+
+
+def test_a_plan_must_be_an_object():
+    with pytest.raises(PlanFormatError, match="A plan must be a JSON object, got list"):
+        BitPlan.from_json("[1, 2]")
+
+
+@pytest.mark.parametrize("how", ["file", "dict", "text", "bitplan", "constructor"])
+def test_schema_is_validated_once_per_load(tmp_path, monkeypatch, how):
+    plan = BitPlan(defaults={"weights": "int8"}, rules=[{"targets": ["conv_*"], "weights": "int4"}])
+    path = plan.save(tmp_path / "p.json")
+    calls = []
+    real = validation.validate_plan_data
+    monkeypatch.setattr(validation, "validate_plan_data", lambda data: calls.append(data) or real(data))
+    sources = {"file": path, "dict": plan.to_dict(), "text": plan.to_json(), "bitplan": plan}
+    loaded = BitPlan(defaults={"weights": "int8"}) if how == "constructor" else BitPlan.load(sources[how])
+    assert len(calls) == 1
+    assert loaded.defaults == {"weights": "int8"}
+
+
+def test_bad_files_are_still_refused_after_one_validation(tmp_path):
+    bad = {"format": "diffusers-mixdq-plan", "version": 1, "defaults": {"weights": "int8"}, "extra": 1}
+    (tmp_path / "plan.json").write_text(json.dumps(bad))
+    with pytest.raises(PlanFormatError, match=r"\(top level\): Additional properties are not allowed \('extra'"):
+        BitPlan.load(tmp_path)
+    manifest = {"format": "diffusers-mixdq-plan", "version": 1, "target": {"layers": {"x": ["Linear", [4, 4], 1]}}}
+    with pytest.raises(PlanFormatError, match="target.layers"):
+        BitPlan.load(manifest)
+
+
+def test_each_pattern_is_matched_once_per_layer(meta_unet, monkeypatch):
+    """Patterns shared by rules and the ignore list are matched once per layer: linear in layers x patterns."""
+    calls = []
+    monkeypatch.setattr(resolve, "matches", lambda p, n: calls.append((p, n)) or families.matches(p, n))
+    patterns = ["*attn2.to_k", "re:.*\\.ff\\..*", "conv_in"]
+    plan = BitPlan(
+        defaults={"weights": "int8"},
+        rules=[{"targets": patterns[:2], "weights": "int4"}, {"targets": patterns[1:2], "weights": "int2"}],
+        ignore=patterns[2:] + patterns[:1],
+    )
+    specs = plan.resolve(meta_unet).layer_specs()
+    assert sorted(calls) == sorted((p, n) for p in patterns for n in specs)
+    assert specs["conv_in"].weights == "none"
+    assert {s.weights for n, s in specs.items() if ".ff." in n} == {"int2"}
+
+
+def test_bos_defaults_come_from_the_model_family(meta_unet, monkeypatch):
+    generic = ("*attn2.to_k", "*attn2.to_v", "*.add_k_proj", "*.add_v_proj")
+    assert BOS_DEFAULT_PATTERNS == families.GENERIC.text_kv == generic
+    plan = BitPlan(target={"bos": {"sha256": "0" * 64, "dim": 32}}, defaults={"weights": "int8"})
+    bos = {n for n, s in plan.resolve(meta_unet).layer_specs().items() if s.flags.get("bos_aware")}
+    assert bos and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in bos)
+    only_v = families.ModelFamily("test", text_kv=("*attn2.to_v",))
+    monkeypatch.setattr(resolve, "family_of", lambda name: only_v if name == "UNet2DConditionModel" else None)
+    flagged = {n for n, s in plan.resolve(meta_unet).layer_specs().items() if s.flags.get("bos_aware")}
+    assert flagged == {n for n in bos if n.endswith("attn2.to_v")}
+
+
+def test_calibrated_ranges_fill_static_activations(meta_unet):
+    plan = BitPlan(defaults={"weights": "int8", "activations": "int8"}, layers={"conv_in": {"act_range": 9.0}})
+    names = list(layer_table(meta_unet))
+    specs = plan.resolve(meta_unet, act_ranges={n: 2 for n in names}).layer_specs()
+    assert specs["conv_in"].act_range == 9.0  # the plan's own range wins
+    assert specs[names[1]].act_range == 2.0 and isinstance(specs[names[1]].act_range, float)
+    with pytest.raises(PlanFormatError, match=f"have none:\n  - {re.escape(names[-1])}\n"):
+        plan.resolve(meta_unet, act_ranges={n: 2 for n in names[:-1]})
+
+
+def test_summary_activation_average_is_weighted_by_input_features(meta_unet):
+    table = layer_table(meta_unet)
+    a, b = "conv_in", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    plan = BitPlan(
+        defaults={"weights": "int8"},
+        layers={a: {"activations": "int8", "act_range": 1.0}, b: {"activations": "int4", "act_range": "dynamic"}},
+    )
+    s = plan.resolve(meta_unet).summary()
+    expected = (8 * table[a].in_features + 4 * table[b].in_features) / (table[a].in_features + table[b].in_features)
+    assert table[a].in_features != table[b].in_features
+    assert s.avg_activation_bits_by_inputs == pytest.approx(expected)
+    assert s.avg_activation_bits == s.avg_activation_bits_by_inputs  # the former name still reads
+    d = s.to_dict()
+    assert d["avg_activation_bits_by_inputs"] == d["avg_activation_bits"] == pytest.approx(expected)
+    assert "average activation bits (input-feature-weighted)" in str(s)
+
+
+def test_sizes_are_bytes_shown_in_binary_units(meta_unet):
+    s = BitPlan.uniform("int8").resolve(meta_unet).summary()
+    assert isinstance(s.size_bytes, float) and s.fp16_bytes == 2 * s.params
+    rows = dict(s.rows())
+    assert rows["FP16 size"].startswith(f"{s.fp16_bytes / 2**20:.2f} MiB (")
+    assert rows["estimated size"] == f"{s.size_bytes / 2**10:.2f} KiB"
+    assert [format_bytes(n) for n in (512, 1536, 3 * 2**20, 5 * 2**30, 2**40)] == [
+        "512 B", "1.50 KiB", "3.00 MiB", "5.00 GiB", "1024.00 GiB"
+    ]

@@ -1,9 +1,18 @@
 """The plan: *what* precision each layer gets (data only; no quantization code here).
 
+Modules, in data-flow order: ``spec`` (vocabulary: dtypes, constants, :class:`LayerSpec`), ``layers`` (what a model
+offers: :class:`LayerInfo`, fingerprints), ``validation`` (the JSON Schema and the one validation), ``files``
+(``plan.json`` and its safetensors sidecar), ``resolve`` (rules against a model), ``summary`` (:class:`PlanSummary`),
+``bitplan`` (:class:`BitPlan`, which ties them together) and ``sources`` (where plans come from).
+
 Other parts of the package import plan names from here, never from the modules inside, so the modules can move.
 """
 
-from .format import (
+from .bitplan import BitPlan
+from .files import load_tensors, save_tensors
+from .layers import LayerInfo, fingerprint, layer_table
+from .sources import register_source, resolve_plan_source
+from .spec import (
     ACTIVATION_DTYPES,
     BOS_DEFAULT_PATTERNS,
     BOS_MATCH_TOLERANCE,
@@ -13,15 +22,10 @@ from .format import (
     FORMAT_VERSION,
     PLAN_FILENAME,
     WEIGHT_DTYPES,
-    BitPlan,
     LayerSpec,
-    PlanSummary,
-    schema,
-    storage_bits_per_weight,
 )
-from .layers import LayerInfo, fingerprint, layer_table
-from .sources import register_source, resolve_plan_source
-from .tensors import load_tensors, save_tensors
+from .summary import PlanSummary, storage_bits_per_weight
+from .validation import schema
 
 __all__ = [
     "ACTIVATION_DTYPES",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import PlanSourceError
-from .format import BitPlan
+from .bitplan import BitPlan
 
 #: resolvers tried in order for string sources that are not local paths: (source, options) -> BitPlan | None
 _RESOLVERS: list[Callable[[str, Mapping[str, Any]], BitPlan | None]] = []
@@ -35,22 +35,26 @@ def resolve_plan_source(source: Any, **options: Any) -> BitPlan:
     if isinstance(source, (BitPlan, Mapping)):
         return BitPlan.load(source)
     if isinstance(source, (str, os.PathLike)):
-        text = os.fspath(source)
-        if text.lstrip().startswith("{"):
-            return BitPlan.load(text)
-        subfolder = options.get("subfolder")
-        path = Path(text) / subfolder if subfolder else Path(text)
-        if path.exists():
-            return BitPlan.load(path)
-        for resolver in _RESOLVERS:
-            plan = resolver(text, options)
-            if plan is not None:
-                return plan
-        raise PlanSourceError(
-            f"No plan found at '{text}': there is no such local file or directory"
-            + (" and no other plan source recognised it." if _RESOLVERS else ".")
-            + " Pass a path to a plan .json file, a directory containing plan.json, a dict or a BitPlan."
-        )
+        return _from_text(os.fspath(source), options)
     raise PlanSourceError(
         f"plan= must be a BitPlan, a dict, a path or a string, got {type(source).__name__}."
+    )
+
+
+def _from_text(text: str, options: Mapping[str, Any]) -> BitPlan:
+    """JSON text, a local path (under ``options["subfolder"]``), or whatever a registered resolver recognises."""
+    if text.lstrip().startswith("{"):
+        return BitPlan.load(text)
+    subfolder = options.get("subfolder")
+    path = Path(text) / subfolder if subfolder else Path(text)
+    if path.exists():
+        return BitPlan.load(path)
+    for resolver in _RESOLVERS:
+        plan = resolver(text, options)
+        if plan is not None:
+            return plan
+    raise PlanSourceError(
+        f"No plan found at '{text}': there is no such local file or directory"
+        + (" and no other plan source recognised it." if _RESOLVERS else ".")
+        + " Pass a path to a plan .json file, a directory containing plan.json, a dict or a BitPlan."
     )

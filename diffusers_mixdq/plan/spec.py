@@ -1,0 +1,81 @@
+"""The plan's vocabulary: format constants, weight / activation dtypes, BOS constants and :class:`LayerSpec`.
+
+A plan says, for each Linear / Conv2d layer of a diffusers denoiser, how its weights are stored (int8, int4, int2,
+float8 or kept in floating point) and how its input activations are quantized (int8, int4, float8 or not at all, with
+a static absolute-max range or a dynamic one). This module holds the words of that sentence; the JSON Schema
+(``plan-v1.schema.json``) spells the same vocabulary for files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..families import GENERIC
+
+FORMAT_NAME = "diffusers-mixdq-plan"
+FORMAT_VERSION = 1
+PLAN_FILENAME = "plan.json"
+
+#: weight dtype -> bits per stored element (``None``: kept in the model's floating-point dtype)
+WEIGHT_DTYPES: dict[str, int | None] = {"int8": 8, "int4": 4, "int2": 2, "float8": 8, "none": None}
+#: activation dtype -> bits (``None``: not quantized)
+ACTIVATION_DTYPES: dict[str, int | None] = {"int8": 8, "int4": 4, "float8": 8, "none": None}
+DYNAMIC = "dynamic"
+#: the keys of a layer spec (a rule also has ``targets`` and ``note``)
+SPEC_KEYS = ("weights", "activations", "act_range", "flags")
+#: the spec of a layer kept in floating point
+NOT_QUANTIZED: Mapping[str, str] = {"weights": "none", "activations": "none"}
+
+#: sidecar key of the text encoder's BOS hidden state (see diffusers_mixdq.bos)
+BOS_STATE_KEY = "bos.hidden_state"
+#: layers that read the text encoder's hidden states in the generic model family; BOS-aware by default when the
+#: plan carries a BOS state. Resolution asks the model's own family (``family_of(model).text_kv``).
+BOS_DEFAULT_PATTERNS: tuple[str, ...] = GENERIC.text_kv
+#: a token-0 input counts as the recorded BOS state when ||x0 - h|| <= BOS_MATCH_TOLERANCE * ||h||
+BOS_MATCH_TOLERANCE = 2e-2
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The resolved precision of one layer."""
+
+    weights: str = "none"
+    activations: str = "none"
+    act_range: float | str | None = None
+    flags: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> LayerSpec:
+        """A spec from a plan entry (missing keys: not quantized; ``act_range`` only with quantized inputs)."""
+        activations = raw.get("activations", "none")
+        return cls(
+            weights=raw.get("weights", "none"),
+            activations=activations,
+            act_range=raw.get("act_range") if activations != "none" else None,
+            flags=dict(raw.get("flags") or {}),
+        )
+
+    @property
+    def weight_bits(self) -> int | None:
+        return WEIGHT_DTYPES[self.weights]
+
+    @property
+    def activation_bits(self) -> int | None:
+        return ACTIVATION_DTYPES[self.activations]
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weights != "none" or self.activations != "none"
+
+    @property
+    def dynamic(self) -> bool:
+        return self.act_range == DYNAMIC
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"weights": self.weights, "activations": self.activations}
+        if self.activations != "none":
+            out["act_range"] = self.act_range
+        if self.flags:
+            out["flags"] = dict(self.flags)
+        return out

@@ -1,0 +1,147 @@
+"""What a resolved plan amounts to: layers per dtype, average bits and estimated sizes (:class:`PlanSummary`).
+
+Units: sizes are byte counts in fields (``*_bytes``) and are displayed in binary units labelled as such (KiB, MiB,
+GiB: powers of 1024). Stored sizes come from the default weight backend, which alone knows its storage layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Mapping
+
+from torch import nn
+
+from ..registry import DEFAULT_WEIGHT_BACKEND, WEIGHT_BACKENDS
+from .layers import LayerInfo
+from .spec import WEIGHT_DTYPES, LayerSpec
+
+#: bits of a weight kept in floating point, and of quantization scales, in the size estimates
+FLOAT_BITS = 16
+BINARY_UNITS = ("B", "KiB", "MiB", "GiB")
+
+
+def storage_bits_per_weight(dtype: str, info: LayerInfo, float_bits: int = FLOAT_BITS) -> float:
+    """Estimated stored bits per weight element, quantization metadata included, as the default weight backend
+    lays the weight out (``none``: the floating-point dtype itself)."""
+    backend = WEIGHT_BACKENDS.get(DEFAULT_WEIGHT_BACKEND)
+    return backend.storage_bits(dtype, WEIGHT_DTYPES[dtype], info.in_features, float_bits)
+
+
+def format_bytes(n: float) -> str:
+    """A byte count in binary units, labelled as such (``"1.50 MiB"``)."""
+    for unit in BINARY_UNITS[:-1]:
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} {BINARY_UNITS[-1]}"
+
+
+@dataclass
+class PlanSummary:
+    """Counts and size estimates for a resolved plan (see :meth:`BitPlan.summary`).
+
+    ``avg_activation_bits_by_inputs`` averages the activation bits of the layers whose inputs are quantized,
+    weighted by each layer's input features (``in_features``; ``in/groups * kh * kw`` for Conv2d), not by the
+    number of activation elements at run time (which depends on the resolution; the builder reports that one).
+    ``size_bytes``, ``fp16_bytes`` and ``fp32_bytes`` are byte counts.
+    """
+
+    num_layers: int
+    weight_layers: dict[str, int]
+    activation_layers: dict[str, int]
+    params: int
+    avg_weight_bits: float
+    avg_activation_bits_by_inputs: float | None
+    size_bytes: float
+    fp16_bytes: float
+    fp32_bytes: float
+    other_params: int = 0
+
+    @property
+    def avg_activation_bits(self) -> float | None:
+        """Former name of :attr:`avg_activation_bits_by_inputs` (kept for existing callers)."""
+        return self.avg_activation_bits_by_inputs
+
+    @property
+    def ratio_vs_fp16(self) -> float:
+        return self.fp16_bytes / self.size_bytes if self.size_bytes else math.inf
+
+    @property
+    def ratio_vs_fp32(self) -> float:
+        return self.fp32_bytes / self.size_bytes if self.size_bytes else math.inf
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["avg_activation_bits"] = self.avg_activation_bits  # the former key, for readers of `mixdq inspect --json`
+        d["ratio_vs_fp16"] = self.ratio_vs_fp16
+        d["ratio_vs_fp32"] = self.ratio_vs_fp32
+        return d
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) pairs, in display order."""
+        act = self.avg_activation_bits_by_inputs
+        rows = [
+            ("quantizable layers", str(self.num_layers)),
+            ("layers by weight dtype", _counts(self.weight_layers)),
+            ("layers by activation dtype", _counts(self.activation_layers)),
+            ("parameters in these layers", f"{self.params:,}"),
+            ("average weight bits (parameter-weighted)", f"{self.avg_weight_bits:.2f}"),
+            ("average activation bits (input-feature-weighted)", "-" if act is None else f"{act:.2f}"),
+        ]
+        if self.other_params:
+            rows.append(("other parameters (kept in FP16)", f"{self.other_params:,}"))
+        rows += [
+            ("estimated size", format_bytes(self.size_bytes)),
+            ("FP16 size", f"{format_bytes(self.fp16_bytes)} ({self.ratio_vs_fp16:.2f}x smaller)"),
+            ("FP32 size", f"{format_bytes(self.fp32_bytes)} ({self.ratio_vs_fp32:.2f}x smaller)"),
+        ]
+        return rows
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _counts(c: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "-"
+
+
+def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo], other_params: int = 0) -> PlanSummary:
+    """The summary of a resolved per-layer table; ``other_params`` (parameters outside these layers) are counted
+    at 16 bits in ``size_bytes`` and in the FP16 / FP32 sizes."""
+    params = sum(manifest[n].numel for n in specs)
+    weight_bits = 0.0
+    size_bits = 0.0
+    act_inputs: Counter = Counter()
+    for name, spec in specs.items():
+        info = manifest[name]
+        weight_bits += (spec.weight_bits or FLOAT_BITS) * info.numel
+        size_bits += storage_bits_per_weight(spec.weights, info) * info.numel
+        if spec.activation_bits:
+            act_inputs[spec.activation_bits] += info.in_features
+    act_total = sum(act_inputs.values())
+    return PlanSummary(
+        num_layers=len(specs),
+        weight_layers=dict(Counter(s.weights for s in specs.values())),
+        activation_layers=dict(Counter(s.activations for s in specs.values())),
+        params=params,
+        avg_weight_bits=weight_bits / params if params else 0.0,
+        avg_activation_bits_by_inputs=sum(b * n for b, n in act_inputs.items()) / act_total if act_total else None,
+        size_bytes=(size_bits + FLOAT_BITS * other_params) / 8,
+        fp16_bytes=2 * (params + other_params),
+        fp32_bytes=4 * (params + other_params),
+        other_params=other_params,
+    )
+
+
+def params_outside(model: nn.Module, quantizable: set[str]) -> int:
+    """Parameters of ``model`` other than the weights of the ``quantizable`` layers (biases included)."""
+    other = 0
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not (mname in quantizable and pname == "weight"):
+                other += p.numel()
+    return other
