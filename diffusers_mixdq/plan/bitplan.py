@@ -99,6 +99,25 @@ class BitPlan:
         plan.tensors = files.read_sidecar(path, data)
         return plan
 
+    @classmethod
+    def from_mixdq(cls, weights, activations=None, act_range: float | str = "dynamic", prefix: str = "model.") -> BitPlan:
+        """A plan from the MixDQ authors' published ``{layer: bits}`` YAML maps (each a path, an http(s) URL or a
+        dict); layers in neither map stay in floating point. See docs/plan-format.md, "MixDQ's published maps"."""
+        from .mixdq_maps import plan_dict_from_mixdq
+
+        return cls.from_dict(plan_dict_from_mixdq(weights, activations, act_range=act_range, prefix=prefix))
+
+    def to_mixdq(self, model=None, weights=None, activations=None, prefix: str = "model.") -> tuple[dict, dict]:
+        """This plan as MixDQ's ``(weight map, activation map)``, also written as YAML files when ``weights`` /
+        ``activations`` paths are given. A plan with rules needs ``model`` to resolve against."""
+        from .mixdq_maps import plan_to_mixdq, write_map
+
+        maps = plan_to_mixdq(self, model=model, prefix=prefix)
+        for data, path in zip(maps, (weights, activations)):
+            if path is not None:
+                write_map(data, path)
+        return maps
+
     def copy(self) -> BitPlan:
         new = BitPlan.from_dict(self.to_dict())
         new.tensors = dict(self.tensors)

@@ -1,0 +1,102 @@
+"""MixDQ's published plan maps: import, export, round trip, and the errors for what the format cannot hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusers_mixdq import BitPlan, MixDQError
+from diffusers_mixdq.plan import layer_table
+
+from conftest import make_unet
+
+
+def _maps_for(unet, seed: int = 0):
+    """A weight map over every layer and an activation map that leaves some layers out (MixDQ's shape)."""
+    gen = torch.Generator().manual_seed(seed)
+    names = list(layer_table(unet))
+    weights = {f"model.{n}": [2, 4, 8][int(torch.randint(0, 3, (1,), generator=gen))] for n in names}
+    acts = {f"model.{n}": [4, 8][int(torch.randint(0, 2, (1,), generator=gen))] for n in names[1:-1]}
+    return weights, acts
+
+
+def _write_yaml(path: Path, data: dict) -> Path:
+    path.write_text("".join(f"{k}: {v}\n" for k, v in data.items()))
+    return path
+
+
+def test_import_gives_every_layer_its_published_widths(tmp_path):
+    unet = make_unet()
+    weights, acts = _maps_for(unet)
+    plan = BitPlan.from_mixdq(_write_yaml(tmp_path / "w.yaml", weights), _write_yaml(tmp_path / "a.yaml", acts))
+    specs = plan.resolve(unet).layer_specs()
+    assert set(specs) == set(layer_table(unet))
+    for name, spec in specs.items():
+        assert spec.weights == f"int{weights['model.' + name]}"
+        expected_act = f"int{acts['model.' + name]}" if f"model.{name}" in acts else "none"
+        assert spec.activations == expected_act
+        assert spec.act_range == ("dynamic" if expected_act != "none" else None)
+
+
+def test_round_trip_import_export_gives_the_same_maps(tmp_path):
+    unet = make_unet()
+    weights, acts = _maps_for(unet, seed=3)
+    plan = BitPlan.from_mixdq(weights, acts)
+    again = BitPlan.from_json(plan.to_json())
+    w_out, a_out = again.to_mixdq()
+    assert w_out == weights and a_out == acts
+    files = again.to_mixdq(weights=tmp_path / "w.yaml", activations=tmp_path / "a.yaml")
+    assert files == (w_out, a_out)
+    back = BitPlan.from_mixdq(tmp_path / "w.yaml", tmp_path / "a.yaml")
+    assert back.to_mixdq() == (weights, acts)
+
+
+def test_widths_the_format_cannot_express_are_named(tmp_path):
+    bad = _write_yaml(tmp_path / "w.yaml", {"model.conv_in": 8, "model.conv_out": 3, "model.x": 6})
+    with pytest.raises(MixDQError, match=r"model\.conv_out: 3.*model\.x: 6.*2, 4, 8"):
+        BitPlan.from_mixdq(bad)
+    with pytest.raises(MixDQError, match="activation map.*16"):
+        BitPlan.from_mixdq({"model.conv_in": 8}, {"model.conv_in": 16})
+
+
+def test_unreadable_inputs_raise_one_clear_error(tmp_path):
+    with pytest.raises(MixDQError, match="No MixDQ weight file"):
+        BitPlan.from_mixdq(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(MixDQError, match="mapping of layer names"):
+        BitPlan.from_mixdq(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(MixDQError, match="not valid YAML"):
+        BitPlan.from_mixdq(tmp_path / "broken.yaml")
+
+
+def test_export_refuses_float8_and_leaves_fp_layers_out():
+    unet = make_unet()
+    names = list(layer_table(unet))
+    plan = BitPlan(defaults={"weights": "int8", "activations": "none"},
+                   layers={names[0]: {"weights": "none", "activations": "none"}})
+    weights, acts = plan.to_mixdq(model=unet)
+    assert f"model.{names[0]}" not in weights and len(weights) == len(names) - 1 and acts == {}
+    with pytest.raises(MixDQError, match="float8"):
+        BitPlan(defaults={"weights": "float8", "activations": "none"}).to_mixdq(model=unet)
+
+
+def test_imported_plan_loads_with_from_pretrained(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_mixdq import MixDQConfig
+    from diffusers_mixdq.apply import quantized_layers
+
+    unet = make_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    weights = {f"model.{n}": 8 for n in layer_table(unet)}
+    acts = {f"model.{n}": 8 for n in list(layer_table(unet))[:3]}
+    plan = BitPlan.from_mixdq(weights, acts)
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet", quantization_config=MixDQConfig(plan=plan))
+    held = quantized_layers(loaded)
+    assert all(w == "int8" for w, _ in held.values())
+    assert sum(a == "int8" for _, a in held.values()) == 3
+    assert json.loads(plan.to_json())["provenance"]["tool"] == "mixdq import"
