@@ -68,7 +68,7 @@ def test_sd_turbo_recipe_layers_exist_in_the_real_architecture():
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": {"candidates": [4, 8], "budget_bits": 9}},
          "between 4 and 8"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": {"mode": "none", "protect_most_sensitive": 2}},
-         "need activations quantized"),
+         "activations.budget_bits / activations.protect_most_sensitive need quantized activations"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": {"bits": 8}}, "'activations' takes"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "sweep_fraction": 0}, "sweep_fraction"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "prompts": "nope.txt"}, "neither 'builtin' nor a file"),
