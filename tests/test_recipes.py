@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from diffusers_mixdq import BitPlan, MixDQError
 from diffusers_mixdq.builder.recipe import BUILTIN_PROMPTS, load_recipe
 from diffusers_mixdq.cli import app
+from diffusers_mixdq.families import family_of
 from diffusers_mixdq.plan import layer_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +52,10 @@ def test_sd_turbo_recipe_layers_exist_in_the_real_architecture():
     names = list(layer_table(unet))
     for path in (REPO / "hub_recipes" / "sd-turbo").glob("*.yaml"):
         recipe = load_recipe(path)
-        for pattern in recipe.protected + recipe.content_patterns:
+        # without content_patterns the build takes the denoiser family's (the UNet's: cross-attention and ff)
+        content = recipe.content_patterns if recipe.content_patterns is not None else list(family_of(unet).content)
+        assert content == ["*attn2.*", "*.ff.*"]
+        for pattern in recipe.protected + content:
             assert any(fnmatch.fnmatchcase(n, pattern) for n in names), (path, pattern)
         BitPlan(defaults={"weights": "int8"}, ignore=recipe.protected).resolve(unet)
 

@@ -163,17 +163,21 @@ def layer_sensitivity(
     for name, bits in tqdm(jobs, desc=f"{kind} sensitivity", disable=not progress, unit="job"):
         key = score_key(name, bits, kind)
         cached = cache.get(key)
-        if cached is not None:
-            scores[name][bits] = cached
-            continue
-        qmodule = quantize_module(denoiser.get_submodule(name), spec_for(name, bits), bos_state=bos_state)
-        with swapped(denoiser, name, qmodule):
-            if groups[name] == "content" and content is not None:
-                scores[name][bits] = content.score()
-                cost.add(*content.cost)
-            else:
-                scores[name][bits] = replay_sqnr(denoiser, quality_rec)
-                cost.add(quality_rec.num_calls, quality_rec.num_samples)
-        cache.put(key, scores[name][bits])
+        if cached is None:
+            qmodule = quantize_module(denoiser.get_submodule(name), spec_for(name, bits), bos_state=bos_state)
+            with swapped(denoiser, name, qmodule):
+                cached = _score(denoiser, groups[name], quality_rec, content, cost)
+            cache.put(key, cached)
+        scores[name][bits] = cached
     metric = {"quality": "sqnr_db", "content": content.metric if content is not None else "sqnr_db"}
     return SensitivityResult(kind, metric, scores, cost, naive, all_jobs)
+
+
+def _score(denoiser: nn.Module, group: str, quality_rec: Recording, content: ContentScorer | None, cost: Cost) -> float:
+    """The score of the denoiser as it is now (one layer quantized): an image metric for a content layer (when there
+    is a content scorer), else the SQNR of its output on the recorded calls; its cost added to ``cost``."""
+    if group == "content" and content is not None:
+        cost.add(*content.cost)
+        return content.score()
+    cost.add(quality_rec.num_calls, quality_rec.num_samples)
+    return replay_sqnr(denoiser, quality_rec)

@@ -59,20 +59,20 @@ def sweep(
                 failures.append(e)
                 continue
             key = tuple(sorted(alloc.choice.items()))
-            if unique and key in seen:
-                continue
-            seen.add(key)
-            out.append(alloc)
+            if not (unique and key in seen):
+                seen.add(key)
+                out.append(alloc)
     if not out:
-        first = failures[0]
-        raise BudgetInfeasibleError(
-            f"None of the {len(failures)} (budget, k) combinations is reachable; the first: {first}",
-            budget=first.budget,
-            smallest=first.smallest,
-            largest=first.largest,
-            group=first.group,
-        )
+        raise _none_reachable(failures)
     return out
+
+
+def _none_reachable(failures: list[BudgetInfeasibleError]) -> BudgetInfeasibleError:
+    first = failures[0]
+    return BudgetInfeasibleError(
+        f"None of the {len(failures)} (budget, k) combinations is reachable; the first: {first}",
+        budget=first.budget, smallest=first.smallest, largest=first.largest, group=first.group,
+    )
 
 
 def pick(candidates: Sequence[Allocation], evaluate: Callable[[Allocation], float]) -> Allocation:
