@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Callable, Literal, Optional, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from ..errors import MixDQError
@@ -172,9 +172,11 @@ def _known_fields(model: type[BaseModel], loc: Loc) -> list[str]:
     return sorted(model.model_fields)
 
 
-def error_from(e: ValidationError, model: type[BaseModel], labels: Labels, prefix: str = "") -> MixDQError:
-    """One :class:`MixDQError` for the first problem pydantic found (all unknown fields of one mapping together)."""
-    errors = e.errors(include_url=False)
+def error_from(e: ValidationError, model: type[BaseModel], labels: Labels, prefix: str = "",
+               first: tuple[str, ...] = ()) -> MixDQError:
+    """One :class:`MixDQError` for the first problem pydantic found (all unknown fields of one mapping together;
+    problems with the fields named in ``first`` before the others)."""
+    errors = sorted(e.errors(include_url=False), key=lambda err: not (err["loc"] and err["loc"][0] in first))
     extra = [err for err in errors if err["type"] == "extra_forbidden"]
     if extra:
         parent = extra[0]["loc"][:-1]

@@ -100,4 +100,4 @@ def parse_recipe(data: dict, where: str, base: Path) -> RecipeOptions:
     try:
         return RecipeOptions.model_validate(data, context={"base": base})
     except ValidationError as e:
-        raise error_from(e, RecipeOptions, RECIPE_LABELS, prefix=f"Recipe {where}: ") from None
+        raise error_from(e, RecipeOptions, RECIPE_LABELS, prefix=f"Recipe {where}: ", first=("pipeline",)) from None

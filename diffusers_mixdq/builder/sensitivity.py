@@ -22,7 +22,7 @@ from torch import nn
 
 from ..families import GENERIC, matches
 from ..plan import LayerSpec
-from .recording import Recording, first_tensor, replay
+from .recording import Recording, replay
 from .scores import ScoreCache, score_key
 
 #: MixDQ's content / text-alignment group: cross-attention and feed-forward layers (the generic model family's; a
