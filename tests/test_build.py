@@ -47,6 +47,7 @@ def test_calibrated_w8a8_plan(pipe, tmp_path):
     assert loaded.layer_specs() == specs
 
 
+@pytest.mark.slow
 def test_build_meets_budget_loads_and_generates(pipe, tmp_path):
     s = BuildSettings(**SETTINGS, weight_bits=4.0, split_ratios=(0.5, 1.0, 2.0), protected=("conv_in", "conv_out"))
     plan, report = build_plan(pipe, s, progress=False)
@@ -88,6 +89,7 @@ def test_bos_layers_are_calibrated_without_token_zero(pipe):
     assert all(skipped[n] <= full[n] for n in names)
 
 
+@pytest.mark.slow
 def test_interrupted_build_resumes_to_the_identical_plan(pipe, tmp_path, monkeypatch):
     from diffusers_mixdq.builder import scores
 
@@ -163,6 +165,7 @@ def test_calibration_is_cached_on_disk(pipe, tmp_path, monkeypatch):
         assert builder.calibrate(pipe, s).ranges == first.ranges
 
 
+@pytest.mark.slow
 def test_sweep_is_cheaper_than_naive_and_counts_honestly(pipe):
     # 8 prompts: content measurements generate 4 of them, quality measurements replay a quarter of the samples
     prompts = ["a red circle", "a blue square", "a green star", "a tiny dot", "two lines", "a big ring", "an arc",
@@ -184,6 +187,7 @@ def test_sweep_is_cheaper_than_naive_and_counts_honestly(pipe):
     assert {sp.weights for sp in plan.layer_specs().values()} == {"int8"}
 
 
+@pytest.mark.slow
 def test_activation_allocation_meets_its_budget_and_protects_the_most_sensitive(pipe, tmp_path):
     s = BuildSettings(**SETTINGS, weight_bits=6.0, split_ratios=(1.0,), act_widths=[4, 8], act_bits=6.0,
                       act_protect=2, protected=("conv_in",))
@@ -233,6 +237,7 @@ def test_most_sensitive_ranks_across_groups_by_relative_damage():
     (dict(act_widths=[4, 8], act_bits=3.0), "between 4 and 8"),
     (dict(activations="none", act_protect=3), "need quantized activations"),
     (dict(activations="int2"), "activations must be"),
+    (dict(allocator="nope"), "allocator must name a registered allocator"),
 ])
 def test_bad_settings_are_refused_before_any_work(pipe, kwargs, message):
     from diffusers_mixdq.errors import MixDQError

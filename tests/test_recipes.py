@@ -130,6 +130,7 @@ def test_mixdq_build_mixed_recipe(tmp_path, pipeline_dir):
     assert "naive protocol" in shown.output and str(recipe) in shown.output
 
 
+@pytest.mark.slow
 def test_mixdq_build_calibrate_only_and_size_budget(tmp_path, pipeline_dir):
     recipe = write_recipe(tmp_path, pipeline_dir, budget_bits=8.0, candidates={"content": [8], "quality": [8]})
     result = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "w8")])
@@ -151,6 +152,7 @@ def test_mixdq_build_reports_errors(tmp_path):
     assert result.exit_code == 2 and "No recipe file" in result.output
 
 
+@pytest.mark.slow
 def test_two_process_sharded_build_equals_single_process(tmp_path, pipeline_dir):
     """`accelerate launch --multi_gpu --num_processes 2 mixdq build ...` (gloo on a CPU-only machine) gives the plan a
     single process gives."""
