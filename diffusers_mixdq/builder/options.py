@@ -119,7 +119,7 @@ class WeightOptions(Strict):
 
     @model_validator(mode="after")
     def _with_defaults(self) -> "WeightOptions":
-        self.candidates = {**DEFAULT_CANDIDATES, **self.candidates}
+        self.candidates = {g: list(w) for g, w in {**DEFAULT_CANDIDATES, **self.candidates}.items()}
         return self
 
 
