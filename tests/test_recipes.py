@@ -115,6 +115,7 @@ def write_recipe(tmp_path, pipeline_dir, extra: dict | None = None, **weights) -
     return path
 
 
+@pytest.mark.slow
 def test_mixdq_build_mixed_recipe(tmp_path, pipeline_dir):
     recipe = write_recipe(tmp_path, pipeline_dir, budget_bits=4.0)
     result = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "out")])
