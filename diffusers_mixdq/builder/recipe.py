@@ -13,7 +13,7 @@ resolution: 512                    # or height: / width:
 seed: 0
 weights:
   budget_bits: 4.0                 # parameter-weighted average (protected layers count 16) ...
-  # size_mb: 900                   # ... or a target size of the denoiser's quantizable weights in MB
+  # size_mb: 900                   # ... or a target size of the denoiser's quantizable weights in MiB (2**20 B)
   candidates: {content: [2, 4, 8], quality: [4, 8]}
 activations: int8                  # int8 (static, calibrated) | dynamic | none, or a mapping:
 # activations: {mode: int8, candidates: [4, 8], budget_bits: 7.0, protect_most_sensitive: 7}
