@@ -47,6 +47,7 @@ def test_calibrated_w8a8_plan(pipe, tmp_path):
     assert loaded.layer_specs() == specs
 
 
+@pytest.mark.slow
 def test_build_meets_budget_loads_and_generates(pipe, tmp_path):
     s = BuildSettings(**SETTINGS, weight_bits=4.0, split_ratios=(0.5, 1.0, 2.0), protected=("conv_in", "conv_out"))
     plan, report = build_plan(pipe, s, progress=False)
@@ -88,14 +89,15 @@ def test_bos_layers_are_calibrated_without_token_zero(pipe):
     assert all(skipped[n] <= full[n] for n in names)
 
 
+@pytest.mark.slow
 def test_interrupted_build_resumes_to_the_identical_plan(pipe, tmp_path, monkeypatch):
-    from diffusers_mixdq.builder import sensitivity
+    from diffusers_mixdq.builder import scores
 
     s = dict(**SETTINGS, weight_bits=4.0, split_ratios=(1.0,))
     reference, _ = build_plan(pipe, BuildSettings(**s), progress=False)
 
     calls = {"n": 0}
-    real_put = sensitivity.ScoreCache.put
+    real_put = scores.ScoreCache.put
 
     def dying_put(self, key, score):
         real_put(self, key, score)
@@ -103,10 +105,10 @@ def test_interrupted_build_resumes_to_the_identical_plan(pipe, tmp_path, monkeyp
         if calls["n"] == 40:
             raise KeyboardInterrupt("simulated kill mid-sweep")
 
-    monkeypatch.setattr(sensitivity.ScoreCache, "put", dying_put)
+    monkeypatch.setattr(scores.ScoreCache, "put", dying_put)
     with pytest.raises(KeyboardInterrupt):
         build_plan(pipe, BuildSettings(**s, cache_dir=str(tmp_path)), progress=False)
-    monkeypatch.setattr(sensitivity.ScoreCache, "put", real_put)
+    monkeypatch.setattr(scores.ScoreCache, "put", real_put)
     (cache_file,) = tmp_path.glob("sensitivity-*.json")
     assert len(__import__("json").loads(cache_file.read_text())) == 40
     resumed, report = build_plan(pipe, BuildSettings(**s, cache_dir=str(tmp_path)), progress=False)
@@ -116,13 +118,13 @@ def test_interrupted_build_resumes_to_the_identical_plan(pipe, tmp_path, monkeyp
 
 
 def test_sample_subset_replays_exactly_and_covers_every_sample(pipe):
-    from diffusers_mixdq.builder.builder import BuildSettings as S, calibrate
+    from diffusers_mixdq.builder.builder import BuildSettings as S, calibrate  # the names cli/examples use
 
     rec = calibrate(pipe, S(**SETTINGS)).recording
     assert rec.num_calls == 2 and rec.num_samples == 8  # 2 steps x (2 prompts x CFG)
     sub = rec.subset(0.25)
     assert sub.num_calls == rec.num_calls and sub.num_samples == 2
-    from diffusers_mixdq.builder.sensitivity import subset_is_exact
+    from diffusers_mixdq.builder.recording import subset_is_exact
 
     assert subset_is_exact(pipe.unet, sub)
     # a wrong slice is caught: shift every recorded output
@@ -133,8 +135,8 @@ def test_sample_subset_replays_exactly_and_covers_every_sample(pipe):
 
 
 def test_calibration_is_cached_on_disk(pipe, tmp_path, monkeypatch):
-    from diffusers_mixdq.builder import builder
-    from diffusers_mixdq.builder.calibrate import load_calibration
+    from diffusers_mixdq.builder import calibration as builder
+    from diffusers_mixdq.builder.calibration import load_calibration
 
     s = BuildSettings(**SETTINGS, cache_dir=str(tmp_path))
     first = builder.calibrate(pipe, s)
@@ -163,6 +165,7 @@ def test_calibration_is_cached_on_disk(pipe, tmp_path, monkeypatch):
         assert builder.calibrate(pipe, s).ranges == first.ranges
 
 
+@pytest.mark.slow
 def test_sweep_is_cheaper_than_naive_and_counts_honestly(pipe):
     # 8 prompts: content measurements generate 4 of them, quality measurements replay a quarter of the samples
     prompts = ["a red circle", "a blue square", "a green star", "a tiny dot", "two lines", "a big ring", "an arc",
@@ -174,7 +177,7 @@ def test_sweep_is_cheaper_than_naive_and_counts_honestly(pipe):
     _, fast = build_plan(pipe, BuildSettings(**s), progress=False)
     assert fast.naive_sample_evaluations == naive.naive_sample_evaluations
     assert fast.reduction >= 3.0, fast.sample_evaluations
-    from diffusers_mixdq.builder.builder import prompt_subset
+    from diffusers_mixdq.builder.measure import prompt_subset
 
     assert prompt_subset(8, 0.5, 4) == [0, 2, 4, 6] and prompt_subset(2, 0.5, 4) == [0, 1]
     # a single candidate width leaves nothing to measure
@@ -184,6 +187,7 @@ def test_sweep_is_cheaper_than_naive_and_counts_honestly(pipe):
     assert {sp.weights for sp in plan.layer_specs().values()} == {"int8"}
 
 
+@pytest.mark.slow
 def test_activation_allocation_meets_its_budget_and_protects_the_most_sensitive(pipe, tmp_path):
     s = BuildSettings(**SETTINGS, weight_bits=6.0, split_ratios=(1.0,), act_widths=[4, 8], act_bits=6.0,
                       act_protect=2, protected=("conv_in",))
@@ -216,7 +220,7 @@ def test_activation_allocation_meets_its_budget_and_protects_the_most_sensitive(
 
 
 def test_most_sensitive_ranks_across_groups_by_relative_damage():
-    from diffusers_mixdq.builder.builder import most_sensitive
+    from diffusers_mixdq.builder.assign import most_sensitive
 
     groups = {"q1": "quality", "q2": "quality", "q3": "quality", "c1": "content", "c2": "content"}
     metric = {"quality": "sqnr_db", "content": "ssim"}
@@ -233,6 +237,7 @@ def test_most_sensitive_ranks_across_groups_by_relative_damage():
     (dict(act_widths=[4, 8], act_bits=3.0), "between 4 and 8"),
     (dict(activations="none", act_protect=3), "need quantized activations"),
     (dict(activations="int2"), "activations must be"),
+    (dict(allocator="nope"), "allocator must name a registered allocator"),
 ])
 def test_bad_settings_are_refused_before_any_work(pipe, kwargs, message):
     from diffusers_mixdq.errors import MixDQError
@@ -244,7 +249,7 @@ def test_bad_settings_are_refused_before_any_work(pipe, kwargs, message):
 def test_build_device_placement():
     from types import SimpleNamespace
 
-    from diffusers_mixdq.builder.builder import build_device
+    from diffusers_mixdq.builder.distributed import build_device
 
     s = BuildSettings(**SETTINGS)
     assert build_device(s) is None

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from diffusers_mixdq import BitPlan, MixDQError
 from diffusers_mixdq.builder.recipe import BUILTIN_PROMPTS, load_recipe
 from diffusers_mixdq.cli import app
+from diffusers_mixdq.families import family_of
 from diffusers_mixdq.plan import layer_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +52,10 @@ def test_sd_turbo_recipe_layers_exist_in_the_real_architecture():
     names = list(layer_table(unet))
     for path in (REPO / "hub_recipes" / "sd-turbo").glob("*.yaml"):
         recipe = load_recipe(path)
-        for pattern in recipe.protected + recipe.content_patterns:
+        # without content_patterns the build takes the denoiser family's (the UNet's: cross-attention and ff)
+        content = recipe.content_patterns if recipe.content_patterns is not None else list(family_of(unet).content)
+        assert content == ["*attn2.*", "*.ff.*"]
+        for pattern in recipe.protected + content:
             assert any(fnmatch.fnmatchcase(n, pattern) for n in names), (path, pattern)
         BitPlan(defaults={"weights": "int8"}, ignore=recipe.protected).resolve(unet)
 
@@ -68,7 +72,7 @@ def test_sd_turbo_recipe_layers_exist_in_the_real_architecture():
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": {"candidates": [4, 8], "budget_bits": 9}},
          "between 4 and 8"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": {"mode": "none", "protect_most_sensitive": 2}},
-         "need activations quantized"),
+         "activations.budget_bits / activations.protect_most_sensitive need quantized activations"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": {"bits": 8}}, "'activations' takes"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "sweep_fraction": 0}, "sweep_fraction"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "prompts": "nope.txt"}, "neither 'builtin' nor a file"),
@@ -111,6 +115,7 @@ def write_recipe(tmp_path, pipeline_dir, extra: dict | None = None, **weights) -
     return path
 
 
+@pytest.mark.slow
 def test_mixdq_build_mixed_recipe(tmp_path, pipeline_dir):
     recipe = write_recipe(tmp_path, pipeline_dir, budget_bits=4.0)
     result = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "out")])
@@ -126,6 +131,7 @@ def test_mixdq_build_mixed_recipe(tmp_path, pipeline_dir):
     assert "naive protocol" in shown.output and str(recipe) in shown.output
 
 
+@pytest.mark.slow
 def test_mixdq_build_calibrate_only_and_size_budget(tmp_path, pipeline_dir):
     recipe = write_recipe(tmp_path, pipeline_dir, budget_bits=8.0, candidates={"content": [8], "quality": [8]})
     result = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "w8")])
@@ -147,6 +153,7 @@ def test_mixdq_build_reports_errors(tmp_path):
     assert result.exit_code == 2 and "No recipe file" in result.output
 
 
+@pytest.mark.slow
 def test_two_process_sharded_build_equals_single_process(tmp_path, pipeline_dir):
     """`accelerate launch --multi_gpu --num_processes 2 mixdq build ...` (gloo on a CPU-only machine) gives the plan a
     single process gives."""

@@ -1,6 +1,13 @@
-"""Build: calibrate -> sense -> allocate, producing plans from a pipeline and prompts."""
+"""The recipe builder: calibrate -> measure -> allocate -> write, producing plans from a pipeline and prompts.
+
+Stages (:mod:`.builder` runs them): :mod:`.calibration`, :mod:`.measure` (:mod:`.sensitivity` scores one layer),
+:mod:`.assign` (the allocate stage; the arithmetic and the allocator registry are :mod:`.allocate`),
+:mod:`.write`. What to build: :mod:`.settings` (``BuildSettings``), :mod:`.recipe` (YAML recipes); both are
+checked by one model, :mod:`.options`. Sharded builds: :mod:`.distributed`.
+"""
 
 from .allocate import (
+    ALLOCATORS,
     Allocation,
     AllocationError,
     AllocationProblem,
@@ -15,10 +22,13 @@ from .allocate import (
     solve_groups,
     sweep,
 )
-from .builder import BuildReport, BuildSettings, build_plan, calibrate, calibrated_plan
-from .calibrate import record_input_ranges
+from .builder import build_plan, calibrate, calibrated_plan
+from .calibration import record_input_ranges
+from .distributed import is_main_process
+from .settings import BuildReport, BuildSettings
 
 __all__ = [
+    "ALLOCATORS",
     "Allocation",
     "AllocationError",
     "AllocationProblem",
@@ -33,6 +43,7 @@ __all__ = [
     "build_plan",
     "calibrate",
     "calibrated_plan",
+    "is_main_process",
     "pick",
     "record_input_ranges",
     "solve",

@@ -9,131 +9,41 @@ Scores are higher-is-better; each group is only ever compared within itself (SSI
 scales), which is why allocation budgets the groups separately.
 """
 
+
 from __future__ import annotations
 
-import fnmatch
-import json
 import math
-import os
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from ..families import GENERIC, matches
 from ..plan import LayerSpec
+from .recording import Recording, replay
+from .scores import ScoreCache, score_key
 
-#: MixDQ's content / text-alignment group: cross-attention and feed-forward layers
-CONTENT_PATTERNS = ("*attn2.*", "*.ff.*")
+#: MixDQ's content / text-alignment group: cross-attention and feed-forward layers (the generic model family's; a
+#: build takes its denoiser family's patterns, :data:`diffusers_mixdq.families.FAMILIES`)
+CONTENT_PATTERNS = GENERIC.content
 
 
 def layer_group(name: str, content_patterns: Sequence[str] = CONTENT_PATTERNS) -> str:
-    return "content" if any(fnmatch.fnmatchcase(name, p) for p in content_patterns) else "quality"
+    """``"content"`` when ``name`` matches a content pattern (glob, or ``re:`` regex), else ``"quality"``."""
+    return "content" if any(matches(p, name) for p in content_patterns) else "quality"
 
 
 def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """10·log10(Σref² / Σ(out−ref)²); ``inf`` when identical."""
+    """10·log10(Σref² / Σ(out−ref)²) in float64; ``inf`` when identical.
+
+    Not torchmetrics' ``signal_noise_ratio``: it adds ``eps`` to both sums, which changes the last bits of about half
+    of the scores (cached scores would no longer match new ones) and gives a finite value for identical tensors."""
     noise = (out.double() - ref.double()).pow(2).sum()
     if noise == 0:
         return math.inf
     return float(10 * torch.log10(ref.double().pow(2).sum() / noise))
-
-
-@dataclass
-class Recording:
-    """What one full-precision pipeline run recorded: the denoiser's calls and outputs, and the images."""
-
-    calls: list[tuple[tuple, dict]] = field(default_factory=list)
-    outputs: list[torch.Tensor] = field(default_factory=list)
-    images: torch.Tensor | None = None
-
-    @property
-    def num_calls(self) -> int:
-        return len(self.calls)
-
-    @property
-    def num_samples(self) -> int:
-        """Denoiser sample-evaluations one replay costs: every call's batch size, summed (CFG counts twice)."""
-        return sum(int(o.shape[0]) for o in self.outputs)
-
-    def subset(self, fraction: float) -> Recording:
-        """The same calls on about ``fraction`` of each call's samples. Call ``i`` keeps a window of
-        ``max(1, round(fraction * batch))`` samples starting at ``i * window`` (wrapping), so that over the calls
-        every sample (prompt, and CFG half) is covered at some timestep. Denoisers compute every sample on its
-        own, so a sliced call gives exactly the sliced output (:func:`subset_is_exact` checks it)."""
-        if fraction >= 1:
-            return self
-        sub = Recording(images=self.images)
-        for i, ((args, kwargs), out) in enumerate(zip(self.calls, self.outputs)):
-            batch = int(out.shape[0])
-            take = max(1, round(fraction * batch))
-            index = torch.tensor([(i * take + m) % batch for m in range(take)], device=out.device)
-            sub.calls.append((_take(args, batch, index), _take(kwargs, batch, index)))
-            sub.outputs.append(out.index_select(0, index))
-        return sub
-
-
-def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """``value`` (tensors, possibly nested in dicts, lists and tuples) with ``fn`` applied to every tensor."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(map_tensors(v, fn) for v in value)
-    return value
-
-
-def _take(value: Any, batch: int, index: torch.Tensor) -> Any:
-    """``value`` with every tensor whose first dimension is the batch reduced to the samples in ``index``."""
-    return map_tensors(
-        value, lambda t: t.index_select(0, index.to(t.device)) if t.dim() >= 1 and t.shape[0] == batch else t
-    )
-
-
-def subset_is_exact(denoiser: nn.Module, sub: Recording, atol: float = 1e-4) -> bool:
-    """Whether replaying the sliced calls of ``sub`` in full precision reproduces the recorded outputs (it does for
-    diffusers' UNets and DiTs; a denoiser mixing samples, or an argument sliced by mistake, would not)."""
-    for out, ref in zip(replay(denoiser, sub), sub.outputs):
-        if out.shape != ref.shape or not torch.allclose(out.float(), ref.float(), atol=atol, rtol=1e-3):
-            return False
-    return True
-
-
-def _detach(value: Any) -> Any:
-    return map_tensors(value, lambda t: t.detach().clone())
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "sample"):
-        return output.sample
-    return output[0]
-
-
-def record_run(pipe, denoiser: nn.Module, run: Callable[[], torch.Tensor]) -> Recording:
-    """Run ``run()`` (a full-precision pipeline call returning images) and record every denoiser call."""
-    rec = Recording()
-
-    def hook(module, args, kwargs, output):
-        rec.calls.append((_detach(args), _detach(kwargs)))
-        rec.outputs.append(_first_tensor(output).detach().clone())
-
-    handle = denoiser.register_forward_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            rec.images = run()
-    finally:
-        handle.remove()
-    return rec
-
-
-def replay(denoiser: nn.Module, rec: Recording) -> list[torch.Tensor]:
-    """The denoiser's outputs on the recorded calls."""
-    with torch.no_grad():
-        return [_first_tensor(denoiser(*args, **kwargs)) for args, kwargs in rec.calls]
 
 
 def replay_sqnr(denoiser: nn.Module, rec: Recording) -> float:
@@ -142,57 +52,28 @@ def replay_sqnr(denoiser: nn.Module, rec: Recording) -> float:
     return sqnr_db(torch.cat([o.flatten() for o in outs]), torch.cat([r.flatten() for r in rec.outputs]))
 
 
-class swapped:
-    """Context manager: replace ``denoiser.<name>`` by ``replacement`` and put the original back on exit."""
-
-    def __init__(self, denoiser: nn.Module, name: str, replacement: nn.Module):
-        parent_name, _, self.child = name.rpartition(".")
-        self.parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
-        self.replacement = replacement
-
-    def __enter__(self):
-        self.original = getattr(self.parent, self.child)
-        setattr(self.parent, self.child, self.replacement)
-        return self.replacement
-
-    def __exit__(self, *exc):
-        setattr(self.parent, self.child, self.original)
+@contextmanager
+def swapped(denoiser: nn.Module, name: str, replacement: nn.Module):
+    """``denoiser.<name>`` replaced by ``replacement`` inside the block, the original put back on exit."""
+    original = denoiser.get_submodule(name)
+    denoiser.set_submodule(name, replacement)
+    try:
+        yield replacement
+    finally:
+        denoiser.set_submodule(name, original)
 
 
-class ScoreCache:
-    """Sensitivity scores on disk (JSON), written after every measurement, so an interrupted sweep resumes where it
-    stopped. Keys are ``"<layer>|<width>"`` for weights and ``"<layer>|a<width>"`` for activations; the file is
-    replaced atomically."""
+@contextmanager
+def applied(denoiser: nn.Module, plan, bos_state: torch.Tensor | None = None):
+    """Temporarily quantize ``denoiser`` in memory per a resolved ``plan`` (restored on exit)."""
+    from ..apply import quantize_module
 
-    def __init__(self, path: str | os.PathLike | None):
-        self.path = Path(path) if path is not None else None
-        self.scores: dict[str, float] = {}
-        if self.path is not None:
-            # this file and the parts other shards wrote beside it (``<stem>.part<i>.json``)
-            for part in sorted(self.path.parent.glob(self.path.stem + "*.json")):
-                self.scores.update({k: float(v) for k, v in json.loads(part.read_text()).items()})
-
-    def shard(self, index: int) -> ScoreCache:
-        """The part file shard ``index`` writes (it still reads every part, so resuming works for all shards)."""
-        part = ScoreCache(None)
-        part.path = self.path.with_name(f"{self.path.stem}.part{index}.json")
-        part.scores = dict(self.scores)
-        return part
-
-    def get(self, key: str) -> float | None:
-        return self.scores.get(key)
-
-    def put(self, key: str, score: float) -> None:
-        self.scores[key] = score
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.scores))
-            os.replace(tmp, self.path)
-
-
-def score_key(name: str, bits: int, kind: str = "weights") -> str:
-    return f"{name}|{bits}" if kind == "weights" else f"{name}|a{bits}"
+    with ExitStack() as stack:
+        for name, spec in plan.layer_specs().items():
+            if spec.is_quantized:
+                qmodule = quantize_module(denoiser.get_submodule(name), spec, bos_state=bos_state)
+                stack.enter_context(swapped(denoiser, name, qmodule))
+        yield denoiser
 
 
 @dataclass
@@ -282,17 +163,21 @@ def layer_sensitivity(
     for name, bits in tqdm(jobs, desc=f"{kind} sensitivity", disable=not progress, unit="job"):
         key = score_key(name, bits, kind)
         cached = cache.get(key)
-        if cached is not None:
-            scores[name][bits] = cached
-            continue
-        qmodule = quantize_module(denoiser.get_submodule(name), spec_for(name, bits), bos_state=bos_state)
-        with swapped(denoiser, name, qmodule):
-            if groups[name] == "content" and content is not None:
-                scores[name][bits] = content.score()
-                cost.add(*content.cost)
-            else:
-                scores[name][bits] = replay_sqnr(denoiser, quality_rec)
-                cost.add(quality_rec.num_calls, quality_rec.num_samples)
-        cache.put(key, scores[name][bits])
+        if cached is None:
+            qmodule = quantize_module(denoiser.get_submodule(name), spec_for(name, bits), bos_state=bos_state)
+            with swapped(denoiser, name, qmodule):
+                cached = _score(denoiser, groups[name], quality_rec, content, cost)
+            cache.put(key, cached)
+        scores[name][bits] = cached
     metric = {"quality": "sqnr_db", "content": content.metric if content is not None else "sqnr_db"}
     return SensitivityResult(kind, metric, scores, cost, naive, all_jobs)
+
+
+def _score(denoiser: nn.Module, group: str, quality_rec: Recording, content: ContentScorer | None, cost: Cost) -> float:
+    """The score of the denoiser as it is now (one layer quantized): an image metric for a content layer (when there
+    is a content scorer), else the SQNR of its output on the recorded calls; its cost added to ``cost``."""
+    if group == "content" and content is not None:
+        cost.add(*content.cost)
+        return content.score()
+    cost.add(quality_rec.num_calls, quality_rec.num_samples)
+    return replay_sqnr(denoiser, quality_rec)

@@ -1,85 +1,17 @@
-"""Calibration: record the input range (absolute max) of every quantizable layer while the model runs, and keep
-a full-precision run on disk (:func:`save_calibration` / :func:`load_calibration`) so a rerun skips it."""
+"""The calibration on disk: one safetensors file (tensors, with the structure as JSON in its metadata; no pickle),
+so a rerun with the same model, prompts and run settings skips the full-precision run."""
 
 from __future__ import annotations
 
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
-from torch import nn
 
-from ..plan import layer_table
-from .sensitivity import Recording
-
-
-def record_input_ranges(
-    model: nn.Module,
-    run: Callable[[], Any],
-    layers: Iterable[str] | None = None,
-    skip_first_token: Iterable[str] = (),
-    momentum: float | None = None,
-    elements: dict[str, float] | None = None,
-) -> dict[str, float]:
-    """Run ``run()`` (which calls ``model`` any number of times) and return each layer's input absmax.
-
-    Args:
-        layers: names to record (default: every Linear / Conv2d).
-        skip_first_token: layers whose token 0 is left out (BOS-aware layers: their BOS row never goes through
-            the quantized path, so it must not widen the range). Applies to 3-D ``(batch, tokens, features)``
-            inputs.
-        momentum: ``None`` keeps the maximum over all calls; a float ``m`` keeps an exponential moving average
-            ``r = m * r + (1 - m) * absmax`` (MixDQ uses 0.95), seeded with the first call's absmax.
-    """
-    names = list(layers) if layers is not None else list(layer_table(model))
-    skip = set(skip_first_token)
-    ranges: dict[str, float] = {}
-    handles = []
-
-    def hook_for(name: str):
-        def hook(module, args):
-            x = args[0]
-            if elements is not None and x.dim() >= 1 and x.shape[0] > 0:
-                elements[name] = max(elements.get(name, 0.0), x.numel() / x.shape[0])
-            if name in skip and x.dim() == 3:
-                x = x[:, 1:]
-            if x.numel() == 0:
-                return
-            value = float(x.detach().abs().amax())
-            if name not in ranges:
-                ranges[name] = value
-            elif momentum is None:
-                ranges[name] = max(ranges[name], value)
-            else:
-                ranges[name] = momentum * ranges[name] + (1 - momentum) * value
-
-        return hook
-
-    try:
-        for name in names:
-            handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    return ranges
-
-
-@dataclass
-class Calibration:
-    """The full-precision run: recorded denoiser calls and images, input ranges and sizes, BOS state and layers."""
-
-    recording: Recording
-    ranges: dict[str, float]
-    bos_state: torch.Tensor | None
-    bos_layers: list[str]
-    elements: dict[str, float] = field(default_factory=dict)
-
+from .recording import Calibration, Recording
 
 _FORMAT = "diffusers-mixdq-calibration/1"
 
@@ -166,3 +98,4 @@ def load_calibration(path: str | os.PathLike, device: torch.device | str = "cpu"
     return Calibration(rec, {k: float(v) for k, v in skeleton["ranges"].items()},
                        _decode(skeleton["bos_state"], tensors, device), list(skeleton["bos_layers"]),
                        {k: float(v) for k, v in skeleton["elements"].items()})
+

@@ -1,0 +1,194 @@
+"""What a build may be asked for, declared once: :class:`BuildOptions` (pydantic, ``extra="forbid"``).
+
+Both ways of asking go through it: a recipe (:class:`~.recipe_options.RecipeOptions` extends it with where the
+pipeline comes from and the weight budget) and :meth:`BuildSettings.validate <.settings.BuildSettings.validate>`
+(the settings are laid out as the model's fields). A field it refuses comes back as one
+:class:`~diffusers_mixdq.errors.MixDQError` that names the field the way the caller spelled it (``act_bits`` for
+settings, ``activations.budget_bits`` in a recipe) and says what would be accepted.
+
+Messages written here use ``<>`` for the failing field and ``<a.b>`` for the field at path ``a.b``; a
+:class:`Labels` turns them into the caller's names.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Callable, Literal, Optional, get_args
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from ..errors import MixDQError
+from .allocate import ALLOCATORS, DEFAULT_ALLOCATOR
+
+WEIGHT_WIDTHS = (2, 4, 8)
+ACTIVATION_WIDTHS = (4, 8)
+ACTIVATION_MODES = ("int8", "dynamic", "none")
+DEFAULT_CANDIDATES = {"content": [2, 4, 8], "quality": [4, 8]}
+
+
+def invalid(message: str) -> PydanticCustomError:
+    """A validation error with our own message (``<>`` / ``<path>`` name fields, see the module docstring)."""
+    return PydanticCustomError("mixdq", message)
+
+
+def _widths(allowed: tuple[int, ...]) -> Callable[[Any], list]:
+    words = ", ".join(map(str, allowed[:-1])) + f" and {allowed[-1]}"
+
+    def check(value: Any) -> list:
+        if not isinstance(value, (list, tuple)) or not value or any(w not in allowed for w in value):
+            raise invalid(f"<> must be a non-empty list of {words}; got {value!r}.")
+        return sorted(set(value))
+
+    return check
+
+
+def _fraction(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+        raise invalid(f"<> must be a number in (0, 1], got {value!r}.")
+    return float(value)
+
+
+def _count(minimum: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise invalid(f"<> must be an integer of at least {minimum}, got {value!r}.")
+        return value
+
+    return check
+
+
+def _ratios(value: Any) -> list[float]:
+    if not isinstance(value, (list, tuple)) or not value or not all(
+        isinstance(k, (int, float)) and not isinstance(k, bool) and k > 0 for k in value
+    ):
+        raise invalid(f"<> must be a non-empty list of positive numbers, got {value!r}.")
+    return [float(k) for k in value]
+
+
+def _allocator(value: Any) -> str:
+    if value not in ALLOCATORS:
+        raise invalid(f"<> must name a registered allocator ({', '.join(ALLOCATORS)}), got {value!r}; add one "
+                      "with diffusers_mixdq.builder.allocate.ALLOCATORS.register.")
+    return value
+
+
+Fraction = Annotated[float, BeforeValidator(_fraction)]
+Patterns = list[Annotated[str, Field(strict=True)]]
+
+
+class Strict(BaseModel):
+    """Unknown fields are errors, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ActivationOptions(Strict):
+    """How layer inputs are quantized: the mode, the candidate widths, the element-weighted average over quantized
+    inputs (default: the widest candidate) and how many of the most activation-sensitive layers stay unquantized."""
+
+    mode: Literal["int8", "dynamic", "none"] = "int8"
+    candidates: Annotated[list[int], BeforeValidator(_widths(ACTIVATION_WIDTHS))] = [8]
+    budget_bits: Optional[float] = None
+    protect_most_sensitive: Annotated[int, BeforeValidator(_count(0))] = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_alone(cls, value: Any) -> Any:
+        return {"mode": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ActivationOptions":
+        lo, hi = min(self.candidates), max(self.candidates)
+        if self.budget_bits is not None and not lo <= self.budget_bits <= hi:
+            raise invalid(f"<activations.budget_bits> must be between {lo} and {hi} (what the activation candidates "
+                          f"{self.candidates} can average), got {self.budget_bits:g}.")
+        if self.mode == "none" and (self.protect_most_sensitive or self.budget_bits is not None):
+            raise invalid("<activations.budget_bits> / <activations.protect_most_sensitive> need quantized "
+                          "activations; set <activations.mode> to int8 or dynamic.")
+        return self
+
+
+WeightWidths = Annotated[list[int], BeforeValidator(_widths(WEIGHT_WIDTHS))]
+
+
+class WeightOptions(Strict):
+    """Candidate weight widths per group (a group left out keeps its default)."""
+
+    candidates: dict[Literal["content", "quality"], WeightWidths] = DEFAULT_CANDIDATES
+
+    @model_validator(mode="after")
+    def _with_defaults(self) -> "WeightOptions":
+        self.candidates = {g: list(w) for g, w in {**DEFAULT_CANDIDATES, **self.candidates}.items()}
+        return self
+
+
+class BuildOptions(Strict):
+    """Every option a build takes from its caller, with its rules (see the module docstring)."""
+
+    component: Optional[str] = None
+    steps: Annotated[int, BeforeValidator(_count(1))] = 4
+    guidance: float = 1.0
+    height: Optional[int] = None
+    width: Optional[int] = None
+    seed: Annotated[int, BeforeValidator(_count(0))] = 0
+    weights: WeightOptions = WeightOptions()
+    activations: ActivationOptions = ActivationOptions()
+    protected: Patterns = []
+    content_patterns: Optional[Patterns] = None
+    split_ratios: Annotated[list[float], BeforeValidator(_ratios)] = [0.5, 0.75, 1.0, 1.5, 2.0]
+    budget_mode: Literal["at_most", "band"] = "at_most"
+    sweep_fraction: Fraction = 0.25
+    content_fraction: Fraction = 0.5
+    device: Optional[str] = None
+    allocator: Annotated[str, BeforeValidator(_allocator)] = DEFAULT_ALLOCATOR
+
+
+Loc = tuple
+
+
+class Labels:
+    """How a caller spells fields: ``names`` maps a path (or its first two parts) to a name; other paths are
+    ``quote(path)``."""
+
+    def __init__(self, names: dict[Loc, str], quote: Callable[[Loc], str]):
+        self.names, self.quote = names, quote
+
+    def __call__(self, loc: Loc) -> str:
+        loc = tuple(p for p in loc if p != "[key]")
+        for n in (len(loc), 2):
+            if loc[:n] in self.names:
+                return ".".join([self.names[loc[:n]], *map(str, loc[n:])])
+        return self.quote(loc)
+
+    def render(self, message: str, loc: Loc) -> str:
+        return re.sub(r"<([\w.]*)>", lambda m: self(tuple(m.group(1).split(".")) if m.group(1) else loc), message)
+
+
+def _known_fields(model: type[BaseModel], loc: Loc) -> list[str]:
+    for key in loc:
+        annotation = model.model_fields[key].annotation
+        model = next(t for t in (annotation, *get_args(annotation)) if isinstance(t, type) and issubclass(t, BaseModel))
+    return sorted(model.model_fields)
+
+
+def error_from(e: ValidationError, model: type[BaseModel], labels: Labels, prefix: str = "",
+               first: tuple[str, ...] = ()) -> MixDQError:
+    """One :class:`MixDQError` for the first problem pydantic found (all unknown fields of one mapping together;
+    problems with the fields named in ``first`` before the others)."""
+    errors = sorted(e.errors(include_url=False), key=lambda err: not (err["loc"] and err["loc"][0] in first))
+    extra = [err for err in errors if err["type"] == "extra_forbidden"]
+    if extra:
+        parent = extra[0]["loc"][:-1]
+        given = sorted(str(err["loc"][-1]) for err in extra if err["loc"][:-1] == parent)
+        known = _known_fields(model, parent)
+        if not parent:
+            return MixDQError(f"{prefix}unknown field(s) {given}; known fields are {known}.")
+        return MixDQError(f"{prefix}{labels(parent)} takes {known}; got {given}.")
+    err = errors[0]
+    loc = err["loc"]
+    if err["type"] == "mixdq":
+        return MixDQError(prefix + labels.render(err["msg"], loc))
+    if err["type"] == "literal_error":
+        return MixDQError(f"{prefix}{labels(loc)} must be {err['ctx']['expected']}, got {err['input']!r}.")
+    return MixDQError(f"{prefix}{labels(loc)}: {err['msg'].lower()}, got {err['input']!r}.")

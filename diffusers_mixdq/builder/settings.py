@@ -1,0 +1,137 @@
+"""What to build (:class:`BuildSettings`) and what a build reports (:class:`BuildReport`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+from pydantic import ValidationError
+
+from ..families import family_of
+from .allocate import DEFAULT_ALLOCATOR
+from .options import BuildOptions, Labels, error_from
+
+#: how a settings field is spelled, for the option paths that differ (see :mod:`.options`)
+SETTINGS_LABELS = Labels(
+    {
+        ("activations", "mode"): "activations",
+        ("activations", "candidates"): "act_widths",
+        ("activations", "budget_bits"): "act_bits",
+        ("activations", "protect_most_sensitive"): "act_protect",
+        ("weights", "candidates"): "widths",
+    },
+    lambda loc: ".".join(map(str, loc)),
+)
+
+
+@dataclass
+class BuildSettings:
+    """What to build. ``weight_bits`` is the parameter-weighted average weight width (protected layers count at
+    16 bits); ``activations`` is ``"int8"`` (static, calibrated), ``"dynamic"`` (run-time range) or ``"none"``.
+
+    Activations: ``act_widths`` are the candidate activation widths (4 and/or 8), ``act_bits`` the
+    element-weighted average over quantized inputs (default: the widest candidate), and the ``act_protect``
+    most activation-sensitive layers keep their inputs unquantized (MixDQ keeps a few). ``sweep_fraction`` is
+    the share of the calibration samples each sensitivity measurement uses (1.0: the naive protocol).
+    ``content_fraction`` is the share of the prompts a content-layer measurement
+    generates (at least :data:`~.measure.MIN_CONTENT_PROMPTS`: image metrics on too few prompts pick the wrong
+    layers), and ``extrapolate_widest`` estimates content layers' widest candidate instead of measuring it.
+    ``content_patterns``: the content group (``None``: the denoiser family's, :mod:`diffusers_mixdq.families`).
+    ``allocator``: how widths are chosen (:data:`~.allocate.ALLOCATORS`, default the HiGHS ILP).
+    ``device``: where the pipeline runs during the build (default: where it is); in a sharded build on CUDA
+    machines every process takes its own GPU."""
+
+    prompts: Sequence[str]
+    weight_bits: float = 4.0
+    activations: str = "int8"
+    steps: int = 4
+    guidance: float = 1.0
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    widths: dict[str, list[int]] = field(default_factory=lambda: {"content": [2, 4, 8], "quality": [4, 8]})
+    content_patterns: Sequence[str] | None = None
+    protected: Sequence[str] = ()
+    split_ratios: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0)
+    budget_mode: str = "at_most"
+    tolerance: float = 0.02
+    bos: bool = True
+    component: str | None = None
+    #: directory for the calibration cache and the resumable sensitivity cache (None: no cache)
+    cache_dir: str | None = None
+    sweep_fraction: float = 0.25
+    content_fraction: float = 0.5
+    extrapolate_widest: bool = True
+    act_widths: list[int] = field(default_factory=lambda: [8])
+    act_bits: float | None = None
+    act_protect: int = 0
+    device: str | None = None
+    allocator: str = DEFAULT_ALLOCATOR
+
+    def options(self) -> dict[str, Any]:
+        """These settings laid out as :class:`~.options.BuildOptions` fields."""
+        return {
+            "component": self.component, "steps": self.steps, "guidance": self.guidance, "height": self.height,
+            "width": self.width, "seed": self.seed, "weights": {"candidates": dict(self.widths)},
+            "activations": {"mode": self.activations, "candidates": list(self.act_widths),
+                            "budget_bits": self.act_bits, "protect_most_sensitive": self.act_protect},
+            "protected": list(self.protected), "split_ratios": list(self.split_ratios),
+            "content_patterns": None if self.content_patterns is None else list(self.content_patterns),
+            "budget_mode": self.budget_mode, "sweep_fraction": self.sweep_fraction,
+            "content_fraction": self.content_fraction, "device": self.device, "allocator": self.allocator,
+        }
+
+    def validate(self) -> None:
+        """Check the settings against :class:`~.options.BuildOptions` (the rules recipes follow too)."""
+        try:
+            BuildOptions.model_validate(self.options())
+        except ValidationError as e:
+            raise error_from(e, BuildOptions, SETTINGS_LABELS) from None
+
+    def for_model(self, denoiser) -> "BuildSettings":
+        """These settings with the defaults that depend on the model filled in (content patterns)."""
+        if self.content_patterns is not None:
+            return self
+        return replace(self, content_patterns=tuple(family_of(denoiser).content))
+
+    @property
+    def activation_sweep(self) -> bool:
+        """Whether an activation decision is left to make (else activations are not measured)."""
+        return self.activations != "none" and (len(set(self.act_widths)) > 1 or self.act_protect > 0)
+
+
+@dataclass
+class BuildReport:
+    """Numbers from a build: phase times, denoiser calls and sample-evaluations per phase (and what the naive
+    protocol would have cost), solver statistics, the candidates' MSE."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    denoiser_evaluations: dict[str, int] = field(default_factory=dict)
+    sample_evaluations: dict[str, int] = field(default_factory=dict)
+    naive_sample_evaluations: int = 0
+    activation_solver: list[dict[str, Any]] = field(default_factory=list)
+    solver: list[dict[str, Any]] = field(default_factory=list)
+    candidate_mse: list[float] = field(default_factory=list)
+    chosen_k: float | None = None
+
+    @property
+    def reduction(self) -> float | None:
+        """Naive sample-evaluations / ours (the same calibration and final pick counted on both sides)."""
+        ours = sum(self.sample_evaluations.values())
+        return self.naive_sample_evaluations / ours if ours else None
+
+    def count(self, phase: str, calls: int, samples: int) -> None:
+        """Record a phase's denoiser calls and sample-evaluations."""
+        self.denoiser_evaluations[phase] = calls
+        self.sample_evaluations[phase] = samples
+
+
+def run_pipeline(pipe, s: BuildSettings, indices: Sequence[int] | None = None) -> torch.Tensor:
+    """Images of prompts ``indices`` (default all); prompt ``i`` always uses seed ``s.seed + i``."""
+    from ..sampling import generate
+
+    indices = range(len(s.prompts)) if indices is None else indices
+    images, _ = generate(pipe, [s.prompts[i] for i in indices], [s.seed + i for i in indices], s.steps, s.guidance,
+                         height=s.height, width=s.width, grad_mode=None)
+    return images

@@ -1,0 +1,42 @@
+"""The write stage: the chosen plan (resolved by the allocate stage, ranges and BOS state attached) with its
+provenance: how it was built (settings, prompts' hash, metrics, solver statistics, costs)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from typing import Any
+
+from ..plan import BitPlan
+from .assign import Assignment
+from .context import BuildContext
+from .measure import Sensitivities
+from .settings import BuildSettings
+
+def prompts_record(s: BuildSettings) -> dict[str, Any]:
+    """The prompts as provenance records them: a hash and a count."""
+    return {"prompts_sha256": hashlib.sha256("\n".join(s.prompts).encode()).hexdigest(), "num_prompts": len(s.prompts)}
+
+
+def write(ctx: BuildContext, sens: Sensitivities, chosen: Assignment) -> BitPlan:
+    """The chosen plan with its provenance."""
+    s, report, best = ctx.settings, ctx.report, chosen.best
+    metrics = {"weights": sens.weights.metric}
+    if sens.activations is not None:
+        metrics["activations"] = sens.activations.metric
+    kept = [n for n in ctx.candidates if chosen.activations[n] is None] if s.activations != "none" else []
+    plan = chosen.plan
+    plan.provenance = {
+        "tool": "diffusers-mixdq build",
+        "settings": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(s).items()
+                     if k != "prompts"},
+        **prompts_record(s),
+        "sensitivity_metric": metrics,
+        "allocation": {"k": best.k, "avg_bits": best.avg_bits, "status": best.status, "mip_gap": best.mip_gap,
+                       "candidates": report.solver, "candidate_mse": report.candidate_mse,
+                       "activations": report.activation_solver, "activations_kept_unquantized": kept},
+        "denoiser_evaluations": report.denoiser_evaluations,
+        "sample_evaluations": {**report.sample_evaluations, "naive_total": report.naive_sample_evaluations},
+        "seconds": report.seconds,
+    }
+    return plan
