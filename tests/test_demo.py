@@ -105,3 +105,16 @@ def test_eval_without_prompts_fails_clearly(tmp_path):
 def test_demo_without_plans_fails_clearly(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--plans", str(tmp_path), "--no-memory"])
     assert result.exit_code == 2 and "No demo plans" in result.output
+
+
+@pytest.mark.slow
+def test_peak_memory_of_a_variant_is_measured_in_a_fresh_process(tmp_path):
+    from diffusers_mixdq.evaluate import measure_peak_rss
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("peak RSS is read from /proc")
+    plan = BitPlan.load(demo.plan_path("w8a8")).save(tmp_path / "w8a8")
+    prompts = list(demo.DEMO_PROMPTS[:2])
+    fp = measure_peak_rss(demo.pipeline_path(), None, prompts, 2, demo.GUIDANCE_SCALE, 0)
+    quantized = measure_peak_rss(demo.pipeline_path(), str(plan), prompts, 2, demo.GUIDANCE_SCALE, 0)
+    assert 50 * 2**20 < fp < 8 * 2**30 and 50 * 2**20 < quantized < 8 * 2**30
