@@ -17,8 +17,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORK = HERE / "_work"
 RESULTS = HERE / "results"
-DEMO_PLANS = REPO / "hub_recipes" / "demo-shapes"
-EXTRA_PLANS = REPO / "hub_recipes" / "demo-shapes-extra"
 
 
 @dataclass(frozen=True)
@@ -26,8 +24,8 @@ class Variant:
     """One row of the benchmark.
 
     ``family``: "FP", "MixDQ" or a peer's name. ``dtype``: the float dtype the model is loaded in (quantized
-    variants compute in it too). ``plan``: for MixDQ, the plan's name (a directory under ``hub_recipes`` on the demo
-    model; a stand-in allocation with the same budget on the real-size UNets, see ``peers_size.py``).
+    variants compute in it too). ``plan``: for MixDQ, the plan's name (a plan packaged in ``diffusers_mixdq/demo/plans``
+    on the demo model; a stand-in allocation with the same budget on the real-size UNets, see ``peers_size.py``).
     ``weight_bits``: the nominal weight width, for the plot's labels. ``weights_only``: the plan's weight widths
     with activations left in floating point (a diagnostic row). ``real_size``: also run on the real-size UNets."""
 
@@ -61,14 +59,14 @@ BY_NAME = {v.name: v for v in VARIANTS}
 
 
 def demo_plan_dir(plan: str) -> Path:
-    """Directory of a demo plan: bundled (``demo-shapes``) or built for the benchmarks (``demo-shapes-extra``)."""
-    for root in (DEMO_PLANS, EXTRA_PLANS):
-        if (root / plan / "plan.json").is_file():
-            return root / plan
-    raise FileNotFoundError(
-        f"No demo plan '{plan}' in {DEMO_PLANS} or {EXTRA_PLANS}; build it with "
-        f"`python examples/build_demo_plans.py --only {plan}`."
-    )
+    """Directory of a demo plan packaged with diffusers_mixdq: bundled (``demo/plans/shapes``) or built for the
+    benchmarks (``demo/plans/shapes-extra``)."""
+    from diffusers_mixdq import demo
+
+    try:
+        return demo.plan_path(plan)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} Build it with `python examples/build_demo_plans.py --only {plan}`.") from None
 
 
 def without_activations(plan):

@@ -118,15 +118,14 @@ def run(num_prompts: int = 128, seed: int = 0, batch_size: int = 32, threads: in
     from tqdm.auto import tqdm
 
     from diffusers_mixdq import demo
-    from diffusers_mixdq.cli_eval import _demo_scoring
-    from diffusers_mixdq.demo.scorer import frechet_distance
+    from diffusers_mixdq.demo.scorer import frechet_distance, scorer_with_real_features
     from diffusers_mixdq.evaluate import image_metrics
 
     names = variants or [v.name for v in VARIANTS]
     if names[0] != "FP32":
         names = ["FP32"] + [n for n in names if n != "FP32"]
     prompts = demo.eval_prompts(num_prompts)
-    scorer, real_features = _demo_scoring(prompts)
+    scorer, real_features = scorer_with_real_features(prompts)
     settings = {"prompts": prompts, "seed": seed, "steps": demo.NUM_INFERENCE_STEPS,
                 "guidance": demo.GUIDANCE_SCALE, "batch_size": batch_size, "threads": threads or os.cpu_count() or 1}
     rows, reference = [], None

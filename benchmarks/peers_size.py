@@ -96,13 +96,21 @@ def skeleton(arch: str):
         return UNet2DConditionModel.from_config(json.loads(Path(ARCHS[arch]["config"]).read_text()))
 
 
+def layer_group(name: str, content_patterns=None) -> str:
+    """MixDQ's group of a UNet layer: ``content`` (the UNet family's content patterns, or ``content_patterns``)
+    or ``quality``."""
+    from diffusers_mixdq.families import ModelFamily, family_of
+
+    unet = family_of("UNet2DConditionModel")
+    family = unet if content_patterns is None else ModelFamily("benchmark", content=tuple(content_patterns))
+    return "content" if family.role(name, "content") else "quality"
+
+
 def group_widths(plan) -> tuple[dict[str, float], dict[str, list[int]]]:
     """A resolved plan's average weight width per group (content / quality, parameter-weighted) and the widths
     its build could choose from (its provenance, else the widths it uses)."""
-    from diffusers_mixdq.builder.sensitivity import CONTENT_PATTERNS, layer_group
-
     settings = (plan.provenance or {}).get("settings", {})
-    patterns = settings.get("content_patterns", CONTENT_PATTERNS)
+    patterns = settings.get("content_patterns")
     manifest = plan.manifest()
     bits: dict[str, float] = {}
     size: dict[str, float] = {}
@@ -122,9 +130,8 @@ def realsize_plan(arch: str, name: str, activations: bool = True):
     """The MixDQ plan ``name`` (see the module docstring) for ``arch``, and a one-line description."""
     from _common import demo_plan_dir
     from diffusers_mixdq import BitPlan
-    from diffusers_mixdq.builder.allocate import AllocationProblem, LayerChoice, solve_groups
-    from diffusers_mixdq.builder.sensitivity import layer_group
-    from diffusers_mixdq.plan.layers import layer_table
+    from diffusers_mixdq.builder import AllocationProblem, LayerChoice, solve_groups
+    from diffusers_mixdq.plan import layer_table
 
     act = {"activations": "int8", "act_range": ACT_RANGE} if activations else {"activations": "none"}
     uniform = {"w8a8": "int8", "w4a8-uniform": "int4"}

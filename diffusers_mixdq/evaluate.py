@@ -19,8 +19,8 @@ from typing import Any, Sequence
 import torch
 
 from .errors import MixDQError
-from .plan import BitPlan
-from .plan import resolve_plan_source
+from .families import DENOISER_COMPONENTS, denoiser_of
+from .plan import BitPlan, resolve_plan_source
 
 
 @dataclass
@@ -45,10 +45,8 @@ class VariantResult:
 
 
 def denoiser_name(pipe) -> str:
-    for name in ("unet", "transformer"):
-        if getattr(pipe, name, None) is not None:
-            return name
-    raise MixDQError(f"{type(pipe).__name__} has no 'unet' or 'transformer' component to quantize.")
+    """Name of the pipeline component holding the denoiser (``unet`` or ``transformer``)."""
+    return denoiser_of(pipe)[0]
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
@@ -67,7 +65,7 @@ def load_pipeline(path: str | os.PathLike, plan=None, torch_dtype: torch.dtype =
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if plan is not None:
         index = json.loads((Path(path) / "model_index.json").read_text())
-        component = "unet" if "unet" in index else "transformer"
+        component = next((c for c in DENOISER_COMPONENTS if c in index), DENOISER_COMPONENTS[-1])
         kwargs["quantization_config"] = PipelineQuantizationConfig(
             quant_mapping={component: MixDQConfig(plan=plan)}
         )
@@ -122,6 +120,35 @@ def measure_peak_rss(path: str, plan_path: str | None, prompts: Sequence[str], s
     return int(result.stdout.strip().splitlines()[-1])
 
 
+def _run_variant(path, name: str, plan: BitPlan | None, prompts: Sequence[str], seed: int, steps: int,
+                 guidance: float, batch_size: int) -> VariantResult:
+    """Load the pipeline with ``plan``, generate ``prompts``: the images, size, speed and average weight bits."""
+    pipe = load_pipeline(path, plan)
+    _, denoiser = denoiser_of(pipe)
+    images, seconds = generate(pipe, prompts, seed, steps, guidance, batch_size)
+    result = VariantResult(name=name, denoiser_bytes=tensor_bytes(denoiser), seconds_per_batch=seconds,
+                           images=images)
+    if plan is not None:
+        result.avg_weight_bits = denoiser.config.quantization_config.plan.summary().avg_weight_bits
+    return result
+
+
+def _score(result: VariantResult, prompts: Sequence[str], scorer, real_features: torch.Tensor | None) -> None:
+    """Text alignment of the variant's images and the Fréchet distance of their features to ``real_features``."""
+    if scorer is None:
+        return
+    result.alignment = scorer.score(result.images, list(prompts))
+    if real_features is not None:
+        from .demo.scorer import frechet_distance
+
+        result.frechet = frechet_distance(scorer.features(result.images), real_features)
+
+
+def _saved_plan(plan: BitPlan | None, directory: str, name: str) -> str | None:
+    """Path of ``plan`` saved under ``directory`` for a measuring process (None: full precision)."""
+    return None if plan is None else str(plan.save(Path(directory) / name.replace("/", "_")))
+
+
 def evaluate(
     path: str | os.PathLike,
     plans: dict[str, Any],
@@ -144,36 +171,21 @@ def evaluate(
     variants: list[tuple[str, BitPlan | None]] = [("FP32", None)]
     variants += [(name, resolve_plan_source(p)) for name, p in plans.items()]
     results: list[VariantResult] = []
-    reference = None
     with tempfile.TemporaryDirectory() as tmp:
         for name, plan in tqdm(variants, desc="variants", disable=not progress):
-            pipe = load_pipeline(path, plan)
-            denoiser = getattr(pipe, denoiser_name(pipe))
-            images, seconds = generate(pipe, prompts, seed, steps, guidance, batch_size)
-            res = VariantResult(name=name, denoiser_bytes=tensor_bytes(denoiser), seconds_per_batch=seconds,
-                                images=images)
-            if plan is not None:
-                cfg = denoiser.config.quantization_config
-                res.avg_weight_bits = cfg.plan.summary().avg_weight_bits
-            if reference is None:
-                reference = images
-            else:
-                res.psnr, res.ssim = image_metrics(images, reference)
-            if scorer is not None:
-                res.alignment = scorer.score(images, list(prompts))
-                if real_features is not None:
-                    from .demo.scorer import frechet_distance
-
-                    res.frechet = frechet_distance(scorer.features(images), real_features)
+            res = _run_variant(path, name, plan, prompts, seed, steps, guidance, batch_size)
+            if results:  # the first variant, full precision, is the reference
+                res.psnr, res.ssim = image_metrics(res.images, results[0].images)
+            _score(res, prompts, scorer, real_features)
             if measure_memory:
-                plan_path = None
-                if plan is not None:
-                    plan_path = str(plan.save(Path(tmp) / name.replace("/", "_")))
-                res.peak_rss_bytes = measure_peak_rss(str(path), plan_path, prompts[:batch_size], steps, guidance,
-                                                      seed)
+                res.peak_rss_bytes = measure_peak_rss(str(path), _saved_plan(plan, tmp, name), prompts[:batch_size],
+                                                      steps, guidance, seed)
             results.append(res)
-            del pipe
     return results
+
+
+def _cell(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def format_table(results: Sequence[VariantResult]) -> list[list[str]]:
@@ -189,14 +201,12 @@ def format_table(results: Sequence[VariantResult]) -> list[list[str]]:
             "32" if r.avg_weight_bits is None else f"{r.avg_weight_bits:.2f}",
             f"{r.denoiser_bytes / 2**20:.2f}",
             f"{fp.denoiser_bytes / r.denoiser_bytes:.2f}x",
-            "-" if r.peak_rss_bytes is None else f"{r.peak_rss_bytes / 2**20:.0f}",
+            _cell(None if r.peak_rss_bytes is None else r.peak_rss_bytes / 2**20, ".0f"),
             f"{r.seconds_per_batch:.2f}",
-            "-" if r.psnr is None else f"{r.psnr:.2f}",
-            "-" if r.ssim is None else f"{r.ssim:.4f}",
-            "-" if not al else f"{al.get('all', float('nan')):.1%}",
-            "-" if not al else f"{al.get('colour', float('nan')):.1%}",
-            "-" if not al else f"{al.get('shape', float('nan')):.1%}",
-            "-" if r.frechet is None else f"{r.frechet:.2f}",
+            _cell(r.psnr, ".2f"),
+            _cell(r.ssim, ".4f"),
+            *(_cell(al.get(key, float("nan")) if al else None, ".1%") for key in ("all", "colour", "shape")),
+            _cell(r.frechet, ".2f"),
         ])
     return rows
 

@@ -1,15 +1,12 @@
-"""The demo model's extra plans (hub_recipes/demo-shapes-extra/, used by benchmarks/peers.py) fit it and keep
-their budgets."""
+"""The demo model's extra plans (packaged in diffusers_mixdq/demo/plans/shapes-extra/, used by benchmarks/peers.py)
+fit it and keep their budgets."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from diffusers_mixdq import BitPlan, demo
 
-EXTRA = Path(__file__).resolve().parent.parent / "hub_recipes" / "demo-shapes-extra"
 #: plan -> (largest average weight bits, weight dtypes it may use)
 BUDGETS = {
     "w5a8-mixed": (5.0, {"int2", "int4", "int8"}),
@@ -18,11 +15,15 @@ BUDGETS = {
 }
 
 
+def test_extra_plans_are_the_budgeted_ones():
+    assert set(demo.plans_in(demo.plans_dir("shapes-extra"))) == set(BUDGETS)
+
+
 @pytest.mark.parametrize("name", sorted(BUDGETS))
 def test_extra_plan_fits_the_demo_model(name):
     from diffusers_mixdq.cli import load_model_skeleton
 
-    plan = BitPlan.load(EXTRA / name)
+    plan = BitPlan.load(demo.plan_path(name, "shapes-extra"))
     unet = load_model_skeleton(demo.pipeline_path())
     assert plan.is_resolved and "bos.hidden_state" in plan.tensors
     assert plan.resolve(unet).layer_specs() == plan.layer_specs()
@@ -34,8 +35,9 @@ def test_extra_plan_fits_the_demo_model(name):
 
 
 def test_below_four_bits_uses_two_bit_quality_layers():
-    from diffusers_mixdq.builder.sensitivity import layer_group
+    from diffusers_mixdq.families import family_of
 
-    plan = BitPlan.load(EXTRA / "w3a8-mixed")
-    quality = {s.weights for n, s in plan.layer_specs().items() if layer_group(n) == "quality"}
+    unet = family_of("UNet2DConditionModel")
+    plan = BitPlan.load(demo.plan_path("w3a8-mixed", "shapes-extra"))
+    quality = {s.weights for n, s in plan.layer_specs().items() if not unet.role(n, "content")}
     assert "int2" in quality

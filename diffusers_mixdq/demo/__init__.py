@@ -5,7 +5,10 @@ The bundled ``pipeline/`` directory is an ordinary diffusers
 KL autoencoder, DPM-Solver++ scheduler) trained on procedurally rendered
 coloured shapes (see :mod:`diffusers_mixdq.demo.data`).  ``scorer/`` holds a
 small CNN that reads the attributes back from generated images to measure
-text alignment (see :mod:`diffusers_mixdq.demo.scorer`).
+text alignment (see :mod:`diffusers_mixdq.demo.scorer`).  ``plans/`` holds
+MixDQ plans of its UNet, shipped as package data (see :func:`plan_path`):
+``plans/shapes/`` the two that ``mixdq demo`` evaluates, ``plans/shapes-extra/``
+three more budgets for the peer benchmark (``benchmarks/peers.py``).
 
 This module only imports the standard library at import time; ``torch`` and
 ``diffusers`` are imported lazily by :func:`load_pipeline`.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import List
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,6 +51,37 @@ def pipeline_path() -> str:
 def scorer_path() -> str:
     """Directory of the bundled alignment scorer (``config.json`` + ``model.safetensors``)."""
     return os.path.join(_HERE, "scorer")
+
+
+#: sets of bundled plans (folders under ``plans/``): what ``mixdq demo`` runs, then the benchmark's extra budgets
+PLAN_SETS = ("shapes", "shapes-extra")
+
+
+def plans_dir(plan_set: str = "shapes") -> Path:
+    """Directory of a set of bundled plans (one sub-directory holding ``plan.json`` per plan)."""
+    if plan_set not in PLAN_SETS:
+        raise ValueError(f"unknown demo plan set {plan_set!r}; bundled: {', '.join(PLAN_SETS)}")
+    return Path(_HERE) / "plans" / plan_set
+
+
+def plans_in(directory: str | os.PathLike) -> dict[str, Path]:
+    """``{name: path}`` of the plans in ``directory`` (its sub-directories holding ``plan.json``), sorted by name;
+    empty when ``directory`` is not a directory."""
+    root = Path(directory)
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "plan.json").is_file()}
+
+
+def plan_path(name: str, plan_set: str | None = None) -> Path:
+    """Directory of the bundled plan ``name`` (``BitPlan.load`` or ``MixDQConfig(plan=...)`` it), looked up in
+    ``plan_set`` or, by default, in every set of :data:`PLAN_SETS`."""
+    for candidate in (plan_set,) if plan_set else PLAN_SETS:
+        path = plans_dir(candidate) / name
+        if (path / "plan.json").is_file():
+            return path
+    where = plan_set or " or ".join(PLAN_SETS)
+    raise FileNotFoundError(f"No bundled demo plan {name!r} in {where}.")
 
 
 def load_pipeline(torch_dtype=None, device: str = "cpu"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -162,28 +162,39 @@ def load_scorer(path: Optional[str] = None) -> Scorer:
     return Scorer(model)
 
 
+def scorer_with_real_features(prompts: Sequence[str]) -> Tuple[Scorer, torch.Tensor]:
+    """The bundled scorer and its features of the real (rendered) scenes of ``prompts``, the reference of
+    :func:`frechet_distance`. Raises ``ValueError`` when a prompt is not a demo caption."""
+    from .data import Scene, render_batch
+
+    scorer = load_scorer()
+    scenes = [Scene(**parse_caption(p)) for p in prompts]
+    return scorer, scorer.features(render_batch(scenes))
+
+
+class _GivenFeatures(nn.Module):
+    """The identity, as torchmetrics' FID "feature extractor" for features computed already."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
 def frechet_distance(feats_a: Union[torch.Tensor, np.ndarray], feats_b: Union[torch.Tensor, np.ndarray]) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N, D).
 
-    ``||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})``, computed in
-    float64 without scipy: ``tr((S_a S_b)^{1/2}) = tr((A S_b A)^{1/2})`` with
-    ``A = S_a^{1/2}``, and both square roots of symmetric PSD matrices are
-    taken by eigendecomposition (negative eigenvalues from round-off clipped).
+    ``||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})``, computed in float64 by torchmetrics'
+    ``FrechetInceptionDistance`` fed the features themselves (its feature extractor is the identity).
     """
-    a = torch.as_tensor(np.asarray(feats_a) if not isinstance(feats_a, torch.Tensor) else feats_a).double()
-    b = torch.as_tensor(np.asarray(feats_b) if not isinstance(feats_b, torch.Tensor) else feats_b).double()
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    a, b = (torch.as_tensor(f if isinstance(f, torch.Tensor) else np.asarray(f)).double() for f in (feats_a, feats_b))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
         raise ValueError(f"need two (N>=2, D) feature sets, got {tuple(a.shape)} and {tuple(b.shape)}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-
-    def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
-        m = (m + m.T) / 2
-        vals, vecs = torch.linalg.eigh(m)
-        return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
-
-    root_a = _sqrtm_psd(cov_a)
-    mid = root_a @ cov_b @ root_a
-    tr_covmean = torch.linalg.eigvalsh((mid + mid.T) / 2).clamp_min(0).sqrt().sum()
-    fd = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * tr_covmean
-    return float(fd.clamp_min(0))
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(a.shape[1]))
+    metric.update(a, real=True)
+    metric.update(b, real=False)
+    return max(float(metric.compute()), 0.0)

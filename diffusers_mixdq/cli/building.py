@@ -1,0 +1,61 @@
+"""``mixdq build``: a plan from a recipe (calibrate, measure, allocate, write), optionally pushed to the Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app, console, summary_table, user_errors
+
+
+def _cost_line(report) -> str:
+    """What the build cost: denoiser calls, sample-evaluations against the naive protocol, seconds, chosen k."""
+    ours = sum(report.sample_evaluations.values())
+    seconds = ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items())
+    return (
+        f"denoiser evaluations: {report.denoiser_evaluations} calls; {ours:,} sample-evaluations vs "
+        f"{report.naive_sample_evaluations:,} for the naive protocol ({report.reduction:.1f}x fewer); seconds: "
+        f"{seconds}; chosen k = {report.chosen_k}"
+    )
+
+
+def _push(recipe, out: Path, repo_id: str | None, private: bool | None) -> None:
+    """Publish the built plan to ``repo_id`` (default: the recipe's ``push.repo_id``; none: nothing to do)."""
+    settings = recipe.push or {}
+    target = repo_id or settings.get("repo_id")
+    if not target:
+        return
+    from ..hub import push_plan
+
+    is_private = private if private is not None else bool(settings.get("private", False))
+    result = push_plan(out, target, private=is_private)
+    console.print(f"pushed to {target}: {getattr(result, 'commit_url', None) or 'no changes'}")
+
+
+@app.command()
+def build(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file (see hub_recipes/ and diffusers_mixdq.builder.recipe)."),
+    out: Path = typer.Option(Path("mixdq-plan"), help="Output directory (receives <component>/plan.json)."),
+    push: Optional[str] = typer.Option(None, help="Also publish the plan to this Hub repo (user/repo)."),
+    private: Optional[bool] = typer.Option(None, "--private/--public", help="Visibility of a repo created by --push."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, help="Resumable sensitivity cache (default: OUT/.sensitivity-cache); rerun after an interruption."
+    ),
+):
+    """Build a plan from a recipe: calibrate, measure sensitivity, allocate widths with HiGHS, save (and push)."""
+    from ..builder.recipe import load_recipe, run_recipe
+
+    with user_errors():
+        from ..builder.builder import is_main_process
+
+        r = load_recipe(recipe)
+        plan, path, report = run_recipe(r, out, cache_dir=None if cache_dir is None else str(cache_dir))
+        if not is_main_process():
+            return
+        console.print(summary_table(f"MixDQ plan for {plan.target.get('class_name')}", plan.summary().rows()))
+        if report is not None:
+            console.print(_cost_line(report))
+        console.print(f"wrote {path}")
+        _push(r, out, push, private)
