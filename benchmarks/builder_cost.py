@@ -46,7 +46,7 @@ def parse_variant(text: str) -> dict:
 
 
 def demo_builds(variants: list[str], eval_n: int) -> list[dict]:
-    from diffusers_mixdq.cli_eval import _demo_scoring
+    from diffusers_mixdq.demo.scorer import scorer_with_real_features
     from diffusers_mixdq.evaluate import evaluate
 
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def demo_builds(variants: list[str], eval_n: int) -> list[dict]:
                          "chosen_k": report.chosen_k,
                          "weights": {w: n for w, n in plan.summary().weight_layers.items()}})
         eval_prompts = demo.eval_prompts(eval_n)
-        scorer, real = _demo_scoring(eval_prompts)
+        scorer, real = scorer_with_real_features(eval_prompts)
         results = evaluate(demo.pipeline_path(), plans, eval_prompts, steps=demo.NUM_INFERENCE_STEPS,
                            guidance=demo.GUIDANCE_SCALE, scorer=scorer, real_features=real, measure_memory=False)
     by_name = {r.name: r for r in results}

@@ -1,5 +1,6 @@
-"""Build the plans of the demo model: by default the two bundled ones (hub_recipes/demo-shapes/), W8A8 and a W4A8
-mixed plan; with ``--only``, any of those and three more used by the peer benchmark (hub_recipes/demo-shapes-extra/).
+"""Build the plans of the demo model: by default the two bundled ones (diffusers_mixdq/demo/plans/shapes/), W8A8 and
+a W4A8 mixed plan; with ``--only``, any of those and three more used by the peer benchmark
+(diffusers_mixdq/demo/plans/shapes-extra/).
 
     python examples/build_demo_plans.py                                   # w8a8 and w4a8-mixed (bundled)
     python examples/build_demo_plans.py --only w4a8-uniform w5a8-mixed w3a8-mixed   # extra plans (benchmarks)
@@ -14,7 +15,7 @@ W5A8 mixed (extra): as W4A8 mixed with the average at most 5.0 bits.
 W3A8 mixed (extra, below 4 bits): average at most 3.0 bits; quality layers may go to 2 bits too ({2, 4, 8}),
 since {4, 8} cannot average below 4.
 The extra mixed plans are built with the naive sensitivity protocol (``NAIVE``: every candidate width measured on
-every calibration sample and prompt, as the bundled W4A8 plan was). They live outside demo-shapes/ so that
+every calibration sample and prompt, as the bundled W4A8 plan was). They live outside plans/shapes/ so that
 `mixdq demo` keeps showing the two bundled plans.
 """
 
@@ -31,9 +32,8 @@ from diffusers_mixdq import BitPlan
 from diffusers_mixdq import demo
 from diffusers_mixdq.builder import BuildSettings, build_plan, calibrated_plan
 
-RECIPES = Path(__file__).resolve().parent.parent / "hub_recipes"
-OUT = RECIPES / "demo-shapes"
-EXTRA = RECIPES / "demo-shapes-extra"
+OUT = Path(demo.plans_dir("shapes"))
+EXTRA = Path(demo.plans_dir("shapes-extra"))
 BUNDLED = ("w8a8", "w4a8-mixed")
 #: calibrated uniform plans: name -> (directory, weight dtype)
 UNIFORM = {"w8a8": (OUT, "int8"), "w4a8-uniform": (EXTRA, "int4")}

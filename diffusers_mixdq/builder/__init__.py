@@ -25,6 +25,7 @@ from .allocate import (
 from .builder import build_plan, calibrate, calibrated_plan
 from .calibration import record_input_ranges
 from .distributed import is_main_process
+from .recipe import load_recipe, run_recipe
 from .settings import BuildReport, BuildSettings
 
 __all__ = [
@@ -44,8 +45,10 @@ __all__ = [
     "calibrate",
     "calibrated_plan",
     "is_main_process",
+    "load_recipe",
     "pick",
     "record_input_ranges",
+    "run_recipe",
     "solve",
     "solve_groups",
     "sweep",

@@ -45,10 +45,8 @@ def build(
     ),
 ):
     """Build a plan from a recipe: calibrate, measure sensitivity, allocate widths with HiGHS, save (and push)."""
-    from ..builder.recipe import load_recipe, run_recipe
-
     with user_errors():
-        from ..builder.builder import is_main_process
+        from ..builder import is_main_process, load_recipe, run_recipe
 
         r = load_recipe(recipe)
         plan, path, report = run_recipe(r, out, cache_dir=None if cache_dir is None else str(cache_dir))
