@@ -100,3 +100,31 @@ def test_imported_plan_loads_with_from_pretrained(tmp_path):
     assert all(w == "int8" for w, _ in held.values())
     assert sum(a == "int8" for _, a in held.values()) == 3
     assert json.loads(plan.to_json())["provenance"]["tool"] == "mixdq import"
+
+
+def test_cli_import_checks_against_the_model_and_export_round_trips(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffusers_mixdq.cli import app
+
+    unet = make_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    weights, acts = _maps_for(unet, seed=5)
+    w_file, a_file = _write_yaml(tmp_path / "w.yaml", weights), _write_yaml(tmp_path / "a.yaml", acts)
+    run = CliRunner().invoke
+    result = run(app, ["import", "mixdq", "--weights", str(w_file), "--acts", str(a_file), "--out",
+                       str(tmp_path / "plan"), "--base", str(tmp_path / "unet")])
+    assert result.exit_code == 0, result.output
+    plan = BitPlan.load(tmp_path / "plan")
+    assert plan.is_resolved and plan.target["fingerprint"].startswith("sha256:")
+    result = run(app, ["export", "mixdq", str(tmp_path / "plan"), "--weights", str(tmp_path / "w2.yaml"),
+                       "--acts", str(tmp_path / "a2.yaml")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "w2.yaml").read_text() == "".join(f"{k}: {v}\n" for k, v in sorted(weights.items()))
+    assert BitPlan.from_mixdq(tmp_path / "w2.yaml", tmp_path / "a2.yaml").to_mixdq() == (weights, acts)
+
+    typo = dict(weights, **{"model.down_blocks.9.conv": 8})
+    result = run(app, ["import", "mixdq", "--weights", str(_write_yaml(tmp_path / "t.yaml", typo)), "--out",
+                       str(tmp_path / "bad"), "--base", str(tmp_path / "unet")])
+    assert result.exit_code == 2 and "down_blocks.9.conv" in result.output
+    assert not (tmp_path / "bad").exists()
