@@ -128,3 +128,21 @@ def test_cli_import_checks_against_the_model_and_export_round_trips(tmp_path):
                        str(tmp_path / "bad"), "--base", str(tmp_path / "unet")])
     assert result.exit_code == 2 and "down_blocks.9.conv" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_full_size_sdxl_map_gives_all_794_layers_their_widths():
+    """A map over every layer of the SDXL UNet (real config, built on the meta device: the layout MixDQ's
+    SDXL-Turbo plans cover) resolves layer for layer, and averages what the maps say."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads((Path(__file__).parents[1] / "benchmarks/configs/sdxl-base-unet.json").read_text())
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    table = layer_table(unet)
+    weights, acts = _maps_for(unet, seed=11)
+    specs = BitPlan.from_mixdq(weights, acts).resolve(unet).layer_specs()
+    assert len(specs) == len(table) == 794
+    assert all(specs[n].weights == f"int{weights['model.' + n]}" for n in table)
+    expected_bits = sum(weights["model." + n] * i.numel for n, i in table.items()) / sum(i.numel for i in table.values())
+    assert BitPlan.from_mixdq(weights, acts).resolve(unet).summary().avg_weight_bits == pytest.approx(expected_bits)
