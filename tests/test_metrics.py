@@ -25,6 +25,7 @@ from diffusers_mixdq.evaluation import (
     summary,
     wilcoxon_signed_rank,
 )
+from diffusers_mixdq.demo import prompt_sets
 from diffusers_mixdq.evaluation import stats
 from diffusers_mixdq.sampling import seconds_per_image
 
@@ -175,8 +176,10 @@ def test_shapes_prompt_sets_are_disjoint_balanced_seeded_and_documented():
     assert sorted(colours.count(c) for c in set(colours)) == [4] * 6  # every prefix is balanced
     many = demo.prompt_set("shapes", "test", 200)
     assert many[144:] == many[:56]  # past the pool, captions come back (with other image seeds)
-    with pytest.raises(ValueError, match="unknown prompt set"):
+    with pytest.raises(MixDQError, match="Unknown prompt set 'train'"):
         demo.prompt_set("shapes", "train", 4)
+    assert prompt_sets.pool_size("shapes", "test") == 144 and prompt_sets.is_caption("shapes", test[0])
+    assert not prompt_sets.is_caption("shapes", "a photo of a cat")
 
 
 def test_models_by_name():

@@ -12,7 +12,7 @@ from ..errors import MixDQError
 from .app import app, console, user_errors
 
 JSON_HELP = ("Write a JSON list, one object per variant with exactly: name, avg_weight_bits, denoiser_bytes, "
-             "psnr_median_db, psnr_p10_db, diverged, ssim, aligned (%), aligned_ci ([lo, hi] %), seconds_per_image "
+             "psnr_median_db, psnr_p10_db, diverged, ssim, aligned (%), aligned_ci (a lo, hi pair, %), seconds_per_image "
              "(null where a metric does not apply; an infinite PSNR is written as 1e999).")
 
 

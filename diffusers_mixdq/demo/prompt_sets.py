@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
+from ..errors import MixDQError
 from .models import get_model
 
 SPLITS = ("calibration", "validation", "test")
@@ -41,9 +42,9 @@ def prompt_set(model: str = "shapes", split: str = "test", n: int = 64, seed: in
     """``n`` prompts of the ``split`` set (:data:`SPLITS`) of the bundled ``model``: its pool of captions in the
     balanced order of ``seed``, repeated when ``n`` is larger than the pool (``pool_size`` says how large)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown prompt set {split!r}; one of {', '.join(SPLITS)}")
+        raise MixDQError(f"Unknown prompt set {split!r}; one of {', '.join(SPLITS)}.")
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise MixDQError(f"The number of prompts must be >= 0, got {n}.")
     data = get_model(model).data()
     pool = data.caption_pools()[SPLITS.index(split)]
     order = balanced_order(pool, seed, data.parse_caption)
@@ -52,6 +53,8 @@ def prompt_set(model: str = "shapes", split: str = "test", n: int = 64, seed: in
 
 def pool_size(model: str = "shapes", split: str = "test") -> int:
     """How many distinct captions the ``split`` set of ``model`` holds."""
+    if split not in SPLITS:
+        raise MixDQError(f"Unknown prompt set {split!r}; one of {', '.join(SPLITS)}.")
     return len(get_model(model).data().caption_pools()[SPLITS.index(split)])
 
 
