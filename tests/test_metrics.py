@@ -136,8 +136,9 @@ def test_summary_has_exactly_the_fields_and_null_where_a_metric_does_not_apply()
     assert q["psnr_median_db"] == 35.0 and q["diverged"] == 1 and q["aligned"] == 75.0
     lo, hi = q["aligned_ci"]
     assert 0 <= lo < 75 < hi <= 100
-    text = dumps([q, {"psnr_median_db": math.inf}])
-    assert "Infinity" not in text and json.loads(text)[1]["psnr_median_db"] == math.inf
+    text = dumps([q, {"psnr_median_db": math.inf, "x": [-math.inf, math.nan]}])
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text)[1] == {"psnr_median_db": math.inf, "x": [-math.inf, None]}
 
 
 def test_compare_says_which_is_better_and_how_sure():

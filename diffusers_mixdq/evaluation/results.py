@@ -106,7 +106,9 @@ _INF = "__mixdq_infinity__"
 
 
 def _finite_json(value):
-    """``value`` with infinite floats replaced by a marker that :func:`dumps` writes as ``1e999``."""
+    """``value`` with infinite floats replaced by a marker that :func:`dumps` writes as ``1e999``, NaN by None."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
     if isinstance(value, float) and math.isinf(value):
         return _INF if value > 0 else "-" + _INF
     if isinstance(value, dict):
@@ -118,7 +120,8 @@ def _finite_json(value):
 
 def dumps(value) -> str:
     """Standard JSON (no ``Infinity``/``NaN`` tokens): an infinite PSNR, where images equal their reference, is
-    written as the number ``1e999``, which JSON readers (Python's, JavaScript's) read back as infinity."""
+    written as the number ``1e999``, which JSON readers (Python's, JavaScript's) read back as infinity; a NaN (an
+    undefined value) as ``null``."""
     text = json.dumps(_finite_json(value), indent=2, allow_nan=False)
     return text.replace(f'"-{_INF}"', "-1e999").replace(f'"{_INF}"', "1e999") + "\n"
 
