@@ -43,6 +43,14 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def aligned_cell(r: dict, n: int) -> str:
+    """Alignment in percent with its 95% bootstrap interval (older results: ± its standard error)."""
+    if r.get("aligned_ci") is not None:
+        return f"{r['aligned']:.1f} [{r['aligned_ci'][0]:.1f}, {r['aligned_ci'][1]:.1f}]"
+    a = r["alignment"]["all"]
+    return f"{a * 100:.1f} ± {math.sqrt(max(a * (1 - a), 1e-12) / n) * 100:.1f}"
+
+
 def quality_table(q: dict) -> list[str]:
     rows = q["rows"]
     fp = rows[0]
@@ -51,10 +59,8 @@ def quality_table(q: dict) -> list[str]:
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["name"], "failed: " + r["error"].replace("|", "/")] + [""] * 11)
+            body.append([r["name"], "failed: " + r["error"].replace("|", "/")] + [""] * 12)
             continue
-        al = r["alignment"]
-        se = math.sqrt(max(al["all"] * (1 - al["all"]), 1e-12) / n)
         nominal = r["avg_weight_bits"] if r.get("avg_weight_bits") is not None else r["weight_bits"]
         body.append([
             r["name"],
@@ -66,15 +72,16 @@ def quality_table(q: dict) -> list[str]:
             _f(r["denoiser_bytes_16"] / 1e6, ".2f"),
             _f(r["psnr"], ".2f"),
             _f(r.get("psnr_median"), ".2f"),
+            _f(r.get("psnr_p10"), ".2f"),
             _f(r.get("diverged"), "d"),
             _f(r["ssim"], ".4f"),
-            f"{al['all'] * 100:.1f} ± {se * 100:.1f}",
+            aligned_cell(r, n),
             _f(r["frechet"], ".1f"),
-            _f(r["seconds_per_batch"], ".2f"),
+            _f(r.get("seconds_per_image", r["seconds_per_batch"] / q["settings"]["batch_size"]), ".3f"),
         ])
     header = ["variant", "W bits (nominal)", "stored bits / param", "UNet MB", "FP32 / this", "MB, floats in 16 bit",
-              "PSNR dB (pooled)", "PSNR dB (median image)", "diverged images", "SSIM", "aligned % (± s.e.)",
-              "Fréchet", "s / batch"]
+              "PSNR dB (pooled)", "PSNR dB (median image)", "PSNR dB (10th pct image)", "diverged images (< 20 dB)",
+              "SSIM", "aligned % [95% CI]", "Fréchet", "s / image"]
     return _table(header, body)
 
 

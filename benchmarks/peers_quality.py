@@ -2,15 +2,15 @@
 
     python benchmarks/peers_quality.py                      # writes benchmarks/results/peers_quality.json
 
-Every variant (see ``_common.VARIANTS``) generates the same prompts (``demo.eval_prompts(N)``, the set ``mixdq
-eval`` uses) with the same seeds (prompt ``i``: seed ``i``), steps and guidance (the demo model's defaults), each in
-its own fresh process (no variant's imports, kernels or allocations affect another). The images come back to this
-process, which scores them all the same way: PSNR / SSIM against the FP32 images, text alignment with the bundled
-scorer (every attribute right), and the Fréchet distance of the scorer's features to those of the rendered
-ground-truth scenes.
-PSNR is reported twice: pooled over all images (``evaluate.image_metrics``, what ``mixdq eval`` prints), which a
-single image that turns into another scene dominates, and the median of the per-image PSNRs; images whose own PSNR
-is below ``DIVERGED_DB`` (20 dB: another scene, not noise) are counted as diverged.
+Every variant (see ``_common.VARIANTS``) generates the same prompts (``demo.prompt_set("shapes", "test", N,
+seed)``, the held-out test set ``mixdq eval`` uses) with the same seeds (prompt ``i``: seed ``seed + i``), steps and
+guidance (the demo model's defaults), each in its own fresh process (no variant's imports, kernels or allocations
+affect another). The images come back to this process, which scores them all the way ``mixdq eval`` does
+(``evaluation.score_variant`` and ``evaluation.summary``): per-image PSNR to the FP32 images (median, 10th
+percentile, images below ``evaluation.DIVERGED_DB`` = 20 dB counted as diverged: another scene, not noise), SSIM,
+text alignment with the bundled scorer (every attribute right) with a 95% bootstrap interval, and the Fréchet
+distance of the scorer's features to those of the rendered ground-truth scenes. The PSNR pooled over all images
+(one MSE, which a single diverged image dominates) is kept in the JSON as ``psnr``.
 
 Size is the denoiser's bytes as held in memory (quantized weights packed, scales included). Generation runs under
 ``torch.no_grad()`` for every variant: quanto's int4 layers fail under ``torch.inference_mode()``.
@@ -35,21 +35,9 @@ from _common import BY_NAME, RESULTS, VARIANTS, error_line, format_exception  # 
 def generate(pipe, prompts, seed: int, steps: int, guidance: float, batch_size: int):
     """``evaluate.generate_timed`` under ``no_grad`` for every variant (quanto's int4 layers fail in inference
     mode): images and the seconds of each batch."""
-    from diffusers_mixdq.evaluate import generate_timed
+    from diffusers_mixdq.evaluation import generate_timed
 
     return generate_timed(pipe, prompts, seed, steps, guidance, batch_size, inference_mode=False)
-
-
-#: an image this far from its FP32 counterpart (per-image PSNR below, dB) shows another scene: it diverged
-DIVERGED_DB = 20.0
-
-
-def per_image_psnr(images, reference):
-    """PSNR in dB of each image against its reference (identical images: 120 dB)."""
-    import torch
-
-    mse = (images - reference).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
 
 
 def load_demo_pipeline(variant):
@@ -59,7 +47,7 @@ def load_demo_pipeline(variant):
 
     from _common import demo_plan, peer_config, torch_dtype
     from diffusers_mixdq import demo
-    from diffusers_mixdq.evaluate import load_pipeline
+    from diffusers_mixdq.evaluation import load_pipeline
 
     if variant.family == "MixDQ":  # the library's own loading path (checks the BOS state too)
         return load_pipeline(demo.pipeline_path(), demo_plan(variant))
@@ -76,6 +64,7 @@ def measure(name: str, args_json: str) -> dict:
     import torch
 
     from _common import quiet, storage_bytes
+    from diffusers_mixdq.sampling import seconds_per_image
 
     quiet()
     args = json.loads(args_json)
@@ -98,6 +87,7 @@ def measure(name: str, args_json: str) -> dict:
         "avg_weight_bits": avg_bits,
         "load_seconds": load_seconds,
         "seconds_per_batch": sorted(timed)[len(timed) // 2],
+        "seconds_per_image": seconds_per_image(times, len(args["prompts"]), args["batch_size"]),
         "loadavg": os.getloadavg(),
     }
 
@@ -112,19 +102,33 @@ def run_variant(name: str, args: dict) -> dict:
     return json.loads(lines[-1])
 
 
+def score_row(row: dict, images, reference, prompts, scorer, real_features):
+    """Add ``mixdq eval``'s metrics of ``images`` (against ``reference``'s images; None: these are the reference)
+    to ``row``; the reference result."""
+    from diffusers_mixdq.evaluation import VariantResult, score_variant, summary
+
+    res = VariantResult(name=row["name"], denoiser_bytes=row["denoiser_bytes"],
+                        seconds_per_image=row["seconds_per_image"], images=images)
+    score_variant(res, reference, prompts, scorer, real_features)
+    s = summary(res)
+    row.update(psnr=res.psnr, ssim=res.ssim, psnr_median=s["psnr_median_db"], psnr_p10=s["psnr_p10_db"],
+               diverged=s["diverged"], psnr_per_image=res.psnr_per_image, alignment=res.alignment,
+               aligned=s["aligned"], aligned_ci=s["aligned_ci"], frechet=res.frechet)
+    return reference or res
+
+
 def run(num_prompts: int = 128, seed: int = 0, batch_size: int = 32, threads: int | None = None,
         variants: list[str] | None = None, progress: bool = True) -> dict:
     import torch
     from tqdm.auto import tqdm
 
     from diffusers_mixdq import demo
-    from diffusers_mixdq.demo.scorer import frechet_distance, scorer_with_real_features
-    from diffusers_mixdq.evaluate import image_metrics
+    from diffusers_mixdq.demo.scorer import scorer_with_real_features
 
     names = variants or [v.name for v in VARIANTS]
     if names[0] != "FP32":
         names = ["FP32"] + [n for n in names if n != "FP32"]
-    prompts = demo.eval_prompts(num_prompts)
+    prompts = demo.prompt_set("shapes", "test", num_prompts, seed)
     scorer, real_features = scorer_with_real_features(prompts)
     settings = {"prompts": prompts, "seed": seed, "steps": demo.NUM_INFERENCE_STEPS,
                 "guidance": demo.GUIDANCE_SCALE, "batch_size": batch_size, "threads": threads or os.cpu_count() or 1}
@@ -138,16 +142,7 @@ def run(num_prompts: int = 128, seed: int = 0, batch_size: int = 32, threads: in
                    **run_variant(name, {**settings, "images": str(images_path)})}
             row["wall_seconds"] = time.perf_counter() - t0
             if "error" not in row:
-                images = torch.load(images_path)
-                if reference is None:
-                    reference = images
-                psnr, ssim = image_metrics(images, reference)
-                per_image = per_image_psnr(images, reference)
-                row.update(psnr=psnr, ssim=ssim, psnr_median=float(per_image.median()),
-                           diverged=int((per_image < DIVERGED_DB).sum()),
-                           psnr_per_image=[round(float(v), 3) for v in per_image],
-                           alignment=scorer.score(images, prompts),
-                           frechet=frechet_distance(scorer.features(images), real_features))
+                reference = score_row(row, torch.load(images_path), reference, prompts, scorer, real_features)
             elif name == "FP32":
                 raise RuntimeError(f"the FP32 reference failed:\n{row['detail']}")
             rows.append(row)

@@ -55,3 +55,16 @@ def generate(
         times.append(time.perf_counter() - t0)
         images.append(out.float().cpu())
     return torch.cat(images), times
+
+
+def seconds_per_image(batch_seconds: Sequence[float], num_images: int, batch_size: int | None = None) -> float:
+    """Wall-clock seconds per image of a :func:`generate` run that took ``batch_seconds`` for ``num_images`` images
+    in batches of ``batch_size`` (None: one batch). With several batches the first one, which includes one-time
+    set-up (kernel selection, lazy weight loading), is left out."""
+    size = batch_size or max(num_images, 1)
+    sizes = [min(size, num_images - start) for start in range(0, num_images, size)]
+    if len(sizes) != len(batch_seconds):
+        raise ValueError(f"{len(batch_seconds)} batch times for {len(sizes)} batches")
+    if len(sizes) > 1:
+        sizes, batch_seconds = sizes[1:], list(batch_seconds)[1:]
+    return float(sum(batch_seconds)) / max(sum(sizes), 1)

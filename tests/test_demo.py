@@ -51,27 +51,38 @@ def test_bundled_plans_fit_the_demo_model():
 
 def test_demo_command_writes_grid_and_table(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the packaged plans are found wherever the command runs
-    result = CliRunner().invoke(app, ["demo", "--out", "out", "--num-prompts", "8", "--no-memory"])
+    result = CliRunner().invoke(app, ["demo", "--model", "shapes", "--out", "out", "--num-prompts", "8",
+                                      "--no-memory", "--json", "summary.json"])
     assert result.exit_code == 0, result.output
-    assert "w8a8" in result.output and "PSNR" in result.output
-    assert (tmp_path / "out" / "grid.png").stat().st_size > 1000
-    rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
+    assert "w8a8" in result.output and "PSNR" in result.output and "8 test prompts" in result.output
+    assert (tmp_path / "out" / "shapes" / "grid.png").stat().st_size > 1000
+    rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "shapes" / "results.json").read_text())}
     assert set(rows) == {"FP32", "w8a8", "w4a8-mixed"}
     assert rows["FP32"]["alignment"]["colour"] >= 0.9 and rows["FP32"]["alignment"]["shape"] >= 0.9
-    assert rows["FP32"]["psnr"] is None and rows["FP32"]["frechet"] > 0
-    assert rows["w8a8"]["psnr"] > 35 and rows["w8a8"]["ssim"] > 0.99
+    assert rows["FP32"]["psnr"] is None and rows["FP32"]["frechet"] > 0 and len(rows["FP32"]["aligned"]) == 8
+    assert rows["w8a8"]["psnr"] > 35 and rows["w8a8"]["ssim"] > 0.99 and len(rows["w8a8"]["psnr_per_image"]) == 8
+    assert rows["w8a8"]["summary"]["psnr_median_db"] > 35 and rows["w8a8"]["summary"]["diverged"] == 0
     assert rows["w4a8-mixed"]["denoiser_bytes"] < rows["w8a8"]["denoiser_bytes"] < rows["FP32"]["denoiser_bytes"]
     assert rows["w4a8-mixed"]["avg_weight_bits"] <= 4.0 < rows["w8a8"]["avg_weight_bits"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["name"] for r in summary] == ["shapes/FP32", "shapes/w4a8-mixed", "shapes/w8a8"]
 
 
 def test_demo_with_a_plans_directory(tmp_path):
     BitPlan.uniform("int8", activations="int8").save(tmp_path / "u8")
     (tmp_path / "not-a-plan").mkdir()
-    result = CliRunner().invoke(app, ["demo", "--plans", str(tmp_path), "--out", str(tmp_path / "out"),
-                                      "--num-prompts", "8", "--no-memory"])
+    result = CliRunner().invoke(app, ["demo", "--model", "shapes", "--plans", str(tmp_path), "--out",
+                                      str(tmp_path / "out"), "--num-prompts", "8", "--no-memory"])
     assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = json.loads((tmp_path / "out" / "shapes" / "results.json").read_text())
     assert [r["name"] for r in rows] == ["FP32", "u8"]
+
+
+def test_demo_of_a_model_without_weights_fails_clearly(tmp_path):
+    if demo.get_model("scenes").available():
+        pytest.skip("the scenes model is there")
+    result = CliRunner().invoke(app, ["demo", "--model", "scenes", "--no-memory", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "scenes" in result.output
 
 
 def test_eval_command_with_a_plan_file(tmp_path):
@@ -79,9 +90,34 @@ def test_eval_command_with_a_plan_file(tmp_path):
     result = CliRunner().invoke(app, ["eval", demo.pipeline_path(), "--plan", str(plan.parent),
                                       "--num-prompts", "4", "--no-memory", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
+    assert "4 prompts of the shapes test set, seed 0" in result.output
     rows = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["name"] for r in rows] == ["FP32", "u8"] and rows[1]["psnr"] > 30
     assert rows[1]["alignment"]["n"] == 4 and rows[1]["frechet"] >= 0
+
+
+def test_eval_json_has_exactly_the_fields_and_compare_tests_two_variants(tmp_path):
+    from diffusers_mixdq.evaluation import SUMMARY_FIELDS
+
+    plan = BitPlan.uniform("int8", activations="int8").save(tmp_path / "u8")
+    result = CliRunner().invoke(app, ["eval", "--plan", str(plan.parent), "--plan", "w4a8-mixed", "--num-prompts",
+                                      "6", "--seed", "3", "--no-memory", "--compare", "u8", "w4a8-mixed", "--json",
+                                      str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "eval.json").read_text())
+    assert [r["name"] for r in rows] == ["FP32", "u8", "w4a8-mixed"]
+    assert all(tuple(r) == SUMMARY_FIELDS for r in rows)
+    fp, u8 = rows[0], rows[1]
+    assert fp["psnr_median_db"] is None and fp["psnr_p10_db"] is None and fp["diverged"] is None
+    assert fp["ssim"] is None and fp["avg_weight_bits"] == 32.0 and 0 <= fp["aligned"] <= 100
+    assert u8["psnr_p10_db"] <= u8["psnr_median_db"] and u8["psnr_median_db"] > 30 and u8["diverged"] == 0
+    assert u8["aligned_ci"][0] <= u8["aligned"] <= u8["aligned_ci"][1] and u8["seconds_per_image"] > 0
+    assert rows[2]["denoiser_bytes"] < u8["denoiser_bytes"] < fp["denoiser_bytes"]
+    out = " ".join(result.output.split())
+    assert "u8 vs w4a8-mixed, 6 paired images" in out and "McNemar exact" in out and "Wilcoxon signed-rank" in out
+    bad = CliRunner().invoke(app, ["eval", "--plan", str(plan.parent), "--num-prompts", "2", "--no-memory",
+                                   "--compare", "u8", "nope"])
+    assert bad.exit_code == 2 and "no variant 'nope'" in bad.output
 
 
 def test_eval_command_with_other_prompts_skips_alignment(tmp_path):
@@ -109,12 +145,62 @@ def test_demo_without_plans_fails_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_peak_memory_of_a_variant_is_measured_in_a_fresh_process(tmp_path):
-    from diffusers_mixdq.evaluate import measure_peak_rss
+    from diffusers_mixdq.evaluation import Generation, measure_peak_rss
 
     if not Path("/proc/self/status").exists():
         pytest.skip("peak RSS is read from /proc")
     plan = BitPlan.load(demo.plan_path("w8a8")).save(tmp_path / "w8a8")
     prompts = list(demo.DEMO_PROMPTS[:2])
-    fp = measure_peak_rss(demo.pipeline_path(), None, prompts, 2, demo.GUIDANCE_SCALE, 0)
-    quantized = measure_peak_rss(demo.pipeline_path(), str(plan), prompts, 2, demo.GUIDANCE_SCALE, 0)
+    gen = Generation(steps=2, guidance=demo.GUIDANCE_SCALE, height=32, width=32)
+    fp = measure_peak_rss(demo.pipeline_path(), None, prompts, gen)
+    quantized = measure_peak_rss(demo.pipeline_path(), str(plan), prompts, gen)
     assert 50 * 2**20 < fp < 8 * 2**30 and 50 * 2**20 < quantized < 8 * 2**30
+
+
+def test_a_registered_model_plugs_in_with_its_hooks_and_pipeline_kwargs(tmp_path, monkeypatch, pipeline_dir):
+    """What the scenes model provides (data and scorer modules, defaults.json with extra pipeline arguments),
+    checked on a tiny pipeline: its prompt sets, its scorer and its pipeline arguments reach the run."""
+    import shutil
+    import sys
+
+    from diffusers_mixdq import sampling
+    from diffusers_mixdq.demo.models import MODELS, DemoModel
+
+    root = tmp_path / "fake"
+    shutil.copytree(pipeline_dir, root / "pipeline")
+    (root / "defaults.json").write_text(json.dumps({"num_inference_steps": 2, "guidance_scale": 2.0, "height": 32,
+                                                    "width": 32, "eta": 0.0}))
+    (tmp_path / "fake_data.py").write_text(
+        "def caption_pools():\n"
+        "    return [[f'cal {i}' for i in range(3)], [f'val {i}' for i in range(3)], [f'test {i}' for i in range(5)]]\n"
+        "def parse_caption(c):\n"
+        "    split, i = c.split()\n"
+        "    return {'split': split, 'i': i}\n")
+    (tmp_path / "fake_scorer.py").write_text(
+        "import torch\n"
+        "class S:\n"
+        "    def aligned(self, images, prompts):\n"
+        "        return torch.tensor([int(p.split()[1]) % 2 == 0 for p in prompts])\n"
+        "    def score(self, images, prompts):\n"
+        "        return {'all': self.aligned(images, prompts).float().mean().item(), 'n': len(prompts), 'x': [1]}\n"
+        "    def features(self, images):\n"
+        "        return images.flatten(1)\n"
+        "def load_scorer():\n"
+        "    return S()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(MODELS, "fake", DemoModel("fake", root, "fake_data", "fake_scorer"))
+    (root.parent / "plans").mkdir()
+    BitPlan.uniform("int8", activations="int8").save(tmp_path / "plans" / "u8")
+    calls = []
+    real_generate = sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda *a, **k: calls.append(k["pipe_kwargs"]) or real_generate(*a, **k))
+    assert demo.prompt_set("fake", "test", 7, seed=0)[5:] == demo.prompt_set("fake", "test", 7, seed=0)[:2]
+    assert set(demo.prompt_set("fake", "calibration", 3)) == {"cal 0", "cal 1", "cal 2"}
+    result = CliRunner().invoke(app, ["demo", "--model", "fake", "--plans", str(tmp_path / "plans"), "--out",
+                                      str(tmp_path / "out"), "--num-prompts", "5", "--no-memory", "--json",
+                                      str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"eta": 0.0}, {"eta": 0.0}]
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert [r["name"] for r in rows] == ["fake/FP32", "fake/u8"] and rows[0]["aligned"] == 60.0  # 0, 2, 4 of 5
+    assert sys.modules["fake_data"].caption_pools()[2][0] == "test 0"

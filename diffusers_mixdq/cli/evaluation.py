@@ -1,10 +1,9 @@
-"""``mixdq eval`` (plans on any pipeline) and ``mixdq demo`` (the bundled demo model with its bundled plans)."""
+"""``mixdq eval`` (plans on any pipeline) and ``mixdq demo`` (the bundled demo models with their bundled plans)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 from rich.table import Table
@@ -12,111 +11,200 @@ from rich.table import Table
 from ..errors import MixDQError
 from .app import app, console, user_errors
 
+JSON_HELP = ("Write a JSON list, one object per variant with exactly: name, avg_weight_bits, denoiser_bytes, "
+             "psnr_median_db, psnr_p10_db, diverged, ssim, aligned (%), aligned_ci (a lo, hi pair, %), seconds_per_image "
+             "(null where a metric does not apply; an infinite PSNR is written as 1e999).")
 
-def _print_results(results, title: str) -> None:
-    from ..evaluate import format_table
 
-    rows = format_table(results)
+def _print_results(results, summaries, title: str) -> None:
+    from ..evaluation import format_table
+
+    rows = format_table(results, summaries)
     table = Table(title=title, title_justify="left")
     for col in rows[0]:
-        table.add_column(col, justify="left" if col == "variant" else "right")
+        table.add_column(col, justify="left" if col == "variant" else "right",
+                         no_wrap=col == "variant" or col.startswith("aligned"))
     for row in rows[1:]:
         table.add_row(*row)
     console.print(table)
 
 
-def _write_outputs(results, out: Path, grid_columns: int | None) -> None:
-    from ..evaluate import save_grid
+def _write_outputs(results, summaries, out: Path, grid_columns: int | None) -> None:
+    from ..evaluation import dumps, save_grid
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    rows = [{**r.to_dict(), "summary": s} for r, s in zip(results, summaries)]
+    (out / "results.json").write_text(dumps(rows))
     grid = save_grid(results, out / "grid.png", columns=grid_columns)
     console.print(f"wrote {grid} and {out / 'results.json'}")
 
 
-def _read_prompts(prompts_file: Path | None, num_prompts: int) -> list[str]:
-    """The first ``num_prompts`` prompts of ``prompts_file`` (one per line), else of the demo prompt set."""
+def _read_prompts(prompts_file: Path | None, model: str, split: str, num_prompts: int, seed: int) -> list[str]:
+    """The first ``num_prompts`` prompts of ``prompts_file`` (one per line), else of the model's ``split`` set."""
     from .. import demo
 
     if prompts_file is None:
-        return demo.eval_prompts(num_prompts)
+        return demo.prompt_set(model, split, num_prompts, seed)
     prompts = [p.strip() for p in prompts_file.read_text().splitlines() if p.strip()][:num_prompts]
     if not prompts:
         raise MixDQError(f"No prompts in {prompts_file}.")
     return prompts
 
 
-def _scoring(prompts: list[str], required: bool):
-    """The demo scorer and the features of the real scenes of ``prompts``; ``(None, None)`` when the prompts are
-    not demo captions and scoring is not ``required``."""
-    from ..demo.scorer import scorer_with_real_features
+def _scoring(model, prompts: list[str], required: bool):
+    """The model's scorer and the features of the rendered ground truth of ``prompts`` (None where the scorer
+    module has no renderer); ``(None, None)`` when the prompts are not the model's captions and scoring is not
+    ``required``."""
+    from ..demo.prompt_sets import is_caption
 
-    try:
-        return scorer_with_real_features(prompts)
-    except ValueError:
+    if not all(is_caption(model.name, p) for p in prompts):
         if required:
-            raise
-        console.print("[yellow]prompts are not demo captions: alignment is not scored[/yellow]")
+            raise MixDQError(f"prompts are not captions of the {model.name!r} demo model: alignment cannot be scored")
+        console.print(f"[yellow]prompts are not {model.name} captions: alignment is not scored[/yellow]")
         return None, None
+    module = model.scorer()
+    if hasattr(module, "scorer_with_real_features"):
+        return module.scorer_with_real_features(prompts)
+    return module.load_scorer(), None
 
 
-def _evaluate(pipeline: str, plans: dict, prompts: list[str], scoring, **settings):
-    from ..evaluate import evaluate
+def _run(pipeline: str, plans: dict, prompts: list[str], scoring, generation, memory: bool, resamples: int):
+    """Evaluate, then summarize every variant (the alignment intervals seeded with the run's seed)."""
+    from ..evaluation import evaluate, summary
 
     scorer, real_features = scoring
-    return evaluate(pipeline, plans, prompts, scorer=scorer, real_features=real_features, **settings)
+    results = evaluate(pipeline, plans, prompts, generation=generation, scorer=scorer, real_features=real_features,
+                       measure_memory=memory)
+    return results, [summary(r, resamples=resamples, seed=generation.seed) for r in results]
+
+
+def _plan_sources(model, plans: list[str]) -> dict[str, str]:
+    """``{name: source}``: a path as given, else the model's bundled plan of that name, else a repo id."""
+    from .. import demo
+
+    out = {}
+    for p in plans:
+        bundled = None if Path(p).exists() else demo.bundled_plan(model.name, p)
+        out[Path(p).name if Path(p).exists() else p] = str(bundled or p)
+    return out
+
+
+def _generation(model, own_pipeline: bool, seed: int, steps: int | None, guidance: float | None, batch_size: int):
+    """How to generate: the model's defaults (size and extra pipeline arguments only on its own pipeline)."""
+    from ..evaluation import Generation
+
+    d = model.generation_settings()
+    if not own_pipeline:
+        d = {k: v for k, v in d.items() if k in ("steps", "guidance")}
+    d.update({k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
+    return Generation(seed=seed, batch_size=batch_size, **d)
+
+
+def _print_comparison(results, names: tuple[str, str], resamples: int, seed: int) -> None:
+    from ..evaluation import compare, describe
+
+    by_name = {r.name: r for r in results}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise MixDQError(f"--compare: no variant {', '.join(map(repr, missing))}; variants: {', '.join(by_name)}.")
+    for line in describe(compare(by_name[names[0]], by_name[names[1]], resamples=resamples, seed=seed)):
+        console.print(line, highlight=False)
+
+
+def _model_for(pipeline: str | None, model: str | None):
+    from .. import demo
+
+    if model is not None:
+        return demo.get_model(model)
+    return (demo.model_of_pipeline(pipeline) if pipeline else None) or demo.get_model("shapes")
 
 
 @app.command("eval")
 def eval_command(
-    pipeline: str = typer.Argument(..., help="Pipeline directory (diffusers layout)."),
-    plan: List[str] = typer.Option(..., "--plan", help="Plan to evaluate (repeatable): file, directory or repo id."),
+    pipeline: Optional[str] = typer.Argument(None, help="Pipeline directory (default: the --model's bundled one)."),
+    plan: List[str] = typer.Option(..., "--plan", help="Plan (repeatable): file, directory, repo id, or the name of "
+                                   "a bundled plan of the model."),
+    model: Optional[str] = typer.Option(None, help="Bundled model whose prompt sets, scorer and defaults to use "
+                                        "(default: the one PIPELINE is, else shapes)."),
+    split: str = typer.Option("test", help="Prompt set of the model: test (held out), validation or calibration."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line."),
-    num_prompts: int = typer.Option(32, help="Prompts to use (from --prompts, else the demo prompt set)."),
-    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the demo model's)."),
-    guidance: Optional[float] = typer.Option(None, help="Guidance scale (default: the demo model's)."),
-    seed: int = typer.Option(0, help="Seed of the first prompt; prompt i uses seed + i."),
-    scorer: bool = typer.Option(True, help="Score text alignment with the demo scorer (demo captions only)."),
+    num_prompts: int = typer.Option(64, help="Prompts to use (from --prompts, else the model's prompt set)."),
+    seed: int = typer.Option(0, help="Chooses the prompt subset and the image seeds (prompt i: seed + i)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, help="Guidance scale (default: the model's)."),
+    batch_size: int = typer.Option(16, help="Prompts per pipeline call."),
+    scorer: bool = typer.Option(True, help="Score text alignment with the model's scorer (its captions only)."),
     memory: bool = typer.Option(True, help="Measure peak RSS of each variant in a fresh process."),
+    compare: Optional[Tuple[str, str]] = typer.Option(None, help="Paired tests between two variants (e.g. --compare "
+                                                      "w4a8-mixed w4a8-uniform; FP32 is the reference)."),
+    resamples: int = typer.Option(2000, help="Bootstrap resamples of the alignment intervals."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
     out: Optional[Path] = typer.Option(None, help="Directory for grid.png and results.json."),
 ):
-    """Size, peak memory, latency, PSNR / SSIM vs FP (and alignment, where a scorer exists) for plans."""
-    from .. import demo
+    """Per variant: size, weight bits, peak memory, seconds per image, per-image PSNR to full precision (median,
+    10th percentile, diverged images), SSIM and, with a scorer, alignment with a 95% bootstrap interval."""
+    from ..evaluation import write_json
 
     with user_errors():
-        prompts = _read_prompts(prompts_file, num_prompts)
-        results = _evaluate(
-            pipeline, {Path(p).name if Path(p).exists() else p: p for p in plan}, prompts,
-            _scoring(prompts, required=False) if scorer else (None, None), seed=seed,
-            steps=steps or demo.NUM_INFERENCE_STEPS,
-            guidance=guidance if guidance is not None else demo.GUIDANCE_SCALE, measure_memory=memory,
-        )
-    _print_results(results, f"{pipeline}: {len(prompts)} prompts")
+        m = _model_for(pipeline, model)
+        own = pipeline is None or m.pipeline_dir.resolve() == Path(pipeline).resolve()
+        pipeline = pipeline or m.pipeline_path()
+        prompts = _read_prompts(prompts_file, m.name, split, num_prompts, seed)
+        gen = _generation(m, own, seed, steps, guidance, batch_size)
+        results, summaries = _run(pipeline, _plan_sources(m, plan), prompts,
+                                  _scoring(m, prompts, required=False) if scorer else (None, None), gen, memory,
+                                  resamples)
+        _print_results(results, summaries, f"{pipeline}: {len(prompts)} prompts"
+                       + ("" if prompts_file else f" of the {m.name} {split} set, seed {seed}"))
+        if compare and all(compare):
+            _print_comparison(results, tuple(compare), resamples, seed)
+    if json_path is not None:
+        console.print(f"wrote {write_json(json_path, summaries)}")
     if out is not None:
-        _write_outputs(results, out, None)
+        _write_outputs(results, summaries, out, None)
+
+
+def _demo_one(model, plans_dir: Path | None, num_prompts: int, seed: int, memory: bool, out: Path):
+    from .. import demo as demo_model
+
+    plans_dir = plans_dir or model.plans_dir()
+    plans = {name: str(path) for name, path in demo_model.plans_in(plans_dir).items()}
+    if not plans:
+        raise MixDQError(f"No demo plans in {plans_dir} (directories holding plan.json); pass --plans DIR.")
+    prompts = demo_model.prompt_set(model.name, "test", num_prompts, seed)
+    gen = _generation(model, True, seed, None, None, 16)
+    results, summaries = _run(model.pipeline_path(), plans, prompts, _scoring(model, prompts, required=True), gen,
+                              memory, 2000)
+    _print_results(results, summaries, f"mixdq demo: bundled {model.name} model, {len(prompts)} test prompts "
+                   f"(seed {seed}), same seeds for all rows")
+    _write_outputs(results, summaries, out / model.name, 8)
+    return [{**s, "name": f"{model.name}/{s['name']}"} for s in summaries]
 
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("mixdq-demo"), help="Directory for grid.png and results.json."),
+    model: List[str] = typer.Option([], "--model", help="Bundled model to show (repeatable; default: every bundled "
+                                    "model whose pipeline is there)."),
+    out: Path = typer.Option(Path("mixdq-demo"), help="Directory for <model>/grid.png and <model>/results.json."),
     plans_dir: Optional[Path] = typer.Option(
-        None, "--plans", help="Directory holding the plans to show (default: the demo model's bundled plans)."
+        None, "--plans", help="Directory holding the plans to show (one model only; default: its bundled plans)."
     ),
-    num_prompts: int = typer.Option(48, help="Prompts for the metrics (the grid shows the first 8)."),
+    num_prompts: int = typer.Option(48, help="Test prompts for the metrics (the grid shows the first 8)."),
+    seed: int = typer.Option(0, help="Chooses the test prompts and the image seeds (prompt i: seed + i)."),
     memory: bool = typer.Option(True, help="Measure peak RSS of each variant in a fresh process."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP + " Names are <model>/<variant>."),
 ):
-    """The bundled demo model in full precision and with its bundled plans: a PNG grid and a table."""
+    """The bundled demo models in full precision and with their bundled plans, on held-out test prompts: a PNG grid
+    and a table per model."""
     from .. import demo as demo_model
+    from ..evaluation import write_json
 
     with user_errors():
-        plans_dir = plans_dir or demo_model.plans_dir()
-        plans = {name: str(path) for name, path in demo_model.plans_in(plans_dir).items()}
-        if not plans:
-            raise MixDQError(f"No demo plans in {plans_dir} (directories holding plan.json); pass --plans DIR.")
-        prompts = list(demo_model.DEMO_PROMPTS) + demo_model.eval_prompts(max(0, num_prompts - 8))
-        results = _evaluate(
-            demo_model.pipeline_path(), plans, prompts, _scoring(prompts, required=True),
-            steps=demo_model.NUM_INFERENCE_STEPS, guidance=demo_model.GUIDANCE_SCALE, measure_memory=memory,
-        )
-    _print_results(results, f"mixdq demo: bundled shapes model, {len(prompts)} prompts, same seeds for all rows")
-    _write_outputs(results, out, 8)
+        names = list(model) or demo_model.available_models()
+        if plans_dir is not None and len(names) != 1:
+            raise MixDQError("--plans needs exactly one --model.")
+        rows = []
+        for name in names:
+            rows += _demo_one(demo_model.get_model(name), plans_dir, num_prompts, seed, memory, out)
+    if json_path is not None:
+        console.print(f"wrote {write_json(json_path, rows)}")

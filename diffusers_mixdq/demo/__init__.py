@@ -1,4 +1,8 @@
-"""A tiny trained text-to-image model for demos and end-to-end tests.
+"""Tiny trained text-to-image models for demos and end-to-end tests, by name (:data:`MODELS`).
+
+``shapes`` (below) and ``scenes`` (a PixArt DiT on two-object scenes, under ``scenes/``) each come with a
+scorer, bundled plans (``plans/<name>/``) and three disjoint prompt sets (:func:`prompt_set`: calibration,
+validation, test). :func:`pipeline_path` gives either one's pipeline directory.
 
 The bundled ``pipeline/`` directory is an ordinary diffusers
 ``StableDiffusionPipeline`` (causal CLIP text encoder, cross-attention UNet,
@@ -20,6 +24,8 @@ import json
 import os
 from pathlib import Path
 from typing import List
+
+from .models import MODELS, DemoModel, get_model, model_of_pipeline  # noqa: F401
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,18 +49,32 @@ DEMO_PROMPTS: List[str] = [
 ]
 
 
-def pipeline_path() -> str:
-    """Directory of the bundled diffusers pipeline (``DiffusionPipeline.from_pretrained`` it)."""
-    return os.path.join(_HERE, "pipeline")
+def pipeline_path(name: str = "shapes") -> str:
+    """Directory of the bundled model ``name``'s diffusers pipeline (``DiffusionPipeline.from_pretrained`` it); a
+    :class:`~diffusers_mixdq.errors.MixDQError` naming the directory while a model's weights are not there yet."""
+    return get_model(name).pipeline_path()
 
 
-def scorer_path() -> str:
-    """Directory of the bundled alignment scorer (``config.json`` + ``model.safetensors``)."""
-    return os.path.join(_HERE, "scorer")
+def scorer_path(name: str = "shapes") -> str:
+    """Directory of the bundled model ``name``'s alignment scorer (``config.json`` + ``model.safetensors``)."""
+    return str(get_model(name).root / "scorer")
 
 
-#: sets of bundled plans (folders under ``plans/``): what ``mixdq demo`` runs, then the benchmark's extra budgets
-PLAN_SETS = ("shapes", "shapes-extra")
+def available_models() -> List[str]:
+    """Names of the bundled models whose trained pipeline is there."""
+    return [name for name, model in MODELS.items() if model.available()]
+
+
+def prompt_set(model: str = "shapes", split: str = "test", n: int = 64, seed: int = 0) -> List[str]:
+    """``n`` prompts of the ``split`` set (calibration, validation or test) of the bundled ``model``; see
+    :mod:`diffusers_mixdq.demo.prompt_sets`. The sets are disjoint as sets of captions."""
+    from .prompt_sets import prompt_set as make
+
+    return make(model, split, n, seed)
+
+
+#: sets of bundled plans (folders under ``plans/``): a model's (what ``mixdq demo`` runs), then extra budgets
+PLAN_SETS = ("shapes", "shapes-extra", "scenes")
 
 
 def plans_dir(plan_set: str = "shapes") -> Path:
@@ -84,6 +104,16 @@ def plan_path(name: str, plan_set: str | None = None) -> Path:
     raise FileNotFoundError(f"No bundled demo plan {name!r} in {where}.")
 
 
+def bundled_plan(model: str, name: str) -> Path | None:
+    """Directory of the bundled plan ``name`` of ``model`` (in ``plans/<model>/``, then ``plans/<model>-extra/``),
+    None if there is none."""
+    for plan_set in (model, f"{model}-extra"):
+        path = Path(_HERE) / "plans" / plan_set / name
+        if (path / "plan.json").is_file():
+            return path
+    return None
+
+
 def load_pipeline(torch_dtype=None, device: str = "cpu"):
     """Load the bundled ``StableDiffusionPipeline`` (fp32 by default) on ``device``.
 
@@ -99,7 +129,8 @@ def load_pipeline(torch_dtype=None, device: str = "cpu"):
 
 
 def eval_prompts(n: int = 64, seed: int = 0) -> List[str]:
-    """``n`` deterministic prompts covering the attribute space.
+    """``n`` deterministic prompts covering the whole attribute space of ``shapes`` (not a held-out set: evaluate on
+    ``prompt_set("shapes", "test", n)``, calibrate on ``prompt_set("shapes", "calibration", n)``).
 
     Every colour, shape, position and size occurs equally often (up to
     rounding); the combinations are drawn with ``seed``.  See

@@ -256,3 +256,31 @@ def balanced_prompts(n: int, seed: int = 0) -> List[str]:
         values = ATTRIBUTE_VALUES[a]
         cols[a] = [values[i] for i in rng.permutation(np.arange(n) % len(values))]
     return [format_caption(cols["shape"][i], cols["colour"][i], cols["position"][i], cols["size"][i]) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- #
+# Held-out prompt sets
+# --------------------------------------------------------------------------- #
+#: Seed of the partition of the 240 captions into the calibration, validation and test pools (:func:`caption_pools`).
+SPLIT_SEED = 13
+
+
+def caption_pools(split_seed: int = SPLIT_SEED) -> List[List[str]]:
+    """The 240 captions partitioned into three disjoint pools: calibration (48), validation (48), test (144).
+
+    A balanced design, relabelled by ``split_seed``: each attribute's values are numbered in a seeded order, a
+    caption's class is the sum of its four numbers modulo 5, and the five classes (48 captions each) go, in a
+    seeded order, one to calibration, one to validation and three to test. As the five positions of any (colour,
+    shape, size) land in five different classes, every pool holds every (colour, shape, size) exactly once per
+    class: each colour, shape and size is equally frequent in every pool, the positions within one caption
+    (calibration, validation) or two (test).
+    Each pool is in :func:`all_combinations` order.
+    """
+    rng = np.random.default_rng(split_seed)
+    number = {a: dict(zip(ATTRIBUTE_VALUES[a], rng.permutation(len(ATTRIBUTE_VALUES[a])))) for a in ATTRIBUTES}
+    classes = [int(c) for c in rng.permutation(5)]
+    pools: List[List[str]] = [[], [], []]
+    for scene in all_combinations():
+        cls = sum(int(number[a][getattr(scene, a)]) for a in ATTRIBUTES) % 5
+        pools[min(classes.index(cls), 2)].append(scene.caption)
+    return pools

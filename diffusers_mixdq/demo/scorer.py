@@ -121,25 +121,32 @@ class Scorer:
         return [format_caption(vals["shape"][i], vals["colour"][i], vals["position"][i], vals["size"][i])
                 for i in range(len(pred["shape"]))]  # fmt: skip
 
-    def score(self, images: ImageInput, prompts: Sequence[str]) -> Dict[str, float]:
-        """Text-alignment accuracy of ``images`` w.r.t. their ``prompts``.
-
-        Returns ``{attribute: accuracy}`` for every attribute, ``"all"`` (every
-        attribute correct) and ``"n"`` (number of images).  Prompts must be in
-        the demo caption grammar (see :func:`~diffusers_mixdq.demo.data.parse_caption`).
-        """
+    def per_image(self, images: ImageInput, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Per-image correctness: ``{attribute: BoolTensor (N,)}`` for every attribute and ``"all"`` (every
+        attribute right). Prompts must be in the demo caption grammar (see
+        :func:`~diffusers_mixdq.demo.data.parse_caption`)."""
         pred = self.predict(images)
         if len(prompts) != len(pred["shape"]):
             raise ValueError(f"{len(prompts)} prompts for {len(pred['shape'])} images")
         target = [parse_caption(p) for p in prompts]
+        out = {a: pred[a] == torch.tensor([ATTRIBUTE_VALUES[a].index(d[a]) for d in target]) for a in ATTRIBUTES}
         correct_all = torch.ones(len(prompts), dtype=torch.bool)
-        result: Dict[str, float] = {}
         for a in ATTRIBUTES:
-            t = torch.tensor([ATTRIBUTE_VALUES[a].index(d[a]) for d in target])
-            ok = pred[a] == t
-            correct_all &= ok
-            result[a] = ok.float().mean().item()
-        result["all"] = correct_all.float().mean().item()
+            correct_all &= out[a]
+        out["all"] = correct_all
+        return out
+
+    def aligned(self, images: ImageInput, prompts: Sequence[str]) -> torch.Tensor:
+        """BoolTensor (N,): image ``i`` shows every attribute prompt ``i`` asks for."""
+        return self.per_image(images, prompts)["all"]
+
+    def score(self, images: ImageInput, prompts: Sequence[str]) -> Dict[str, float]:
+        """Text-alignment accuracy of ``images`` w.r.t. their ``prompts``.
+
+        Returns ``{attribute: accuracy}`` for every attribute, ``"all"`` (every
+        attribute correct) and ``"n"`` (number of images).
+        """
+        result: Dict[str, float] = {a: ok.float().mean().item() for a, ok in self.per_image(images, prompts).items()}
         result["n"] = len(prompts)
         return result
 
