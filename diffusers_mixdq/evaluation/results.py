@@ -79,7 +79,7 @@ def _cell(value, spec: str) -> str:
 def format_table(results: Sequence[VariantResult], summaries: Sequence[dict] | None = None) -> list[list[str]]:
     """Rows (header first) for printing: one per variant (``summaries``: their :func:`summary`, computed if None)."""
     summaries = summaries or [summary(r) for r in results]
-    header = ["variant", "W bits", "denoiser MB", "FP / this", "peak RSS MB", "s / image", "PSNR dB median",
+    header = ["variant", "W bits", "denoiser MiB", "FP / this", "peak RSS MiB", "s / image", "PSNR dB median",
               "PSNR dB p10", f"diverged (<{DIVERGED_DB:g} dB)", "SSIM", "aligned % [95% CI]", "Fréchet"]
     rows = [header]
     fp_bytes = results[0].denoiser_bytes
