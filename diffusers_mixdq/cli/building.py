@@ -11,13 +11,19 @@ from .app import app, console, summary_table, user_errors
 
 
 def _cost_line(report) -> str:
-    """What the build cost: denoiser calls, sample-evaluations against the naive protocol, seconds, chosen k."""
-    ours = sum(report.sample_evaluations.values())
+    """What the build cost: denoiser calls and sample-evaluations of this run, those taken from the cache, the
+    method's total against the naive protocol, seconds, chosen k."""
+    done = sum(report.sample_evaluations.values())
+    reused = sum(report.reused_sample_evaluations.values())
     seconds = ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items())
+    this_run = f"denoiser evaluations in this run: {report.denoiser_evaluations} calls, {done:,} sample-evaluations"
+    if reused:
+        this_run += (f"; taken from the cache (measured by an earlier run): {reused:,} sample-evaluations, "
+                     f"{report.reused_denoiser_evaluations} calls")
+    method = report.method_sample_evaluations
     return (
-        f"denoiser evaluations: {report.denoiser_evaluations} calls; {ours:,} sample-evaluations vs "
-        f"{report.naive_sample_evaluations:,} for the naive protocol ({report.reduction:.1f}x fewer); seconds: "
-        f"{seconds}; chosen k = {report.chosen_k}"
+        f"{this_run}. The method: {method:,} sample-evaluations vs {report.naive_sample_evaluations:,} for the naive "
+        f"protocol ({report.reduction:.1f}x fewer); seconds: {seconds}; chosen k = {report.chosen_k}"
     )
 
 
