@@ -6,7 +6,8 @@
 
 Importing the package is cheap (no torch, no diffusers): the public names load on first use (PEP 562), and the
 registration with diffusers runs as soon as diffusers' quantizer tables are imported (at once if they already are;
-see :mod:`._import_hooks`), as does the registration of the Hub as a plan source once the plan package is imported.
+see :mod:`._import_hooks`); the weight backends register with the registry when it is imported, the Hub as a plan
+source with the plan package.
 So ``mixdq --help`` does not pay for torch, and ``from diffusers import ...`` after ``import diffusers_mixdq`` finds
 ``quant_method="mixdq"`` registered.
 """
@@ -44,12 +45,19 @@ def _register_with_diffusers(module) -> None:
         _register()
 
 
+def _register_weight_backends(_module) -> None:
+    """The weight backends register themselves when their package is imported (cheap: no library is imported);
+    whatever looks into the registry (plan sizes, the quantizer) finds them."""
+    importlib.import_module(".apply.backends", __name__)
+
+
 def _register_hub_source(_module) -> None:
     importlib.import_module(".hub", __name__)  # registers the Hugging Face Hub as a plan source
 
 
 for _name in _REGISTRATION_NEEDS:
     when_imported(_name, _register_with_diffusers)
+when_imported(f"{__name__}.registry", _register_weight_backends)
 when_imported(f"{__name__}.plan", _register_hub_source)
 
 
