@@ -28,6 +28,7 @@ from .calibration import calibrate
 from .context import BuildContext
 from .distributed import is_main_process, prepare
 from .measure import measure
+from .progress import quiet_pipeline
 from .settings import BuildReport, BuildSettings
 from .write import prompts_record, write
 
@@ -37,6 +38,11 @@ __all__ = ["BuildReport", "BuildSettings", "build_plan", "calibrate", "calibrate
 
 def build_plan(pipe, settings: BuildSettings, progress: bool = True) -> tuple[BitPlan, BuildReport]:
     """Build a plan for ``pipe``'s denoiser (see the module docstring). Returns the plan and a report."""
+    with quiet_pipeline(pipe):
+        return _build_plan(pipe, settings, progress)
+
+
+def _build_plan(pipe, settings: BuildSettings, progress: bool) -> tuple[BitPlan, BuildReport]:
     settings.validate()
     state, denoiser = prepare(pipe, settings)
     if settings.cache_dir is None and state is not None:
@@ -66,7 +72,8 @@ def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings, progress: bool
     from ..bos import attach_bos
 
     _, denoiser = prepare(pipe, settings)
-    calib = calibrate(pipe, settings, progress=progress)
+    with quiet_pipeline(pipe):
+        calib = calibrate(pipe, settings, progress=progress)
     if calib.bos_state is not None:
         plan = attach_bos(plan, calib.bos_state)
     resolved = plan.resolve(denoiser, act_ranges=calib.ranges)

@@ -9,7 +9,8 @@ done from the start and never enter the rate either.
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
@@ -58,3 +59,18 @@ def calibration_bar(expected_calls: int, enabled: bool) -> SteadyRateBar:
     """The bar of the full-precision calibration run, one step per denoiser call."""
     return SteadyRateBar(total=expected_calls, desc="calibration (full precision)", unit="call",
                          disable=not enabled)
+
+
+@contextmanager
+def quiet_pipeline(pipe) -> Iterator[None]:
+    """The pipeline's own per-call progress bar off while the build runs it hundreds of times (the build's bars say
+    where it is); the caller's setting is restored afterwards."""
+    if not hasattr(pipe, "set_progress_bar_config"):
+        yield
+        return
+    saved = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+    pipe.set_progress_bar_config(**{**saved, "disable": True})
+    try:
+        yield
+    finally:
+        pipe._progress_bar_config = saved
