@@ -312,3 +312,49 @@ def test_card_base_model_only_for_hub_ids(unet_plan):
     plan.provenance = {"tool": "diffusers-mixdq build", "recipe": {"pipeline": "models/sd-turbo",
                                                                    "pipeline_is_local": True}}
     assert plan_card({"unet": plan}, "you/r").data.base_model is None
+
+
+# --- warnings a user cannot act on; the error of a load without `import diffusers_mixdq` -------------------------
+
+
+def test_commands_filter_the_torchvision_fallback_warning_only():
+    code = (
+        "import logging, sys\n"
+        "{prepare}\n"
+        "log = logging.getLogger('transformers.utils.import_utils')\n"
+        "log.addHandler(logging.StreamHandler(sys.stdout))\n"
+        "log.warning('`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`')\n"
+        "log.warning('something else')\n"
+    )
+    plain = _python(code.format(prepare=""))
+    quiet = _python(code.format(prepare="from diffusers_mixdq.cli.app import prepare_run; prepare_run(1)"))
+    assert "requires torchvision" in plain.stdout and "something else" in plain.stdout
+    assert "requires torchvision" not in quiet.stdout and "something else" in quiet.stdout
+    assert "torch CPU threads: 1 (--threads" in quiet.stdout
+
+
+def test_readme_quotes_the_error_of_a_load_without_the_import(tmp_path):
+    """diffusers has no plug-in discovery for quantizers: the README names its exact error and the fix."""
+    import re
+
+    config = {"_class_name": "UNet2DConditionModel", "quantization_config": {"quant_method": "mixdq"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    r = _python(f"from diffusers import UNet2DConditionModel\nUNet2DConditionModel.from_pretrained({str(tmp_path)!r})")
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("ValueError: Unknown quantization type, got mixdq - supported types are: ['"), error
+    readme = (ROOT / "README.md").read_text()
+    quoted = re.search(r"\*\*`(ValueError: Unknown quantization type[^`]*)`\*\*", readme).group(1)
+    assert error.startswith(quoted.split("...")[0]) and "import diffusers_mixdq" in readme
+
+
+def test_provenance_rows_of_the_bundled_plans():
+    """The shipped plans were built before the provenance had activation metrics: still readable."""
+    from diffusers_mixdq import BitPlan, demo
+    from diffusers_mixdq.hub.provenance import provenance_rows
+
+    for name, path in demo.plans_in(demo.plans_dir()).items():
+        plan = BitPlan.load(path)
+        rows = dict(provenance_rows(plan.provenance, plan.target, public=True))
+        assert rows["built with"].startswith("diffusers-mixdq"), name
+        if "sensitivity_metric" in plan.provenance:
+            assert "SSIM of the images" in rows["sensitivity (weights)"], name

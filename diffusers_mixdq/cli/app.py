@@ -6,6 +6,7 @@ package are imported inside the commands, so ``mixdq --help`` stays quick.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -89,3 +90,35 @@ def configure_threads(threads: int | None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(count))
     console.print(f"[dim]torch CPU threads: {count} ({why}; change with --threads)[/dim]")
     return count
+
+
+#: log messages of other libraries a ``mixdq`` user cannot act on: transformers announcing, when diffusers looks up a
+#: pipeline's image-processor class, that it falls back to the PIL backend without torchvision (the commands never
+#: use an image processor)
+UNACTIONABLE = {"transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",)}
+
+
+class _Unactionable(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def quiet_unactionable_warnings() -> None:
+    """Filter the :data:`UNACTIONABLE` messages out for this process (the command line only: a library does not
+    silence other libraries for its callers). Idempotent."""
+    for name, fragments in UNACTIONABLE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Unactionable) for f in logger.filters):
+            logger.addFilter(_Unactionable(fragments))
+
+
+def prepare_run(threads: int | None) -> int:
+    """What a command that runs a model does first: thread count (:func:`configure_threads`) and no warnings the
+    user cannot act on (:func:`quiet_unactionable_warnings`). Returns the thread count."""
+    quiet_unactionable_warnings()
+    return configure_threads(threads)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .app import THREADS_HELP, app, configure_threads, console, summary_table, user_errors
+from .app import THREADS_HELP, app, console, prepare_run, summary_table, user_errors
 
 
 def _cost_line(report) -> str:
@@ -65,7 +65,7 @@ def build(
         from ..builder import is_main_process, load_recipe, run_recipe
 
         r = load_recipe(recipe)
-        configure_threads(threads)
+        prepare_run(threads)
         plan, path, report = run_recipe(r, out, cache_dir=None if cache_dir is None else str(cache_dir))
         if not is_main_process():
             return

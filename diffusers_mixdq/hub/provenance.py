@@ -78,8 +78,10 @@ def _calibration(prov: dict) -> list[tuple[str, str]]:
 
 
 def _metrics(prov: dict) -> list[tuple[str, str]]:
-    rows = []
-    for kind, groups in (prov.get("sensitivity_metric") or {}).items():
+    rows, metrics = [], prov.get("sensitivity_metric") or {}
+    if all(isinstance(v, str) for v in metrics.values()):  # plans built before activations were measured
+        metrics = {"weights": metrics} if metrics else {}
+    for kind, groups in metrics.items():
         text = "; ".join(f"{g} layers: {METRIC_NAMES.get(m, m)}" for g, m in sorted(groups.items()))
         rows.append((f"sensitivity ({kind})", text))
     return rows
