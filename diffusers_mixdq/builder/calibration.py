@@ -130,9 +130,8 @@ def _calibrate_cached(pipe, settings, denoiser, path: Path, device, progress: bo
 
 
 def _calibrate_now(pipe, settings: BuildSettings, denoiser: nn.Module, progress: bool = False) -> Calibration:
-    from .progress import calibration_bar
-
     from ..bos import NonCausalEncoderError, attach_bos, bos_hidden_state
+    from .progress import calibration_bar
 
     bos_state = None
     if settings.bos:
