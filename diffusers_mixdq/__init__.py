@@ -3,17 +3,75 @@
 ``import diffusers_mixdq`` registers the ``mixdq`` quantization method with diffusers. Data flow of the package:
 ``plan`` (what each layer gets) -> ``apply`` (how: a weight backend, optimum-quanto by default) -> ``builder``
 (calibrate, measure, allocate, write) -> ``hub`` (share) -> ``cli``. See docs/architecture.md.
+
+Importing the package is cheap (no torch, no diffusers): the public names load on first use (PEP 562), and the
+registration with diffusers runs as soon as diffusers' quantizer tables are imported (at once if they already are;
+see :mod:`._import_hooks`); the weight backends register with the registry when it is imported, the Hub as a plan
+source with the plan package.
+So ``mixdq --help`` does not pay for torch, and ``from diffusers import ...`` after ``import diffusers_mixdq`` finds
+``quant_method="mixdq"`` registered.
 """
 
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING
+
+from ._import_hooks import is_initializing, when_imported
 from ._registration import register as _register
 from ._version import __version__
-from .config import MixDQConfig
 from .errors import MixDQError, PlanFormatError, PlanMismatchError, PlanPushError, PlanSourceError
-from .plan import BitPlan, LayerSpec, PlanSummary
 
-_register()
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import MixDQConfig
+    from .plan import BitPlan, LayerSpec, PlanSummary
 
-from . import hub  # noqa: E402,F401  (registers the Hugging Face Hub as a plan source)
+#: public name -> module that defines it (imported on first access)
+_LAZY = {"MixDQConfig": ".config", "BitPlan": ".plan", "LayerSpec": ".plan", "PlanSummary": ".plan"}
+
+
+#: registering needs these three imported: diffusers' tables, our config and our quantizer
+_REGISTRATION_NEEDS = ("diffusers.quantizers", f"{__name__}.config", f"{__name__}.apply.quantizer")
+
+
+def _register_with_diffusers(module) -> None:
+    """Register once diffusers' quantizer tables exist, unless one of the modules registering imports is still
+    running its code (an import cycle): the last of them to finish calls this again."""
+    if "diffusers.quantizers" not in sys.modules:
+        return
+    busy = [n for n in _REGISTRATION_NEEDS if n != getattr(module, "__name__", None) and is_initializing(n)]
+    if not busy:
+        _register()
+
+
+def _register_weight_backends(_module) -> None:
+    """The weight backends register themselves when their package is imported (cheap: no library is imported);
+    whatever looks into the registry (plan sizes, the quantizer) finds them."""
+    importlib.import_module(".apply.backends", __name__)
+
+
+def _register_hub_source(_module) -> None:
+    importlib.import_module(".hub", __name__)  # registers the Hugging Face Hub as a plan source
+
+
+for _name in _REGISTRATION_NEEDS:
+    when_imported(_name, _register_with_diffusers)
+when_imported(f"{__name__}.registry", _register_weight_backends)
+when_imported(f"{__name__}.plan", _register_hub_source)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BitPlan",

@@ -534,3 +534,14 @@ def test_cache_checks_lfs_files_by_sha256_and_evicts_them(tmp_path, monkeypatch)
     with pytest.raises(PlanSourceError, match="the sidecar is corrupted.*removed from the cache"):
         verify(str(entry), "the sidecar")
     assert not entry.is_symlink() and not blob.exists()
+
+
+def test_inspect_a_hub_plan_in_a_component_folder(hub, repo_id, resolved):
+    """`mixdq inspect user/repo --subfolder unet` reads the plan of that component folder (issue #18); without it,
+    the error names the folders the repo has plans in."""
+    push_plan({"unet": resolved}, repo_id)
+    shown = CliRunner().invoke(app, ["inspect", repo_id, "--subfolder", "unet"])
+    assert shown.exit_code == 0, shown.output
+    assert f"{resolved.summary().avg_weight_bits:.2f}" in shown.output
+    missing = CliRunner().invoke(app, ["inspect", repo_id])
+    assert missing.exit_code == 2 and "subfolder='unet'" in " ".join(missing.output.split())

@@ -28,6 +28,7 @@ from .calibration import calibrate
 from .context import BuildContext
 from .distributed import is_main_process, prepare
 from .measure import measure
+from .progress import quiet_pipeline
 from .settings import BuildReport, BuildSettings
 from .write import prompts_record, write
 
@@ -37,6 +38,11 @@ __all__ = ["BuildReport", "BuildSettings", "build_plan", "calibrate", "calibrate
 
 def build_plan(pipe, settings: BuildSettings, progress: bool = True) -> tuple[BitPlan, BuildReport]:
     """Build a plan for ``pipe``'s denoiser (see the module docstring). Returns the plan and a report."""
+    with quiet_pipeline(pipe):
+        return _build_plan(pipe, settings, progress)
+
+
+def _build_plan(pipe, settings: BuildSettings, progress: bool) -> tuple[BitPlan, BuildReport]:
     settings.validate()
     state, denoiser = prepare(pipe, settings)
     if settings.cache_dir is None and state is not None:
@@ -45,10 +51,13 @@ def build_plan(pipe, settings: BuildSettings, progress: bool = True) -> tuple[Bi
     report = ctx.report
 
     t0 = time.perf_counter()
-    calib = calibrate(pipe, ctx.settings)
+    calib = calibrate(pipe, ctx.settings, progress=progress)
     report.seconds["calibrate"] = time.perf_counter() - t0
     rec = calib.recording
-    report.count("calibrate", rec.num_calls, rec.num_samples)
+    if calib.from_cache:
+        report.count("calibrate", 0, 0, reused=(rec.num_calls, rec.num_samples))
+    else:
+        report.count("calibrate", rec.num_calls, rec.num_samples)
 
     sens = measure(ctx, calib)
     chosen = assign(ctx, calib, sens)
@@ -57,13 +66,14 @@ def build_plan(pipe, settings: BuildSettings, progress: bool = True) -> tuple[Bi
     return write(ctx, sens, chosen), report
 
 
-def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings) -> BitPlan:
+def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings, progress: bool = True) -> BitPlan:
     """``plan`` resolved against ``pipe``'s denoiser with calibrated static ranges and the BOS state attached
     (e.g. a uniform W8A8 plan: ``BitPlan.uniform("int8", activations="int8")`` has no ranges of its own)."""
     from ..bos import attach_bos
 
     _, denoiser = prepare(pipe, settings)
-    calib = calibrate(pipe, settings)
+    with quiet_pipeline(pipe):
+        calib = calibrate(pipe, settings, progress=progress)
     if calib.bos_state is not None:
         plan = attach_bos(plan, calib.bos_state)
     resolved = plan.resolve(denoiser, act_ranges=calib.ranges)

@@ -94,13 +94,13 @@ def calibration_key(denoiser: nn.Module, s: BuildSettings) -> str:
     return h.hexdigest()[:16]
 
 
-def calibrate(pipe, settings: BuildSettings) -> Calibration:
+def calibrate(pipe, settings: BuildSettings, progress: bool = False) -> Calibration:
     """One full-precision pipeline run over the prompts, recording the denoiser's calls, the images and every
     layer's input absmax and size (token 0 left out for the layers that will be BOS-aware).
 
     With ``settings.cache_dir`` the run is kept on disk (``calibration-<key>.safetensors``) and a later build with
-    the same model, prompts and run settings loads it instead; in a sharded build the main process calibrates and
-    the others load its file."""
+    the same model, prompts and run settings loads it instead (``from_cache`` set); in a sharded build the main
+    process calibrates and the others load its file. ``progress`` shows a bar, one step per denoiser call."""
     from ..families import denoiser_of
 
     _, denoiser = denoiser_of(pipe, settings.component)
@@ -111,26 +111,27 @@ def calibrate(pipe, settings: BuildSettings) -> Calibration:
     state = distributed_state()
     if state is not None and path is not None:
         if state.is_main_process:
-            calib = _calibrate_cached(pipe, settings, denoiser, path, device)
+            calib = _calibrate_cached(pipe, settings, denoiser, path, device, progress)
         state.wait_for_everyone()
         if not state.is_main_process:
             calib = load_calibration(path, device) or _calibrate_now(pipe, settings, denoiser)
         return calib
     if path is not None:
-        return _calibrate_cached(pipe, settings, denoiser, path, device)
-    return _calibrate_now(pipe, settings, denoiser)
+        return _calibrate_cached(pipe, settings, denoiser, path, device, progress)
+    return _calibrate_now(pipe, settings, denoiser, progress)
 
 
-def _calibrate_cached(pipe, settings, denoiser, path: Path, device) -> Calibration:
+def _calibrate_cached(pipe, settings, denoiser, path: Path, device, progress: bool) -> Calibration:
     calib = load_calibration(path, device)
     if calib is None:
-        calib = _calibrate_now(pipe, settings, denoiser)
+        calib = _calibrate_now(pipe, settings, denoiser, progress)
         save_calibration(calib, path)
     return calib
 
 
-def _calibrate_now(pipe, settings: BuildSettings, denoiser: nn.Module) -> Calibration:
+def _calibrate_now(pipe, settings: BuildSettings, denoiser: nn.Module, progress: bool = False) -> Calibration:
     from ..bos import NonCausalEncoderError, attach_bos, bos_hidden_state
+    from .progress import calibration_bar
 
     bos_state = None
     if settings.bos:
@@ -145,8 +146,15 @@ def _calibrate_now(pipe, settings: BuildSettings, denoiser: nn.Module) -> Calibr
     holder: dict[str, Recording] = {}
     elements: dict[str, float] = {}
 
-    def run():
-        holder["rec"] = record_run(pipe, denoiser, lambda: run_pipeline(pipe, settings))
+    # one batch of all prompts: a denoiser call per step (more for schedulers that call it twice a step)
+    with calibration_bar(settings.steps, progress) as bar:
 
-    ranges = record_input_ranges(denoiser, run, skip_first_token=bos_layers, elements=elements)
+        def step() -> None:
+            bar.total = max(bar.total, bar.n + 1)
+            bar.update(1)
+
+        def run():
+            holder["rec"] = record_run(pipe, denoiser, lambda: run_pipeline(pipe, settings), on_call=step)
+
+        ranges = record_input_ranges(denoiser, run, skip_first_token=bos_layers, elements=elements)
     return Calibration(holder["rec"], ranges, bos_state, bos_layers, elements)

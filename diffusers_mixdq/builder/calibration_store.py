@@ -97,5 +97,5 @@ def load_calibration(path: str | os.PathLike, device: torch.device | str = "cpu"
                     images=_decode(skeleton["images"], tensors, "cpu"))
     return Calibration(rec, {k: float(v) for k, v in skeleton["ranges"].items()},
                        _decode(skeleton["bos_state"], tensors, device), list(skeleton["bos_layers"]),
-                       {k: float(v) for k, v in skeleton["elements"].items()})
+                       {k: float(v) for k, v in skeleton["elements"].items()}, from_cache=True)
 

@@ -159,9 +159,11 @@ def measure(ctx: BuildContext, calib: Calibration) -> Sensitivities:
 def _account(ctx: BuildContext, rec: Recording, sens: SensitivityResult, act_sens) -> Sensitivities:
     """Costs into the report; the naive protocol measures every candidate width of every layer, on every sample and
     every prompt."""
-    ctx.report.count("sensitivity", sens.cost.calls, sens.cost.samples)
+    ctx.report.count("sensitivity", sens.cost.calls, sens.cost.samples,
+                     reused=(sens.reused.calls, sens.reused.samples))
     naive = rec.num_samples * sum(len(set(ctx.settings.widths[ctx.groups[n]])) for n in ctx.candidates)
     if act_sens is not None:
-        ctx.report.count("activation_sensitivity", act_sens.cost.calls, act_sens.cost.samples)
+        ctx.report.count("activation_sensitivity", act_sens.cost.calls, act_sens.cost.samples,
+                         reused=(act_sens.reused.calls, act_sens.reused.samples))
         naive += act_sens.naive.samples
     return Sensitivities(sens, act_sens, naive)

@@ -164,7 +164,7 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, ca
         settings.weight_bits = recipe.size_mb * 8 * 2**20 / total
     report = None
     if recipe.calibrate_only:
-        plan = calibrated_plan(pipe, _uniform_plan(recipe), settings)
+        plan = calibrated_plan(pipe, _uniform_plan(recipe), settings, progress=progress)
     else:
         plan, report = build_plan(pipe, settings, progress=progress)
     plan.target["base_model"] = recipe.pipeline
@@ -173,6 +173,7 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, ca
         "source": recipe.source,
         "description": recipe.description,
         "pipeline": recipe.pipeline,
+        "pipeline_is_local": Path(recipe.pipeline).exists(),  # a local directory is no Hub base_model
         "steps": recipe.steps,
         "guidance": recipe.guidance,
         "budget_bits": settings.weight_bits,

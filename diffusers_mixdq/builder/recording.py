@@ -83,13 +83,17 @@ def first_tensor(output: Any) -> torch.Tensor:
     return output[0]
 
 
-def record_run(pipe, denoiser: nn.Module, run: Callable[[], torch.Tensor]) -> Recording:
-    """Run ``run()`` (a full-precision pipeline call returning images) and record every denoiser call."""
+def record_run(pipe, denoiser: nn.Module, run: Callable[[], torch.Tensor],
+               on_call: Callable[[], Any] | None = None) -> Recording:
+    """Run ``run()`` (a full-precision pipeline call returning images) and record every denoiser call (calling
+    ``on_call()`` after each, e.g. to advance a progress bar)."""
     rec = Recording()
 
     def hook(module, args, kwargs, output):
         rec.calls.append((_detach(args), _detach(kwargs)))
         rec.outputs.append(first_tensor(output).detach().clone())
+        if on_call is not None:
+            on_call()
 
     handle = denoiser.register_forward_hook(hook, with_kwargs=True)
     try:
@@ -117,4 +121,6 @@ class Calibration:
     bos_state: torch.Tensor | None
     bos_layers: list[str]
     elements: dict[str, float] = field(default_factory=dict)
+    #: loaded from the build's cache instead of run (set by :func:`~.calibration.calibrate`)
+    from_cache: bool = False
 

@@ -100,9 +100,10 @@ class ContentScorer:
 
 @dataclass
 class SensitivityResult:
-    """``scores[layer][width] = score`` (higher is better) and what it cost: ``cost`` as measured (cached scores
-    are free), ``naive`` what the naive protocol (every layer x width on all recorded calls, all samples, and a
-    full pipeline run over every prompt per content job) costs for the same jobs."""
+    """``scores[layer][width] = score`` (higher is better) and what it cost: ``cost`` what this run measured,
+    ``reused`` what the scores taken from the cache cost when they were measured, ``naive`` what the naive protocol
+    (every layer x width on all recorded calls, all samples, and a full pipeline run over every prompt per content
+    job) costs for the same jobs."""
 
     kind: str
     metric: dict[str, str]
@@ -110,6 +111,8 @@ class SensitivityResult:
     cost: Cost
     naive: Cost
     jobs: list[tuple[str, int]] = field(default_factory=list)
+    #: what the scores taken from the cache cost when an earlier run measured them (not spent by this run)
+    reused: Cost = field(default_factory=Cost)
 
     def fill_from(self, cache: ScoreCache) -> None:
         """Take every job's score from ``cache`` (after a sharded sweep, from the merged parts)."""
@@ -148,36 +151,46 @@ def layer_sensitivity(
         shard: ``(index, count)``: measure only every ``count``-th job starting at ``index`` (the others are left
             to other processes; their scores are missing from the result until the parts are merged).
     """
-    from tqdm.auto import tqdm
-
     from ..apply import quantize_module
+    from .progress import sweep_bar
 
     layers = list(layers)
     all_jobs = [(n, b) for n in layers for b in widths[groups[n]]]
     scores: dict[str, dict[int, float]] = {n: {} for n in layers}
-    cost, naive = Cost(), Cost()
+    cost, naive, reused = Cost(), Cost(), Cost()
     naive.add(naive_cost[0] * len(all_jobs), naive_cost[1] * len(all_jobs))
     cache = cache or ScoreCache(None)
     index, count = shard
-    jobs = all_jobs[index::count]
-    for name, bits in tqdm(jobs, desc=f"{kind} sensitivity", disable=not progress, unit="job"):
-        key = score_key(name, bits, kind)
-        cached = cache.get(key)
+    mine, todo = all_jobs[index::count], []
+    for name, bits in mine:
+        cached = cache.get(score_key(name, bits, kind))
         if cached is None:
+            todo.append((name, bits))
+        else:  # measured by an earlier (interrupted or identical) run: what it cost then, not now
+            scores[name][bits] = cached
+            reused.add(*_job_cost(groups[name], quality_rec, content))
+    with sweep_bar(f"{kind} sensitivity", len(mine), len(mine) - len(todo), progress) as bar:
+        for name, bits in todo:
             qmodule = quantize_module(denoiser.get_submodule(name), spec_for(name, bits), bos_state=bos_state)
             with swapped(denoiser, name, qmodule):
-                cached = _score(denoiser, groups[name], quality_rec, content, cost)
-            cache.put(key, cached)
-        scores[name][bits] = cached
+                scores[name][bits] = _score(denoiser, groups[name], quality_rec, content)
+            cost.add(*_job_cost(groups[name], quality_rec, content))
+            cache.put(score_key(name, bits, kind), scores[name][bits])
+            bar.update(1)
     metric = {"quality": "sqnr_db", "content": content.metric if content is not None else "sqnr_db"}
-    return SensitivityResult(kind, metric, scores, cost, naive, all_jobs)
+    return SensitivityResult(kind, metric, scores, cost, naive, all_jobs, reused)
 
 
-def _score(denoiser: nn.Module, group: str, quality_rec: Recording, content: ContentScorer | None, cost: Cost) -> float:
-    """The score of the denoiser as it is now (one layer quantized): an image metric for a content layer (when there
-    is a content scorer), else the SQNR of its output on the recorded calls; its cost added to ``cost``."""
+def _job_cost(group: str, quality_rec: Recording, content: ContentScorer | None) -> tuple[int, int]:
+    """``(calls, samples)`` one measurement of a layer of ``group`` costs the denoiser."""
     if group == "content" and content is not None:
-        cost.add(*content.cost)
+        return content.cost
+    return quality_rec.num_calls, quality_rec.num_samples
+
+
+def _score(denoiser: nn.Module, group: str, quality_rec: Recording, content: ContentScorer | None) -> float:
+    """The score of the denoiser as it is now (one layer quantized): an image metric for a content layer (when there
+    is a content scorer), else the SQNR of its output on the recorded calls."""
+    if group == "content" and content is not None:
         return content.score()
-    cost.add(quality_rec.num_calls, quality_rec.num_samples)
     return replay_sqnr(denoiser, quality_rec)

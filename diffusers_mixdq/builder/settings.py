@@ -103,12 +103,16 @@ class BuildSettings:
 
 @dataclass
 class BuildReport:
-    """Numbers from a build: phase times, denoiser calls and sample-evaluations per phase (and what the naive
-    protocol would have cost), solver statistics, the candidates' MSE."""
+    """Numbers from a build: phase times, denoiser calls and sample-evaluations per phase done by this run and
+    taken from its cache (and what the naive protocol would have cost), solver statistics, the candidates' MSE."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     denoiser_evaluations: dict[str, int] = field(default_factory=dict)
     sample_evaluations: dict[str, int] = field(default_factory=dict)
+    #: per phase, what the results this run took from its cache (calibration, sensitivity scores) cost when they
+    #: were measured: part of the method's cost, not of this run's
+    reused_denoiser_evaluations: dict[str, int] = field(default_factory=dict)
+    reused_sample_evaluations: dict[str, int] = field(default_factory=dict)
     naive_sample_evaluations: int = 0
     activation_solver: list[dict[str, Any]] = field(default_factory=list)
     solver: list[dict[str, Any]] = field(default_factory=list)
@@ -116,15 +120,24 @@ class BuildReport:
     chosen_k: float | None = None
 
     @property
+    def method_sample_evaluations(self) -> int:
+        """What the method cost, whether this run measured it or took it from its cache."""
+        return sum(self.sample_evaluations.values()) + sum(self.reused_sample_evaluations.values())
+
+    @property
     def reduction(self) -> float | None:
-        """Naive sample-evaluations / ours (the same calibration and final pick counted on both sides)."""
-        ours = sum(self.sample_evaluations.values())
+        """Naive sample-evaluations / the method's (cached results counted as measured: a rerun that reuses its
+        cache is not cheaper *as a method*; the same calibration and final pick counted on both sides)."""
+        ours = self.method_sample_evaluations
         return self.naive_sample_evaluations / ours if ours else None
 
-    def count(self, phase: str, calls: int, samples: int) -> None:
-        """Record a phase's denoiser calls and sample-evaluations."""
+    def count(self, phase: str, calls: int, samples: int, *, reused: tuple[int, int] = (0, 0)) -> None:
+        """Record a phase's denoiser calls and sample-evaluations done by this run, and ``reused`` ``(calls,
+        samples)``: what its results taken from the cache cost when they were measured."""
         self.denoiser_evaluations[phase] = calls
         self.sample_evaluations[phase] = samples
+        if any(reused):
+            self.reused_denoiser_evaluations[phase], self.reused_sample_evaluations[phase] = reused
 
 
 def run_pipeline(pipe, s: BuildSettings, indices: Sequence[int] | None = None) -> torch.Tensor:

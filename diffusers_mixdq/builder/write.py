@@ -37,6 +37,9 @@ def write(ctx: BuildContext, sens: Sensitivities, chosen: Assignment) -> BitPlan
                        "activations": report.activation_solver, "activations_kept_unquantized": kept},
         "denoiser_evaluations": report.denoiser_evaluations,
         "sample_evaluations": {**report.sample_evaluations, "naive_total": report.naive_sample_evaluations},
+        # results this run took from its cache, at what they cost when measured (not spent by this run)
+        "reused_from_cache": {"denoiser_evaluations": report.reused_denoiser_evaluations,
+                              "sample_evaluations": report.reused_sample_evaluations},
         "seconds": report.seconds,
     }
     return plan

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from . import plans, evaluation, building, sharing, interop  # noqa: F401,I001  (register the commands, in --help order)
 from .app import app, console, fail
-from .plans import provenance_rows
 from .skeleton import load_model_skeleton
 
 
@@ -23,4 +22,4 @@ def main() -> None:
     app()
 
 
-__all__ = ["app", "console", "fail", "load_model_skeleton", "main", "provenance_rows"]
+__all__ = ["app", "console", "fail", "load_model_skeleton", "main"]

@@ -7,17 +7,32 @@ from typing import Optional
 
 import typer
 
-from .app import app, console, summary_table, user_errors
+from .app import THREADS_HELP, app, console, prepare_run, summary_table, user_errors
 
 
 def _cost_line(report) -> str:
-    """What the build cost: denoiser calls, sample-evaluations against the naive protocol, seconds, chosen k."""
-    ours = sum(report.sample_evaluations.values())
+    """What the build cost: denoiser calls and sample-evaluations of this run, those taken from the cache, the
+    method's total against the naive protocol, seconds, chosen k."""
+    done = sum(report.sample_evaluations.values())
+    reused = sum(report.reused_sample_evaluations.values())
     seconds = ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items())
+    this_run = f"denoiser evaluations in this run: {report.denoiser_evaluations} calls, {done:,} sample-evaluations"
+    if reused:
+        this_run += (f"; taken from the cache (measured by an earlier run): {reused:,} sample-evaluations, "
+                     f"{report.reused_denoiser_evaluations} calls")
+    method = report.method_sample_evaluations
     return (
-        f"denoiser evaluations: {report.denoiser_evaluations} calls; {ours:,} sample-evaluations vs "
-        f"{report.naive_sample_evaluations:,} for the naive protocol ({report.reduction:.1f}x fewer); seconds: "
-        f"{seconds}; chosen k = {report.chosen_k}"
+        f"{this_run}. The method: {method:,} sample-evaluations vs {report.naive_sample_evaluations:,} for the naive "
+        f"protocol ({report.reduction:.1f}x fewer); seconds: {seconds}; chosen k = {report.chosen_k}"
+    )
+
+
+def _load_hint(out: Path, path: Path) -> str:
+    """How to use the plan just written (``out/<component>/plan.json``, the Hub plan-repo layout)."""
+    component = Path(path).parent.name
+    return (
+        f'use it: MixDQConfig(plan="{out}", subfolder="{component}"); mixdq inspect {out}; '
+        f"mixdq push {out} user/repo"
     )
 
 
@@ -43,12 +58,14 @@ def build(
     cache_dir: Optional[Path] = typer.Option(
         None, help="Resumable sensitivity cache (default: OUT/.sensitivity-cache); rerun after an interruption."
     ),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """Build a plan from a recipe: calibrate, measure sensitivity, allocate widths with HiGHS, save (and push)."""
     with user_errors():
         from ..builder import is_main_process, load_recipe, run_recipe
 
         r = load_recipe(recipe)
+        prepare_run(threads)
         plan, path, report = run_recipe(r, out, cache_dir=None if cache_dir is None else str(cache_dir))
         if not is_main_process():
             return
@@ -56,4 +73,5 @@ def build(
         if report is not None:
             console.print(_cost_line(report))
         console.print(f"wrote {path}")
+        console.print(_load_hint(out, path))
         _push(r, out, push, private)

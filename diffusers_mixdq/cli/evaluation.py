@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import MixDQError
-from .app import app, console, user_errors
+from .app import THREADS_HELP, app, console, prepare_run, user_errors
 
 JSON_HELP = ("Write a JSON list, one object per variant with exactly: name, avg_weight_bits, denoiser_bytes, "
              "psnr_median_db, psnr_p10_db, diverged, ssim, aligned (%), aligned_ci (a lo, hi pair, %), seconds_per_image "
@@ -78,14 +78,17 @@ def _run(pipeline: str, plans: dict, prompts: list[str], scoring, generation, me
     return results, [summary(r, resamples=resamples, seed=generation.seed) for r in results]
 
 
-def _plan_sources(model, plans: list[str]) -> dict[str, str]:
-    """``{name: source}``: a path as given, else the model's bundled plan of that name, else a repo id."""
+def _plan_sources(model, plans: list[str], subfolder: str | None = None) -> dict:
+    """``{name: plan or source}``: a local path (its only component folder, or ``subfolder``), else the model's
+    bundled plan of that name, else a repo id (in ``subfolder`` when given)."""
     from .. import demo
+    from .plan_paths import load_plan_argument
 
     out = {}
     for p in plans:
-        bundled = None if Path(p).exists() else demo.bundled_plan(model.name, p)
-        out[Path(p).name if Path(p).exists() else p] = str(bundled or p)
+        bundled = None if Path(p).exists() or subfolder else demo.bundled_plan(model.name, p)
+        name = Path(p).name if Path(p).exists() else p
+        out[name] = str(bundled) if bundled else load_plan_argument(p, subfolder)[0]
     return out
 
 
@@ -140,18 +143,22 @@ def eval_command(
     resamples: int = typer.Option(2000, help="Bootstrap resamples of the alignment intervals."),
     json_path: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
     out: Optional[Path] = typer.Option(None, help="Directory for grid.png and results.json."),
+    subfolder: Optional[str] = typer.Option(None, "--subfolder", help="Component folder of each --plan (unet, "
+                                            "transformer); default: the only one there is."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """Per variant: size, weight bits, peak memory, seconds per image, per-image PSNR to full precision (median,
     10th percentile, diverged images), SSIM and, with a scorer, alignment with a 95% bootstrap interval."""
     from ..evaluation import write_json
 
+    prepare_run(threads)
     with user_errors():
         m = _model_for(pipeline, model)
         own = pipeline is None or m.pipeline_dir.resolve() == Path(pipeline).resolve()
         pipeline = pipeline or m.pipeline_path()
         prompts = _read_prompts(prompts_file, m.name, split, num_prompts, seed)
         gen = _generation(m, own, seed, steps, guidance, batch_size)
-        results, summaries = _run(pipeline, _plan_sources(m, plan), prompts,
+        results, summaries = _run(pipeline, _plan_sources(m, plan, subfolder), prompts,
                                   _scoring(m, prompts, required=False) if scorer else (None, None), gen, memory,
                                   resamples)
         _print_results(results, summaries, f"{pipeline}: {len(prompts)} prompts"
@@ -193,12 +200,14 @@ def demo(
     seed: int = typer.Option(0, help="Chooses the test prompts and the image seeds (prompt i: seed + i)."),
     memory: bool = typer.Option(True, help="Measure peak RSS of each variant in a fresh process."),
     json_path: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP + " Names are <model>/<variant>."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
     """The bundled demo models in full precision and with their bundled plans, on held-out test prompts: a PNG grid
     and a table per model."""
     from .. import demo as demo_model
     from ..evaluation import write_json
 
+    prepare_run(threads)
     with user_errors():
         names = list(model) or demo_model.available_models()
         if plans_dir is not None and len(names) != 1:

@@ -10,54 +10,12 @@ from rich.table import Table
 
 from ..errors import MixDQError
 from .app import app, console, summary_table, user_errors
+from .plan_paths import load_plan_argument
 from .skeleton import load_model_skeleton
 
 
-def _allocation_rows(alloc: dict) -> list[tuple[str, str]]:
-    rows = [("weight allocation", f"k={alloc.get('k')}, {alloc.get('status')}, average "
-             f"{alloc.get('avg_bits', 0):.3f} bits, MIP gap {alloc.get('mip_gap')}, "
-             f"{len(alloc.get('candidates', []))} candidates")]
-    for act in alloc.get("activations") or []:
-        rows.append(("activation allocation", f"{act.get('status')}, element-weighted average "
-                     f"{act.get('avg_bits', 0):.3f} bits"))
-    if alloc.get("activations_kept_unquantized"):
-        rows.append(("inputs kept unquantized", ", ".join(alloc["activations_kept_unquantized"])))
-    return rows
-
-
-def _cost_rows(prov: dict) -> list[tuple[str, str]]:
-    rows = []
-    samples = prov.get("sample_evaluations") or {}
-    if samples:
-        ours = sum(v for k, v in samples.items() if k != "naive_total")
-        naive = samples.get("naive_total")
-        rows.append(("denoiser sample-evaluations", f"{ours:,}" + (f" (naive protocol: {naive:,})" if naive else "")))
-    if prov.get("seconds"):
-        rows.append(("seconds", ", ".join(f"{k} {v:.1f}" for k, v in prov["seconds"].items())))
-    return rows
-
-
-def provenance_rows(prov: dict) -> list[tuple[str, str]]:
-    """Readable rows of a plan's provenance (what built it, on what, with which solver results and cost)."""
-    rows = [("tool", str(prov.get("tool", "?")))]
-    if "num_prompts" in prov:
-        sha = str(prov.get("prompts_sha256"))[:12]
-        rows.append(("calibration prompts", f"{prov['num_prompts']} (sha256 {sha}…)"))
-    recipe = prov.get("recipe") or {}
-    if recipe.get("source"):
-        rows.append(("recipe", str(recipe["source"])))
-    if prov.get("sensitivity_metric"):
-        rows.append(("sensitivity metrics", json.dumps(prov["sensitivity_metric"])))
-    if prov.get("allocation"):
-        rows += _allocation_rows(prov["allocation"])
-    return rows + _cost_rows(prov)
-
-
-def _resolved(plan: str, model: str | None, component: str | None):
+def _resolved(bitplan, model: str | None, component: str | None):
     """The plan resolved for its summary, and the model skeleton it was resolved against (None: none needed)."""
-    from ..plan import resolve_plan_source
-
-    bitplan = resolve_plan_source(plan)
     skeleton = load_model_skeleton(model, component) if model else None
     if skeleton is None:
         if not bitplan.is_resolved:
@@ -85,7 +43,13 @@ def _title(target: dict) -> str:
 
 @app.command("inspect")
 def inspect_command(
-    plan: str = typer.Argument(..., help="Plan: a .json file or a directory holding plan.json."),
+    plan: str = typer.Argument(
+        ..., help="Plan: a .json file, a directory holding plan.json or component folders (unet/plan.json), or a "
+        "Hub repo id."
+    ),
+    subfolder: Optional[str] = typer.Option(
+        None, "--subfolder", help="Component folder of the plan (unet, transformer); default: the only one there is."
+    ),
     model: Optional[str] = typer.Option(
         None, "--model", help="Model or pipeline directory to resolve the plan against (config only, no weights)."
     ),
@@ -95,13 +59,18 @@ def inspect_command(
 ):
     """Summarise a plan: layers per width, average bits, estimated size vs FP16 / FP32."""
     with user_errors():
-        resolved, skeleton = _resolved(plan, model, component)
+        bitplan, detected = load_plan_argument(plan, subfolder)
+        resolved, skeleton = _resolved(bitplan, model, component or detected or subfolder)
         summary = resolved.summary(skeleton)
     if as_json:
         print(json.dumps({**summary.to_dict(), "provenance": resolved.provenance}, indent=2, default=str))
         return
+    if detected:
+        console.print(f"{plan}: the plan of its only component folder, {detected}/")
     console.print(summary_table(_title(resolved.target), summary.rows()))
     if resolved.provenance:
-        console.print(summary_table("How it was built", provenance_rows(resolved.provenance)))
+        from ..hub.provenance import provenance_rows
+
+        console.print(summary_table("How it was built", provenance_rows(resolved.provenance, resolved.target)))
     if layers:
         console.print(_layers_table(resolved))

@@ -1,10 +1,12 @@
 """The model card (``README.md``) of a plan repository, built with huggingface_hub's ``ModelCard``.
 
-YAML metadata: ``base_model`` (from the plans' ``target.base_model``, with ``base_model_relation: quantized``),
-``library_name: diffusers`` and the tags ``mixdq``, ``quantization``, ``diffusers``, ``mixed-precision``. Body: the
-plans in the repo, a summary per plan (layers per width, average bits, estimated size vs FP16 for resolved plans;
-defaults, rules and ignore list for rule-based ones, whose summary depends on the model), how each was built
-(``provenance``), the file layout and a usage snippet. The card has no timestamps: the same plans give the same card.
+YAML metadata: ``base_model`` (from the plans' ``target.base_model`` when it is a Hub repo id, never a local
+path, with ``base_model_relation: quantized``), ``library_name: diffusers`` and the tags ``mixdq``, ``quantization``,
+``diffusers``, ``mixed-precision``. Body: the plans in the repo, a summary per plan (a table of weight widths,
+average bits, estimated size vs FP16 for resolved plans; defaults, rules and ignore list for rule-based ones, whose
+summary depends on the model), how each was built (budget, metrics, allocation, cost: :mod:`.provenance`; the raw
+record folded away), the file layout and a usage snippet. The card has no timestamps: the same plans give the same
+card.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .._version import __version__
 from ..families import DENOISER_COMPONENTS, FAMILIES
 from ..plan import BitPlan
 from .layout import SIDECAR_FILENAME, component_for_class, plan_path
+from .provenance import is_hub_id, provenance_rows
 
 TAGS = ["mixdq", "quantization", "diffusers", "mixed-precision"]
 
@@ -25,10 +28,12 @@ def _cell(value) -> str:
 
 
 def _base_models(plans: Mapping[str, BitPlan]) -> list[str]:
+    """The Hub repo ids the plans were built for (a local base model directory is no metadata: see
+    :func:`.provenance.is_hub_id`)."""
     seen: list[str] = []
     for plan in plans.values():
         base = plan.target.get("base_model")
-        if base and base not in seen:
+        if is_hub_id(base, plan.provenance) and base not in seen:
             seen.append(base)
     return seen
 
@@ -40,7 +45,7 @@ def _component(folder: str, plan: BitPlan) -> str | None:
 def _summary_section(plan: BitPlan) -> list[str]:
     if plan.is_resolved:
         rows = plan.summary().rows()
-        out = ["| | |", "|---|---|"]
+        out = _widths_table(plan) + ["", "| | |", "|---|---|"]
         out += [f"| {_cell(k)} | {_cell(v)} |" for k, v in rows]
         out += [
             "",
@@ -82,10 +87,37 @@ def _example_class(component: str) -> str:
     return family.classes[0] if family else "UNet2DConditionModel"
 
 
+def _widths_table(plan: BitPlan) -> list[str]:
+    """Layers and parameters per weight width, widest share first."""
+    manifest = plan.manifest() or {}
+    layers: dict[str, int] = {}
+    params: dict[str, int] = {}
+    for name, spec in plan.layer_specs().items():
+        layers[spec.weights] = layers.get(spec.weights, 0) + 1
+        params[spec.weights] = params.get(spec.weights, 0) + (manifest[name].numel if name in manifest else 0)
+    total = sum(params.values()) or 1
+    out = ["| weights | layers | parameters | share of parameters |", "|---|---|---|---|"]
+    for dtype in sorted(layers, key=lambda d: -params[d]):
+        shown = "floating point (not quantized)" if dtype == "none" else dtype
+        out.append(f"| {shown} | {layers[dtype]} | {params[dtype]:,} | {100 * params[dtype] / total:.1f}% |")
+    return out
+
+
 def _provenance_section(plan: BitPlan) -> list[str]:
     if not plan.provenance:
         return ["No provenance recorded (the plan was written by hand, or by a tool that records none)."]
-    return ["```json", json.dumps(plan.provenance, indent=2, sort_keys=True, default=str), "```"]
+    out = ["| | |", "|---|---|"]
+    out += [f"| {_cell(k)} | {_cell(v)} |" for k, v in provenance_rows(plan.provenance, plan.target, public=True)]
+    return out + [
+        "",
+        "<details><summary>The full record (<code>provenance</code> in plan.json)</summary>",
+        "",
+        "```json",
+        json.dumps(plan.provenance, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+        "</details>",
+    ]
 
 
 def _usage(repo_id: str, plans: Mapping[str, BitPlan], bases: list[str]) -> list[str]:
@@ -107,7 +139,7 @@ def _usage(repo_id: str, plans: Mapping[str, BitPlan], bases: list[str]) -> list
         "",
         "# the whole pipeline: every component this repo has a plan for is quantized while loading",
         "pipe = DiffusionPipeline.from_pretrained(",
-        f'    "{base}", torch_dtype=torch.float16,',
+        f'    "{base}", dtype=torch.float16,',
         f'    quantization_config=pipeline_quantization_config("{repo_id}"{root_arg}),',
         ")",
         "```",
@@ -120,7 +152,7 @@ def _usage(repo_id: str, plans: Mapping[str, BitPlan], bases: list[str]) -> list
         f"from diffusers import {cls}",
         "",
         f"model = {cls}.from_pretrained(",
-        f'    "{base}", subfolder={model_sub}, torch_dtype=torch.float16,',
+        f'    "{base}", subfolder={model_sub}, dtype=torch.float16,',
         f'    quantization_config=diffusers_mixdq.MixDQConfig(plan="{repo_id}"{sub}),',
         ")",
         "```",
