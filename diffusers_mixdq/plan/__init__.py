@@ -25,6 +25,7 @@ from .spec import (
     LayerSpec,
 )
 from .summary import PlanSummary, storage_bits_per_weight
+from .tensors import state_sha256
 from .validation import schema
 
 __all__ = [
@@ -48,5 +49,6 @@ __all__ = [
     "resolve_plan_source",
     "save_tensors",
     "schema",
+    "state_sha256",
     "storage_bits_per_weight",
 ]

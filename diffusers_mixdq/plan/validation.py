@@ -13,7 +13,9 @@ from importlib import resources
 from typing import Any, Mapping
 
 from ..errors import PlanFormatError
+from ..families import check_pattern
 from .layers import LayerInfo
+from .limits import MAX_ACT_RANGE, check_counts, plain_json
 from .spec import ACTIVATION_DTYPES, FORMAT_NAME, FORMAT_VERSION, WEIGHT_DTYPES
 
 SCHEMA_FILE = "plan-v1.schema.json"
@@ -35,13 +37,32 @@ def _validator():
     return jsonschema.Draft202012Validator(schema())
 
 
-def validate_plan_data(data: Any) -> None:
-    """Check a plan's JSON data (a dict as read from ``plan.json``); raises :class:`PlanFormatError`."""
+def validate_plan_data(data: Any) -> dict[str, Any]:
+    """Check a plan's JSON data (a dict as read from ``plan.json``, or built in Python) and return it as plain
+    JSON data (a copy: tuples become lists); raises :class:`PlanFormatError`. In order: only JSON values, bounded
+    depth (:mod:`.limits`), header, sizes, the schema, every layer-name pattern, the layer manifest."""
     if not isinstance(data, Mapping):
         raise PlanFormatError(f"A plan must be a JSON object, got {type(data).__name__}.")
+    data = plain_json(data)
     check_header(data)
+    check_counts(data)
     _check_schema(data)
+    _check_patterns(data)
     _check_manifest(data.get("target") or {})
+    return data
+
+
+def _check_patterns(data: Mapping[str, Any]) -> None:
+    """Every rule target and ignore entry compiles (an invalid one is an error even where another pattern of the
+    same rule matches)."""
+    patterns = [p for rule in data.get("rules") or () for p in rule["targets"]] + list(data.get("ignore") or ())
+    where = {p: f"rules/{i}/targets" for i, rule in enumerate(data.get("rules") or ()) for p in rule["targets"]}
+    where.update({p: "ignore" for p in data.get("ignore") or ()})
+    for pattern in dict.fromkeys(patterns):
+        try:
+            check_pattern(pattern)
+        except PlanFormatError as e:
+            raise PlanFormatError(f"{where[pattern]}: {e}") from None
 
 
 def check_header(data: Mapping[str, Any]) -> None:
@@ -95,7 +116,15 @@ def _explain(err) -> str:
     if key == "activations" and err.validator == "enum":
         return f"unknown activation dtype {err.instance!r}; use one of {', '.join(ACTIVATION_DTYPES)}"
     if key == "act_range":
-        return f"act_range must be a positive number (absolute max) or \"dynamic\", got {err.instance!r}"
+        return (f"act_range must be a positive number (the absolute max of the layer input, finite and at most "
+                f"{MAX_ACT_RANGE:g}) or \"dynamic\", got {_short(err.instance)}")
+    if err.validator in ("maximum", "minimum", "exclusiveMinimum", "type", "enum", "const"):
+        return f"{_short(err.instance)} is not allowed here ({err.validator} {_short(err.validator_value)})"
     if err.validator in ("unevaluatedProperties", "additionalProperties"):
         return err.message.replace("Unevaluated properties are not allowed", "unknown field(s)")
     return err.message
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"
