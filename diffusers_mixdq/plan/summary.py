@@ -13,7 +13,7 @@ from typing import Mapping
 
 from torch import nn
 
-from ..registry import DEFAULT_WEIGHT_BACKEND, WEIGHT_BACKENDS
+from .. import registry
 from .layers import LayerInfo
 from .spec import WEIGHT_DTYPES, LayerSpec
 
@@ -25,7 +25,7 @@ BINARY_UNITS = ("B", "KiB", "MiB", "GiB")
 def storage_bits_per_weight(dtype: str, info: LayerInfo, float_bits: int = FLOAT_BITS) -> float:
     """Estimated stored bits per weight element, quantization metadata included, as the default weight backend
     lays the weight out (``none``: the floating-point dtype itself)."""
-    backend = WEIGHT_BACKENDS.get(DEFAULT_WEIGHT_BACKEND)
+    backend = registry.WEIGHT_BACKENDS.get(registry.DEFAULT_WEIGHT_BACKEND)  # looked up now: it can be changed
     return backend.storage_bits(dtype, WEIGHT_DTYPES[dtype], info.in_features, float_bits)
 
 
