@@ -22,7 +22,7 @@ from .families import denoiser_of
 from .plan import BOS_DEFAULT_PATTERNS as DEFAULT_PATTERNS  # noqa: F401  (re-exported)
 from .plan import BOS_MATCH_TOLERANCE as MATCH_TOLERANCE
 from .plan import BOS_STATE_KEY as STATE_KEY
-from .plan import BitPlan, state_sha256  # noqa: F401  (state_sha256 re-exported)
+from .plan import BitPlan, check_tensors, state_sha256  # noqa: F401  (state_sha256 re-exported)
 
 PROBE_PROMPTS = (
     "a photograph of an astronaut riding a horse",
@@ -119,6 +119,7 @@ def attach_bos(plan: BitPlan, state: torch.Tensor, text_encoder: str | None = No
     """A copy of ``plan`` carrying the BOS hidden state ``state``: its cross-attention K/V layers become
     BOS-aware by default when the plan is applied."""
     state = state.detach().to(torch.float32).cpu().reshape(-1)
+    check_tensors({"bos": {"sha256": state_sha256(state), "dim": state.numel()}}, {STATE_KEY: state})
     new = plan.copy()
     new.tensors[STATE_KEY] = state
     new.target["bos"] = {

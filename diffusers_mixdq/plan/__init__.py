@@ -25,7 +25,7 @@ from .spec import (
     LayerSpec,
 )
 from .summary import PlanSummary, storage_bits_per_weight
-from .tensors import state_sha256
+from .tensors import check_tensors, state_sha256
 from .validation import schema
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "register_source",
     "resolve_plan_source",
     "save_tensors",
+    "check_tensors",
     "schema",
     "state_sha256",
     "storage_bits_per_weight",

@@ -19,7 +19,7 @@ MAX_DEPTH = 32
 #: most layer-name patterns (rule targets and ignore entries together) in one plan
 MAX_PATTERNS = 10_000
 #: most entries in ``layers`` (and in ``target.layers``): real denoisers have a few thousand quantizable layers
-MAX_LAYERS = 50_000
+MAX_LAYERS = 20_000
 #: largest static ``act_range`` (absolute max of a layer input; real ones are below 1e4)
 MAX_ACT_RANGE = 1e6
 

@@ -51,7 +51,7 @@ def _from_text(text: str, options: Mapping[str, Any]) -> BitPlan:
         return BitPlan.load(path)
     if looks_local(text):
         raise PlanSourceError(
-            f"No such plan file or directory: '{path}'"
+            f"No plan found at '{path}': there is no such local file or directory"
             + (f" ('{path.parent}' exists; it holds {_listing(path.parent)})" if path.parent.is_dir() else "")
             + ". Check the path (a Hub plan is named 'owner/name', without a leading './' or a '.json' suffix)."
         )
