@@ -117,8 +117,10 @@ class MixDQQuantizer(DiffusersQuantizer):
         resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
         self._modules = self._make_modules(model, resolved)
         if self.pre_quantized:  # the checkpoint's tensors against the plan, before anything is loaded
+            shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             saved_weights.check_checkpoint(self._header, resolved.layer_specs(), resolved.manifest(),
-                                           lambda name, spec, info: self.backend.expected_pieces(self._modules[name]))
+                                           lambda name, spec, info: self.backend.expected_pieces(self._modules[name]),
+                                           shapes)
         for name, qmodule in self._modules.items():
             model.set_submodule(name, qmodule)
             if self.pre_quantized and qmodule.stores_quantized_weight:

@@ -62,12 +62,13 @@ def _read_header(path: Path) -> Header:
 
 
 def check_checkpoint(header: Header | None, specs: Mapping[str, Any], table: Mapping[str, Any],
-                     expected_pieces) -> None:
+                     expected_pieces, model_shapes: Mapping[str, tuple[int, ...]] = {}) -> None:
     """Raise :class:`MixDQError` unless every layer's tensors in ``header`` are what its spec says.
 
     ``specs``: layer -> :class:`~diffusers_mixdq.LayerSpec`; ``table``: layer -> ``LayerInfo``;
     ``expected_pieces(name, spec, info)``: ``{key: (shape, dtype or None for a model float dtype)}`` of a
-    quantized weight, from the weight backend."""
+    quantized weight, from the weight backend; ``model_shapes``: the shapes of the model's other tensors (biases,
+    norms, embeddings), which must match too."""
     if header is None:
         return
     by_layer: dict[str, dict[str, tuple]] = {}
@@ -80,6 +81,9 @@ def check_checkpoint(header: Header | None, specs: Mapping[str, Any], table: Map
         want = _wanted(name, spec, table[name], expected_pieces)
         problems += _differences(name, spec, by_layer.get(name, {}), want)
         problems += _bos_differences(name, spec, table[name], header)
+    problems += [f"'{key}' is {list(header[key][0])} in the checkpoint, but {list(shape)} in the model"
+                 for key, shape in model_shapes.items()
+                 if key in header and header[key][0] != tuple(shape) and key.rpartition(".")[0] not in table]
     if problems:
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise MixDQError(
