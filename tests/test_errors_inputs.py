@@ -254,3 +254,13 @@ def test_missing_local_path_names_what_is_there(tmp_path, monkeypatch):
     (tmp_path / "plans" / "w8a8-v2").mkdir(parents=True)
     with pytest.raises(PlanSourceError, match=r"'plans' exists; it holds w8a8-v2"):
         MixDQConfig(plan="plans/w8a8")
+
+
+def test_reading_keeps_key_order(tmp_path):
+    """The bounded reader copies plans without reordering them (file bytes, hashes and pushes depend on it)."""
+    data = {**HEADER, "target": {"base_model": "b", "class_name": "a"}, "defaults": {"weights": "int8"},
+            "provenance": {"z": 1, "a": [{"y": 2, "x": 3}], "m": None}}
+    plan = BitPlan.load(data)
+    assert json.dumps(plan.to_dict()) == json.dumps(data)
+    path = plan.save(tmp_path / "p")
+    assert BitPlan.load(path).to_json() == plan.to_json() == path.read_text()

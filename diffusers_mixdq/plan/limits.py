@@ -53,13 +53,13 @@ def plain_json(value: Any, where: str = "the plan") -> Any:
     while stack:
         item, parent, key, path, depth = stack.pop()
         if isinstance(item, Mapping):
-            copy: Any = {}
             _check_depth(depth, path)
-            for k, v in item.items():
-                if not isinstance(k, str):
-                    raise PlanFormatError(f"{path} has the key {k!r} of type {type(k).__name__}; JSON object keys "
-                                          "are strings.")
-                stack.append((v, copy, k, f"{path}/{k}", depth + 1))
+            bad = next((k for k in item if not isinstance(k, str)), None)
+            if bad is not None:
+                raise PlanFormatError(f"{path} has the key {bad!r} of type {type(bad).__name__}; JSON object keys "
+                                      "are strings.")
+            copy: Any = dict.fromkeys(item)  # keys in their order now; the values are filled in as they are popped
+            stack.extend((v, copy, k, f"{path}/{k}", depth + 1) for k, v in item.items())
         elif isinstance(item, (list, tuple)):
             _check_depth(depth, path)
             copy = [None] * len(item)
