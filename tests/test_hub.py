@@ -599,3 +599,17 @@ def test_offline_loads_a_previously_used_plan_into_a_model(hub, repo_id, unet_di
     assert len(hub.log) == before
     assert quantized_layers(offline) == quantized_layers(online)
     assert torch.equal(run_unet(offline), run_unet(online))
+
+
+def test_bos_sidecar_of_a_hub_plan_is_hash_checked(hub, repo_id):
+    from safetensors.torch import save as save_bytes
+
+    from diffusers_mixdq.bos import attach_bos
+    from diffusers_mixdq.plan import BOS_STATE_KEY
+
+    plan = attach_bos(PLAN, torch.randn(32))
+    push_plan(plan, repo_id)
+    assert torch.equal(MixDQConfig(plan=repo_id).plan.tensors[BOS_STATE_KEY], plan.tensors[BOS_STATE_KEY])
+    hub.put_files(repo_id, {"plan.safetensors": save_bytes({BOS_STATE_KEY: torch.randn(32)})})
+    with pytest.raises(PlanSourceError, match=r"(?s)sha256 .* is not the one the plan records.*broken plan"):
+        MixDQConfig(plan=repo_id)
