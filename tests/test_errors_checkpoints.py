@@ -133,6 +133,10 @@ Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
      rf"'{FF}.weight._scale' is \[3, 1\] float32"),
     ("missing piece", None, lambda t: t.pop(f"{FF}.weight._shift"), rf"'{FF}': .* lacks weight._shift"),
     ("float weight replaced", None, lambda t: t.pop("conv_out.weight"), "'conv_out': .* lacks weight"),
+    ("bias shape", None, lambda t: t.update({f"{Q}.bias": torch.zeros(7)}) if f"{Q}.bias" in t else
+     t.update({"conv_out.bias": torch.zeros(7)}), r"\.bias' is \[7\] in the checkpoint, but \[\d+\] in the model"),
+    ("norm shape", None, lambda t: t.update({"conv_norm_out.weight": torch.zeros(5)}),
+     r"'conv_norm_out.weight' is \[5\] in the checkpoint, but \[32\] in the model"),
 ])
 def test_checkpoint_and_plan_disagree(case, edit_plan, edit_weights, message, saved, tmp_path):
     folder = _copy(saved, tmp_path / "m")

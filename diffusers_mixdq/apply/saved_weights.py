@@ -83,7 +83,8 @@ def check_checkpoint(header: Header | None, specs: Mapping[str, Any], table: Map
         problems += _bos_differences(name, spec, table[name], header)
     problems += [f"'{key}' is {list(header[key][0])} in the checkpoint, but {list(shape)} in the model"
                  for key, shape in model_shapes.items()
-                 if key in header and header[key][0] != tuple(shape) and key.rpartition(".")[0] not in table]
+                 if key in header and header[key][0] != tuple(shape)
+                 and not (key.endswith(".weight") and key[: -len(".weight")] in table)]
     if problems:
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise MixDQError(
