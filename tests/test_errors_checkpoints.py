@@ -157,6 +157,13 @@ def test_non_finite_scales_are_refused(saved, tmp_path):
         UNet2DConditionModel.from_pretrained(folder)
 
 
+def test_non_finite_activation_scale_is_refused(saved, tmp_path):
+    folder = _copy(saved, tmp_path / "m")
+    _edit_weights(folder, lambda t: t["conv_out.input_scale"].fill_(float("nan")))
+    with pytest.raises(MixDQError, match=r"NaN or infinite values in conv_out.input_scale"):
+        UNet2DConditionModel.from_pretrained(folder)
+
+
 def test_reload_of_unedited_checkpoint_works(saved):
     model = UNet2DConditionModel.from_pretrained(saved)
     assert torch.isfinite(run(model, torch.float32)).all()

@@ -57,7 +57,7 @@ def _single_device(device_map) -> torch.device:
 
 
 def _check_loaded(model) -> None:
-    """No tensor of the loaded model is left on the meta device, and every floating one is finite."""
+    """No tensor of the loaded model is left on the meta device."""
     on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if on_meta:
         raise PlanMismatchError(
@@ -265,6 +265,8 @@ class MixDQQuantizer(DiffusersQuantizer):
             module.move_scales_to_weight_device()
             if self.pre_quantized:
                 module.cast_buffers_(self.torch_dtype)
+        if self.pre_quantized:
+            saved_weights.check_small_buffers(self._modules)
         _check_loaded(model)
         return model
 

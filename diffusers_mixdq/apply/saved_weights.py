@@ -148,3 +148,14 @@ def cast_floating_pieces(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Keys of floating tensors holding NaN or infinity (a quantized weight's scales must be finite)."""
     return [k for k, v in tensors.items() if v.dtype in FLOAT_DTYPES and not bool(torch.isfinite(v).all())]
+
+
+def check_small_buffers(modules: Mapping[str, torch.nn.Module]) -> None:
+    """Activation scales and BOS rows read from a checkpoint must be finite (else every output is NaN)."""
+    bad = []
+    for name, module in modules.items():
+        buffers = {k: getattr(module, k, None) for k in ("input_scale", "output_scale", "bos_input", "bos_output")}
+        bad += [f"{name}.{k}" for k in non_finite({k: v for k, v in buffers.items() if isinstance(v, torch.Tensor)})]
+    if bad:
+        raise MixDQError(f"This checkpoint holds NaN or infinite values in {', '.join(bad[:8])}: it is corrupted. "
+                         "Re-download or re-save the model.")
