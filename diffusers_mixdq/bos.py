@@ -13,7 +13,6 @@ layer's original full-precision weights, and are saved inside pre-quantized chec
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Sequence
 
 import torch
@@ -23,7 +22,7 @@ from .families import denoiser_of
 from .plan import BOS_DEFAULT_PATTERNS as DEFAULT_PATTERNS  # noqa: F401  (re-exported)
 from .plan import BOS_MATCH_TOLERANCE as MATCH_TOLERANCE
 from .plan import BOS_STATE_KEY as STATE_KEY
-from .plan import BitPlan
+from .plan import BitPlan, check_tensors, state_sha256  # noqa: F401  (state_sha256 re-exported)
 
 PROBE_PROMPTS = (
     "a photograph of an astronaut riding a horse",
@@ -36,11 +35,6 @@ PROBE_PROMPTS = (
 
 class NonCausalEncoderError(MixDQError):
     """The text encoder's token-0 state depends on the prompt, so BOS rows cannot be precomputed."""
-
-
-def state_sha256(state: torch.Tensor) -> str:
-    """Hash of a BOS state (fp32 bytes); identifies the state in plans and model cards."""
-    return hashlib.sha256(state.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _token0_states(encode, prompts: Sequence[str]) -> torch.Tensor:
@@ -71,14 +65,38 @@ def check_bos_invariance(text_encoder, tokenizer, prompts: Sequence[str] = PROBE
     hidden states (``last_hidden_state``). Raises :class:`NonCausalEncoderError` for a bidirectional encoder.
     """
     device = next(text_encoder.parameters()).device
+    max_length = prompt_length(text_encoder, tokenizer)
 
     def encode(prompt: str) -> torch.Tensor:
         ids = tokenizer(
-            prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            prompt, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
         return text_encoder(ids)[0]
 
     return _check_invariant(_token0_states(encode, prompts), type(text_encoder).__name__)
+
+
+#: transformers' placeholder ``model_max_length`` of tokenizers that do not know theirs (int(1e30))
+_NO_MAX_LENGTH = 10**20
+
+
+def prompt_length(text_encoder, tokenizer) -> int:
+    """The padded prompt length: the tokenizer's ``model_max_length``, else (missing, or transformers' huge
+    placeholder) the text encoder's ``max_position_embeddings``."""
+    length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(length, int) and not isinstance(length, bool) and 0 < length < _NO_MAX_LENGTH:
+        return length
+    config = getattr(text_encoder, "config", None)
+    fallback = getattr(config, "max_position_embeddings", None)
+    if fallback is None:
+        fallback = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+    if not isinstance(fallback, int) or fallback <= 0:
+        raise MixDQError(
+            f"The tokenizer has no usable model_max_length ({length!r}) and the text encoder's config has no "
+            "max_position_embeddings, so the prompt length is unknown. Set tokenizer.model_max_length to the "
+            "encoder's context length (77 for CLIP)."
+        )
+    return fallback
 
 
 def bos_hidden_state(pipe, prompts: Sequence[str] = PROBE_PROMPTS) -> torch.Tensor:
@@ -101,6 +119,7 @@ def attach_bos(plan: BitPlan, state: torch.Tensor, text_encoder: str | None = No
     """A copy of ``plan`` carrying the BOS hidden state ``state``: its cross-attention K/V layers become
     BOS-aware by default when the plan is applied."""
     state = state.detach().to(torch.float32).cpu().reshape(-1)
+    check_tensors({"bos": {"sha256": state_sha256(state), "dim": state.numel()}}, {STATE_KEY: state})
     new = plan.copy()
     new.tensors[STATE_KEY] = state
     new.target["bos"] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -14,6 +15,7 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from .apply.checkpoint import is_reference, plan_reference
 from .errors import MixDQError
+from .families import check_pattern
 from .plan import BitPlan, resolve_plan_source
 
 
@@ -58,7 +60,8 @@ class MixDQConfig(QuantizationConfigMixin):
         **kwargs: Any,
     ):
         self.quant_method = MixDQMethod.MIXDQ
-        _check_arguments(strict, modules_to_not_convert, kwargs)
+        _check_arguments(strict, modules_to_not_convert,
+                         {**kwargs, "revision": revision, "subfolder": subfolder, "token": token})
         self.strict = strict
         self.revision = revision
         self.subfolder = subfolder
@@ -69,6 +72,7 @@ class MixDQConfig(QuantizationConfigMixin):
         #: model carries, and for those read from a saved model's config.json; their plan comes from that file)
         self.plan_file: dict[str, str] | None = None
         if is_reference(plan):
+            _check_reference(plan)
             self.plan_file, self._plan = {"file": plan["file"], "sha256": plan["sha256"]}, None
         else:
             self._plan = resolve_plan_source(plan, revision=revision, subfolder=subfolder, token=token)
@@ -155,14 +159,42 @@ def _check_arguments(strict: Any, modules_to_not_convert: Any, kwargs: dict[str,
     if not isinstance(strict, bool):
         raise MixDQError(f"strict must be True or False, got {strict!r}.")
     if modules_to_not_convert is not None and (
-        isinstance(modules_to_not_convert, str) or not all(isinstance(m, str) for m in modules_to_not_convert)
+        not isinstance(modules_to_not_convert, (list, tuple))
+        or not all(isinstance(m, str) for m in modules_to_not_convert)
     ):
         raise MixDQError("modules_to_not_convert must be a list of layer-name patterns (strings).")
-    unknown = set(kwargs) - {"quant_method", "plan_source"}
+    for pattern in modules_to_not_convert or ():
+        try:
+            check_pattern(pattern)
+        except MixDQError as e:
+            raise MixDQError(f"modules_to_not_convert: {e}") from None
+    for key in ("revision", "subfolder", "plan_source"):
+        if kwargs.get(key) is not None and not isinstance(kwargs[key], str):
+            raise MixDQError(f"{key} must be a string, got {kwargs[key]!r}.")
+    token = kwargs.get("token")
+    if token is not None and not isinstance(token, (str, bool)):
+        raise MixDQError("token must be a string, True/False or None.")
+    method = kwargs.get("quant_method")
+    if method is not None and getattr(method, "value", method) != MixDQMethod.MIXDQ.value:
+        raise MixDQError(f"quant_method must be 'mixdq' for MixDQConfig, got {method!r}.")
+    unknown = set(kwargs) - {"quant_method", "plan_source", "revision", "subfolder", "token"}
     if unknown:
         raise MixDQError(
             f"MixDQConfig got unknown argument(s) {sorted(unknown)}; it takes plan, strict, revision, "
             "subfolder, token and modules_to_not_convert."
+        )
+
+
+def _check_reference(plan: dict) -> None:
+    """``{"file", "sha256"}`` of a saved model's plan file: a bare ``.json`` file name and a sha256 hex digest."""
+    name, digest = plan.get("file"), plan.get("sha256")
+    bad_name = (not isinstance(name, str) or not name.endswith(".json") or "/" in name or "\\" in name
+                or name.startswith("."))
+    if bad_name or not isinstance(digest, str) or not re.fullmatch("[0-9a-f]{64}", digest):
+        raise MixDQError(
+            f"config.json's quantization_config.plan must refer to the plan file beside the weights as "
+            f'{{"file": "mixdq_plan.json", "sha256": "<64 hex digits>"}}, got {plan!r}. Restore the config.json '
+            "saved with these weights, or re-save the model with save_pretrained."
         )
 
 

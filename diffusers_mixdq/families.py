@@ -14,11 +14,16 @@ A denoiser class not listed falls back to :data:`GENERIC`, whose patterns fit di
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable
 
+from .errors import PlanFormatError
 from .registry import Registry
+
+#: longest layer-name pattern accepted (a layer name is rarely over 100 characters)
+MAX_PATTERN_LENGTH = 1000
 
 #: pipeline components that hold the denoiser, in the order they are looked for
 DENOISER_COMPONENTS = ("unet", "transformer")
@@ -41,10 +46,146 @@ class ModelFamily:
 
 
 def matches(pattern: str, name: str) -> bool:
-    """``re:<regex>`` is matched with :func:`re.fullmatch`; anything else is a glob over the full name."""
+    """Whether the layer name ``name`` matches ``pattern`` in full: ``re:<regex>`` is a regular expression, run by
+    RE2 (linear time, so no pattern can hang), anything else a glob (:func:`fnmatch.fnmatchcase` semantics: ``*``,
+    ``?``, ``[seq]``, ``[!seq]``). Raises :class:`~diffusers_mixdq.errors.PlanFormatError` for a bad pattern."""
+    return compile_pattern(pattern).fullmatch(name) is not None
+
+
+def match_all(patterns: Iterable[str], names: Iterable[str]) -> dict[str, set[str]]:
+    """``{pattern: names it matches}`` for every pattern, each checked first (errors name the pattern).
+
+    RE2 sets match many patterns against a name in one pass, so the cost does not grow as patterns x names. A set
+    whose DFA runs out of memory reports no match at all; each set therefore holds a catch-all sentinel, and a
+    name the sentinel misses is matched pattern by pattern (RE2 then falls back to its NFA)."""
+    patterns = list(dict.fromkeys(patterns))
+    compiled = [compile_pattern(p) for p in patterns]
+    out: dict[str, set[str]] = {p: set() for p in patterns}
+    names = list(names)
+    for start in range(0, len(patterns), _SET_SIZE):
+        chunk = list(zip(patterns[start:start + _SET_SIZE], compiled[start:start + _SET_SIZE]))
+        pattern_set = _pattern_set([c.pattern for _, c in chunk])
+        for name in names:
+            hits = pattern_set.Match(name) or ()
+            if 0 not in hits:  # the sentinel always matches: the set gave up on this name
+                hits = [i + 1 for i, (_, c) in enumerate(chunk) if c.fullmatch(name) is not None] + [0]
+            for i in hits:
+                if i:
+                    out[chunk[i - 1][0]].add(name)
+    return out
+
+
+#: patterns per RE2 set (bounds each set's memory)
+_SET_SIZE = 1000
+
+
+def _pattern_set(regexes: list[str]):
+    import re2
+
+    pattern_set = re2.Set.FullMatchSet(_options())
+    pattern_set.Add("(?s:.*)")
+    for regex in regexes:
+        pattern_set.Add(regex)
+    try:
+        pattern_set.Compile()
+    except re2.error:
+        raise PlanFormatError(f"The plan's layer-name patterns are too complex to match together ({len(regexes)} "
+                              "in one group); use fewer or simpler patterns.") from None
+    return pattern_set
+
+
+def check_pattern(pattern) -> None:
+    """Raise :class:`~diffusers_mixdq.errors.PlanFormatError` unless ``pattern`` is a usable layer-name pattern."""
+    compile_pattern(pattern)
+
+
+@lru_cache(maxsize=8192)
+def compile_pattern(pattern: str):
+    """The compiled RE2 regex of a layer-name pattern (see :func:`matches`), checked: the one place patterns are
+    compiled. Raises :class:`~diffusers_mixdq.errors.PlanFormatError` naming the pattern."""
+    import re2
+
+    if not isinstance(pattern, str) or not pattern:
+        raise PlanFormatError(f"A layer-name pattern must be a non-empty string, got {pattern!r}.")
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise PlanFormatError(
+            f"The layer-name pattern {pattern[:40]!r}... is {len(pattern)} characters long; patterns are limited "
+            f"to {MAX_PATTERN_LENGTH}. Use a shorter glob or regex."
+        )
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
+        _check_python_syntax(pattern)
+    try:
+        return re2.compile(pattern[3:] if pattern.startswith("re:") else glob_to_regex(pattern), _options())
+    except re2.error as e:
+        raise PlanFormatError(
+            f"Invalid layer-name pattern {pattern!r}: {_text(e)}. 're:' patterns use the RE2 subset of Python's "
+            "regex syntax (no backreferences or lookaround); fix the pattern, or drop 're:' to use a glob."
+        ) from None
+
+
+def _check_python_syntax(pattern: str) -> None:
+    """A ``re:`` pattern must also be valid Python regex syntax (the documented one; RE2 accepts a few things
+    Python refuses, e.g. a group name used twice). Compiling never runs the pattern, so it cannot hang."""
+    try:
+        re.compile(pattern[3:])
+    except (re.error, OverflowError, RecursionError, ValueError) as e:
+        raise PlanFormatError(
+            f"Invalid regular expression in layer-name pattern {pattern!r}: {e}. Fix the regex after 're:', or drop "
+            "the prefix to use a glob."
+        ) from None
+
+
+def _text(e: Exception) -> str:
+    arg = e.args[0] if e.args else e
+    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+
+
+def glob_to_regex(glob: str) -> str:
+    """A glob as an RE2 regex with :func:`fnmatch.fnmatchcase` semantics (``*`` and ``?`` cross dots too)."""
+    out, i, n = [], 0, len(glob)
+    while i < n:
+        c = glob[i]
+        i += 1
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            end, cls = _glob_class(glob, i)
+            out.append(cls)
+            i = end
+        else:
+            out.append(re.escape(c))
+    return "(?s:" + "".join(out) + ")"
+
+
+def _glob_class(glob: str, i: int) -> tuple[int, str]:
+    """``(index after it, regex)`` of the ``[...]`` class starting at ``glob[i]`` (after '['); an unclosed '['
+    is a literal, as in fnmatch."""
+    j = i
+    if j < len(glob) and glob[j] == "!":
+        j += 1
+    if j < len(glob) and glob[j] == "]":
+        j += 1
+    j = glob.find("]", j)
+    if j < 0:
+        return i, r"\["
+    body = glob[i:j]
+    negate = body.startswith("!")
+    body = body[1:] if negate else body
+    chars = "".join("\\" + ch if ch in "\\^[]" else ch for ch in body)
+    if not chars:
+        return j + 1, ("." if negate else "[^\\s\\S]")
+    return j + 1, "[" + ("^" if negate else "") + chars + "]"
+
+
+@lru_cache(maxsize=1)
+def _options():
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False
+    return options
 
 
 FAMILIES: Registry[ModelFamily] = Registry("model family")

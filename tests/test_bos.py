@@ -253,8 +253,8 @@ def test_dit_cross_attention_gets_bos_rows(tmp_path):
     )
 
 
-def test_unet_untouched_by_unet_without_cross_attention_dim_match(pipe):
-    """A BOS state of another width flags nothing (and says so through the layer table)."""
+def test_bos_state_of_another_width_is_one_clear_error(pipe):
+    """A BOS state no text-reading layer can use never silently turns BOS handling off (issue #17)."""
     plan = attach_bos(BitPlan.uniform("int8"), torch.randn(48))
-    specs = plan.resolve(make_unet()).layer_specs()
-    assert not any(s.flags.get("bos_aware") for s in specs.values())
+    with pytest.raises(PlanMismatchError, match=r"48-dim BOS state.*take 32-dim inputs"):
+        plan.resolve(make_unet())

@@ -545,3 +545,82 @@ def test_inspect_a_hub_plan_in_a_component_folder(hub, repo_id, resolved):
     assert f"{resolved.summary().avg_weight_bits:.2f}" in shown.output
     missing = CliRunner().invoke(app, ["inspect", repo_id])
     assert missing.exit_code == 2 and "subfolder='unet'" in " ".join(missing.output.split())
+
+
+# ---------------------------------------------------------------------------------------------- issue #17: the cache
+def test_interrupted_download_leaves_nothing_that_loads(hub, repo_id, monkeypatch):
+    """A download killed half-way (Ctrl-C) leaves no cache entry: offline it is "not cached", online it downloads."""
+    from huggingface_hub import constants, file_download
+
+    plan = PLAN.copy()
+    plan.tensors = {"test.marker": torch.arange(6.0)}
+    push_plan(plan, repo_id)
+    real_get = file_download.http_get
+
+    def interrupted(url, temp_file, **kwargs):
+        temp_file.write(b'{"format": "diffusers-mixdq-plan", "ver')  # half a file, then the user presses Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(file_download, "http_get", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        MixDQConfig(plan=repo_id)
+    assert not [p for p in (cache_folder(repo_id) / "snapshots").rglob("*") if p.is_file()]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PlanSourceError, match="HF_HUB_OFFLINE is set"):
+        MixDQConfig(plan=repo_id)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(file_download, "http_get", real_get)
+    loaded = MixDQConfig(plan=repo_id).plan
+    assert as_published(loaded) == plan and torch.equal(loaded.tensors["test.marker"], torch.arange(6.0))
+    assert_cache_clean(repo_id)
+
+
+def test_cache_entry_corrupted_on_disk_never_loads_offline(hub, repo_id, monkeypatch):
+    """A cached plan whose bytes changed on disk is refused (and evicted) even offline; the next online load
+    downloads it again, and offline loads of the good copy then work."""
+    from huggingface_hub import constants
+
+    push_plan(PLAN, repo_id)
+    MixDQConfig(plan=repo_id)
+    entry = next((cache_folder(repo_id) / "snapshots").rglob("plan.json"))
+    blob = entry.resolve()
+    blob.write_bytes(blob.read_bytes().replace(b'"int8"', b'"int4"', 1))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PlanSourceError, match="is corrupted.*removed from the cache"):
+        MixDQConfig(plan=repo_id)
+    assert not entry.exists()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert as_published(MixDQConfig(plan=repo_id).plan) == PLAN
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    before = len(hub.log)
+    assert as_published(MixDQConfig(plan=repo_id).plan) == PLAN
+    assert len(hub.log) == before
+    assert_cache_clean(repo_id)
+
+
+def test_offline_loads_a_previously_used_plan_into_a_model(hub, repo_id, unet_dir, monkeypatch):
+    from huggingface_hub import constants
+
+    push_plan(PLAN, repo_id)
+    online = load_unet(unet_dir, plan=repo_id)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = len(hub.log)
+    offline = load_unet(unet_dir, plan=repo_id)
+    assert len(hub.log) == before
+    assert quantized_layers(offline) == quantized_layers(online)
+    assert torch.equal(run_unet(offline), run_unet(online))
+
+
+def test_bos_sidecar_of_a_hub_plan_is_hash_checked(hub, repo_id):
+    from safetensors.torch import save as save_bytes
+
+    from diffusers_mixdq.bos import attach_bos
+    from diffusers_mixdq.plan import BOS_STATE_KEY
+
+    plan = attach_bos(PLAN, torch.randn(32))
+    push_plan(plan, repo_id)
+    assert torch.equal(MixDQConfig(plan=repo_id).plan.tensors[BOS_STATE_KEY], plan.tensors[BOS_STATE_KEY])
+    hub.put_files(repo_id, {"plan.safetensors": save_bytes({BOS_STATE_KEY: torch.randn(32)})})
+    with pytest.raises(PlanSourceError, match=r"(?s)sha256 .* is not the one the plan records.*broken plan"):
+        MixDQConfig(plan=repo_id)

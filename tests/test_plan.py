@@ -272,9 +272,15 @@ def test_bad_files_are_still_refused_after_one_validation(tmp_path):
 
 
 def test_each_pattern_is_matched_once_per_layer(meta_unet, monkeypatch):
-    """Patterns shared by rules and the ignore list are matched once per layer: linear in layers x patterns."""
+    """Patterns shared by rules and the ignore list are matched in one pass over the layers (RE2 sets)."""
     calls = []
-    monkeypatch.setattr(resolve, "matches", lambda p, n: calls.append((p, n)) or families.matches(p, n))
+
+    def match_all(patterns, names):
+        patterns, names = list(patterns), list(names)
+        calls.extend((p, n) for p in dict.fromkeys(patterns) for n in names)
+        return families.match_all(patterns, names)
+
+    monkeypatch.setattr(resolve, "match_all", match_all)
     patterns = ["*attn2.to_k", "re:.*\\.ff\\..*", "conv_in"]
     plan = BitPlan(
         defaults={"weights": "int8"},

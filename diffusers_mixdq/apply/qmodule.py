@@ -75,6 +75,13 @@ class MixDQModuleMixin:
             if buf.device != device:
                 setattr(self, name, buf.to(device))
 
+    def cast_buffers_(self, dtype: torch.dtype) -> None:
+        """Activation scales and BOS rows in ``dtype`` (a checkpoint saved in another dtype holds them in that one)."""
+        for name in ("input_scale", "output_scale", "bos_input", "bos_output"):
+            buf = getattr(self, name, None)
+            if isinstance(buf, torch.Tensor) and buf.is_floating_point() and buf.dtype != dtype:
+                setattr(self, name, buf.to(dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_inference_mode_enabled() and self._needs_grad_mode():
             with torch.inference_mode(False), torch.no_grad():

@@ -27,7 +27,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 
 from ..errors import MixDQError, PlanMismatchError
 from ..plan import BOS_STATE_KEY
-from . import checkpoint, memory
+from . import checkpoint, memory, saved_weights
 from .backends import default_backend
 from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
 from .qmodule import is_mixdq_module
@@ -56,6 +56,17 @@ def _single_device(device_map) -> torch.device:
     return torch.device(device_map) if device_map not in ("auto", "balanced", "sequential") else torch.device("cpu")
 
 
+def _check_loaded(model) -> None:
+    """No tensor of the loaded model is left on the meta device."""
+    on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if on_meta:
+        raise PlanMismatchError(
+            "After loading, these tensors still have no values (the checkpoint does not hold them, or holds them "
+            f"under other names): {', '.join(on_meta[:8])}{' ...' if len(on_meta) > 8 else ''}. The checkpoint does "
+            "not match its config.json / plan; restore the files saved together, or re-save the model."
+        )
+
+
 class MixDQQuantizer(DiffusersQuantizer):
     """Applies a :class:`~diffusers_mixdq.BitPlan` through diffusers' loading machinery."""
 
@@ -72,6 +83,7 @@ class MixDQQuantizer(DiffusersQuantizer):
         self._device = torch.device("cpu")
         self._lock = threading.Lock()
         self._since_trim = 0
+        self._header: saved_weights.Header | None = None
         self.backend = default_backend()
 
     # ------------------------------------------------------------------ environment
@@ -104,6 +116,11 @@ class MixDQQuantizer(DiffusersQuantizer):
         extra_ignore += [f"*{m}*" for m in (keep_in_fp32_modules or [])]
         resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
         self._modules = self._make_modules(model, resolved)
+        if self.pre_quantized:  # the checkpoint's tensors against the plan, before anything is loaded
+            shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            saved_weights.check_checkpoint(self._header, resolved.layer_specs(), resolved.manifest(),
+                                           lambda name, spec, info: self.backend.expected_pieces(self._modules[name]),
+                                           shapes)
         for name, qmodule in self._modules.items():
             model.set_submodule(name, qmodule)
             if self.pre_quantized and qmodule.stores_quantized_weight:
@@ -148,6 +165,7 @@ class MixDQQuantizer(DiffusersQuantizer):
             config.attach_plan_file(checkpoint.read_plan_file(config.plan_file, checkpoint_files))
         if not self.pre_quantized:
             return loaded_keys
+        self._header = saved_weights.read_headers(checkpoint_files)
         # each piece of a saved quantized weight counts as the module's "weight" (dict: unique, in order)
         return list(dict.fromkeys(self.backend.weight_key_of(key) or key for key in loaded_keys))
 
@@ -168,6 +186,11 @@ class MixDQQuantizer(DiffusersQuantizer):
                     complete.append(owner[0])
             ready = [(name, self._pending.pop(name)) for name in complete]
         for name, tensors in ready:
+            tensors = saved_weights.cast_floating_pieces(tensors, self.torch_dtype)
+            bad = saved_weights.non_finite(tensors)
+            if bad:
+                raise MixDQError(f"The quantized weight of '{name}' in this checkpoint has NaN or infinite "
+                                 f"{', '.join(bad)}: the checkpoint is corrupted. Re-download or re-save the model.")
             try:
                 self.backend.load_quantized_weight(self._modules[name], tensors, self._device)
             except (KeyError, RuntimeError, ValueError) as e:
@@ -240,6 +263,11 @@ class MixDQQuantizer(DiffusersQuantizer):
             )
         for module in self._modules.values():
             module.move_scales_to_weight_device()
+            if self.pre_quantized:
+                module.cast_buffers_(self.torch_dtype)
+        if self.pre_quantized:
+            saved_weights.check_small_buffers(self._modules)
+        _check_loaded(model)
         return model
 
     # ------------------------------------------------------------------ capabilities

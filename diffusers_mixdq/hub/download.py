@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import PlanFormatError, PlanSourceError
-from ..plan import BitPlan, load_tensors
+from ..plan import BitPlan, check_tensors, load_tensors
 from .cache import commit_of, evict, verify
 from .failures import READ_HINTS, hub_lookup_errors, missing_plan_message, transfer_errors
 from .layout import normalize_subfolder, plan_path
@@ -77,7 +77,12 @@ def download_plan(
         plan = BitPlan.from_json(text, source=where)
     sidecar = json.loads(text).get("tensors")
     if sidecar:
-        plan.tensors = _sidecar(repo_id, _sidecar_path(sidecar, subfolder, where), revision, commit, token, where)
+        tensors = _sidecar(repo_id, _sidecar_path(sidecar, subfolder, where), revision, commit, token, where)
+        try:
+            plan.tensors = check_tensors(plan.target, tensors, f"of {where}")
+        except PlanFormatError as e:
+            raise PlanSourceError(f"{e}\nThe repository holds a broken plan; ask its owner to publish it again with "
+                                  "`mixdq push`, or pin an earlier good commit with revision=.") from None
     plan.provenance["source"] = {"repo_id": repo_id, "revision": revision or "main", "commit": commit,
                                  "subfolder": subfolder}
     return plan

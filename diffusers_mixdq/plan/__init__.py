@@ -1,7 +1,8 @@
 """The plan: *what* precision each layer gets (data only; no quantization code here).
 
 Modules, in data-flow order: ``spec`` (vocabulary: dtypes, constants, :class:`LayerSpec`), ``layers`` (what a model
-offers: :class:`LayerInfo`, fingerprints), ``validation`` (the JSON Schema and the one validation), ``files``
+offers: :class:`LayerInfo`, fingerprints), ``limits`` (bounds on input, checked first), ``validation`` (the JSON
+Schema and the one validation), ``tensors`` (sidecar tensors against the hashes the plan records), ``files``
 (``plan.json`` and its safetensors sidecar), ``resolve`` (rules against a model), ``summary`` (:class:`PlanSummary`),
 ``bitplan`` (:class:`BitPlan`, which ties them together) and ``sources`` (where plans come from).
 
@@ -25,6 +26,7 @@ from .spec import (
     LayerSpec,
 )
 from .summary import PlanSummary, storage_bits_per_weight
+from .tensors import check_tensors, state_sha256
 from .validation import schema
 
 __all__ = [
@@ -47,6 +49,8 @@ __all__ = [
     "register_source",
     "resolve_plan_source",
     "save_tensors",
+    "check_tensors",
     "schema",
+    "state_sha256",
     "storage_bits_per_weight",
 ]

@@ -17,6 +17,7 @@ from ..errors import PlanFormatError
 from . import files, validation
 from .layers import LayerInfo, layer_table
 from .resolve import resolve_plan
+from .tensors import check_tensors
 from .spec import DYNAMIC, FORMAT_NAME, FORMAT_VERSION, LayerSpec
 from .summary import PlanSummary, params_outside, summarize
 
@@ -42,8 +43,11 @@ class BitPlan:
         provenance: Mapping[str, Any] | None = None,
         tensors: Mapping[str, Any] | None = None,
     ):
-        self._assign(target, defaults, rules, ignore, layers, provenance, tensors)
-        self.validate()
+        given = dict(zip(_FIELDS, (target, defaults, rules, ignore, layers, provenance)))
+        data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **{k: v for k, v in given.items() if v is not None}}
+        data = validation.validate_plan_data(data)
+        self._assign(*(data.get(key) for key in _FIELDS), tensors=None)
+        self.tensors = check_tensors(self.target, dict(tensors or {}))
 
     def _assign(self, target, defaults, rules, ignore, layers, provenance, tensors) -> None:
         self.target: dict[str, Any] = dict(target or {})
@@ -74,9 +78,16 @@ class BitPlan:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BitPlan:
         """A plan from its JSON data, validated once (header, schema, manifest)."""
-        validation.validate_plan_data(data)
+        data = validation.validate_plan_data(data)
         plan = cls.__new__(cls)
         plan._assign(*(data.get(key) for key in _FIELDS), tensors=None)
+        return plan
+
+    @classmethod
+    def _trusted(cls, tensors: Mapping[str, Any], **fields: Any) -> BitPlan:
+        """A plan from parts that are already valid (a resolution of a validated plan): not validated again."""
+        plan = cls.__new__(cls)
+        plan._assign(*(fields.get(key) for key in _FIELDS), tensors=tensors)
         return plan
 
     @classmethod
@@ -96,7 +107,7 @@ class BitPlan:
         path = files.plan_file(source)
         data = files.read_plan_file(path)
         plan = cls.from_dict(data)
-        plan.tensors = files.read_sidecar(path, data)
+        plan.tensors = check_tensors(plan.target, files.read_sidecar(path, data), f"beside {path}")
         return plan
 
     @classmethod
@@ -167,8 +178,10 @@ class BitPlan:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Check the plan against the format (schema and dtype vocabulary). Raises PlanFormatError."""
+        """Check the plan against the format (schema, dtype vocabulary, patterns) and its tensors against the
+        hashes the plan records. Raises PlanFormatError."""
         validation.validate_plan_data(self.to_dict())
+        check_tensors(self.target, self.tensors)
 
     # ------------------------------------------------------------------ resolution
     @property
@@ -213,9 +226,8 @@ class BitPlan:
         Raises :class:`~diffusers_mixdq.errors.PlanMismatchError` / ``PlanFormatError``.
         """
         resolution = resolve_plan(self, model, strict, extra_ignore, act_ranges)
-        plan = BitPlan(target=resolution.target, layers=resolution.layers, provenance=self.provenance)
-        plan.tensors = dict(self.tensors)
-        return plan
+        return BitPlan._trusted(self.tensors, target=resolution.target, layers=resolution.layers,
+                                provenance=self.provenance)
 
     # ------------------------------------------------------------------ reporting
     def summary(self, model=None) -> PlanSummary:

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import PlanFormatError, PlanSourceError
+from .limits import check_size, decode
 from .spec import PLAN_FILENAME
 
 #: the sidecar's name beside a plan that is serialised without a path (``to_dict``)
@@ -20,7 +21,9 @@ SIDECAR_FILENAME = Path(PLAN_FILENAME).with_suffix(".safetensors").name
 
 
 def parse_json(text: str, source: str = "<string>") -> Any:
-    """JSON text -> data; a :class:`PlanFormatError` naming the position of a syntax error."""
+    """JSON text -> data; a :class:`PlanFormatError` naming the position of a syntax error (or saying the text
+    is too large, too deeply nested, or holds a number too long to read)."""
+    check_size(len(text), source)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -28,6 +31,11 @@ def parse_json(text: str, source: str = "<string>") -> Any:
             f"The plan {source} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}. "
             "Fix the file (a plan is a JSON object as described in docs/plan-format.md)."
         ) from None
+    except RecursionError:
+        raise PlanFormatError(f"The plan {source} is nested too deeply to read; a plan is a shallow JSON object "
+                              "(see docs/plan-format.md).") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise PlanFormatError(f"The plan {source} cannot be read: {e}. Fix the file.") from None
 
 
 def plan_file(source: str | os.PathLike) -> Path:
@@ -45,7 +53,13 @@ def plan_file(source: str | os.PathLike) -> Path:
 
 def read_plan_file(path: Path) -> Any:
     """The (unvalidated) data of the plan file at ``path``."""
-    return parse_json(path.read_text(encoding="utf-8"), source=f"'{path}'")
+    source = f"'{path}'"
+    try:
+        check_size(path.stat().st_size, source)
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PlanSourceError(f"Cannot read the plan file {source}: {e.strerror or e}.") from None
+    return parse_json(decode(raw, source), source=source)
 
 
 def read_sidecar(path: Path, data: Any) -> dict[str, torch.Tensor]:

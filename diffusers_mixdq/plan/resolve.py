@@ -2,8 +2,8 @@
 
 Precedence, per quantizable layer (later steps override earlier ones, key by key): ``defaults``; every rule whose
 ``targets`` match, in order; ``ignore`` (back to floating point); the layer's explicit entry. Patterns are matched
-with :func:`diffusers_mixdq.families.matches` (``re:`` regex or glob over the full name). Each distinct pattern is
-matched against each layer name once per resolution, so the work is linear in layers x patterns.
+with :func:`diffusers_mixdq.families.match_all` (``re:`` regex or glob over the full name, run by RE2): all the
+patterns are matched against each layer name in one pass, so no pattern can hang and many patterns stay fast.
 
 The steps, in the order they run (each raises :class:`PlanMismatchError` / :class:`PlanFormatError` or warns):
 target class and fingerprint, explicit layers, per-layer resolution, unused rules and uncovered layers, BOS-aware
@@ -12,6 +12,7 @@ flags, ``act_range`` fill-in from calibration, and the resolved target with its 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import PlanFormatError, PlanMismatchError
-from ..families import family_of, matches
+from ..families import family_of, match_all
+from .limits import MAX_ACT_RANGE
 from .layers import LayerInfo, fingerprint, layer_table, module_types, table_differences
 from .spec import NOT_QUANTIZED, SPEC_KEYS, LayerSpec
 
@@ -48,12 +50,14 @@ def resolve_plan(
     class_name = type(model).__name__
     check_target(plan.target, plan.manifest(), class_name, table)
     check_explicit_layers(plan.layers, model, table)
-    raw, hits, uncovered = resolve_specs(plan, table, list(plan.ignore) + list(extra_ignore))
+    raw, hits, uncovered, by_pattern = resolve_specs(plan, table, list(plan.ignore) + list(extra_ignore))
     unused = [rule["targets"] for rule, n in zip(plan.rules, hits) if n == 0]
     _report_unused_rules(unused, class_name, strict)
+    _report_unused_ignore([p for p in plan.ignore if not by_pattern[p]], class_name, strict)
     _report_uncovered(uncovered, class_name, strict)
     bos_dim = (plan.target.get("bos") or {}).get("dim")
     text_kv = matching(family_of(class_name).text_kv, table) if bos_dim else set()
+    _check_bos_dim(bos_dim, text_kv, table, class_name)
     layers = finalise_specs(raw, table, bos_dim, text_kv, act_ranges or {})
     return Resolution(resolved_target(plan.target, class_name, table), layers)
 
@@ -99,16 +103,15 @@ def check_explicit_layers(names: Iterable[str], model: nn.Module, table: dict[st
 
 def matching(patterns: Iterable[str], names: Iterable[str]) -> set[str]:
     """The names that match any of ``patterns``."""
-    patterns = list(patterns)
-    return {name for name in names if any(matches(p, name) for p in patterns)}
+    return set().union(*match_all(patterns, names).values())
 
 
 def resolve_specs(
     plan, table: Mapping[str, LayerInfo], ignore: list[str]
-) -> tuple[dict[str, dict[str, Any]], list[int], list[str]]:
+) -> tuple[dict[str, dict[str, Any]], list[int], list[str], dict[str, set[str]]]:
     """Per layer, defaults < rules < ignore < explicit entry. Returns the raw specs, how many layers each rule
-    matched, and the layers nothing covers (kept in floating point)."""
-    by_pattern = {p: matching([p], table) for p in {*ignore, *(p for r in plan.rules for p in r["targets"])}}
+    matched, the layers nothing covers (kept in floating point) and the layers each pattern matched."""
+    by_pattern = match_all([*ignore, *(p for r in plan.rules for p in r["targets"])], table)
     rule_layers = [set().union(*(by_pattern[p] for p in rule["targets"])) for rule in plan.rules]
     ignored = set().union(*(by_pattern[p] for p in ignore))
     rules = [{k: v for k, v in rule.items() if k in SPEC_KEYS} for rule in plan.rules]
@@ -121,7 +124,7 @@ def resolve_specs(
             uncovered.append(name)
             spec = dict(NOT_QUANTIZED)
         raw[name] = spec
-    return raw, [len(layers) for layers in rule_layers], uncovered
+    return raw, [len(layers) for layers in rule_layers], uncovered, by_pattern
 
 
 def _layer_spec(defaults, rules: list[dict], ignored: bool, explicit) -> dict[str, Any] | None:
@@ -145,6 +148,26 @@ def _report_unused_rules(unused: list[list[str]], class_name: str, strict: bool)
             "layer name, regexes need a 're:' prefix)"
         )
         _complain(listing(head, [str(t) for t in unused]), strict, "Or pass strict=False to ignore them.", "")
+
+
+def _report_unused_ignore(unused: list[str], class_name: str, strict: bool) -> None:
+    if unused:
+        head = (f"These 'ignore' patterns of the plan match no layer of {class_name} (a typo? globs match the full "
+                "layer name, regexes need a 're:' prefix)")
+        _complain(listing(head, unused), strict, "Fix or remove them, or pass strict=False to ignore them.", "")
+
+
+def _check_bos_dim(bos_dim: int | None, text_kv: set[str], table: Mapping[str, LayerInfo], class_name: str) -> None:
+    """A plan's BOS state must fit the text-reading layers of the model (else BOS handling would silently be off)."""
+    if not bos_dim or not text_kv or any(_bos_capable(table[n], bos_dim) for n in text_kv):
+        return
+    dims = sorted({table[n].in_features for n in text_kv})
+    raise PlanMismatchError(
+        f"The plan carries a {bos_dim}-dim BOS state (target.bos.dim), but the layers of {class_name} that read "
+        f"the text encoder's hidden states take {', '.join(map(str, dims))}-dim inputs, so none of them can be "
+        "BOS-aware: the plan was made with another text encoder. Attach the BOS state of this model's text "
+        "encoder (diffusers_mixdq.bos.attach_bos), or use a plan built for this model."
+    )
 
 
 def _report_uncovered(uncovered: list[str], class_name: str, strict: bool) -> None:
@@ -205,12 +228,24 @@ def _layer_from(spec: Mapping[str, Any], flags: dict[str, Any], act_range: float
     layer kept in floating point."""
     spec = {**spec, "flags": flags}
     if act_range is not None and spec.get("activations", "none") != "none" and spec.get("act_range") is None:
-        spec["act_range"] = float(act_range)
+        spec["act_range"] = _calibrated(act_range)
     layer = LayerSpec.from_dict(spec)
     if not layer.is_quantized and layer.flags.get("bos_aware"):
         flags = {k: v for k, v in layer.flags.items() if k != "bos_aware"}
         layer = LayerSpec(layer.weights, layer.activations, layer.act_range, flags)
     return layer
+
+
+def _calibrated(value: Any) -> float:
+    """A calibrated range, checked as the schema checks a plan's (the resolved plan is not validated again)."""
+    try:
+        r = float(value)
+    except (TypeError, ValueError, OverflowError):
+        r = math.nan
+    if not (math.isfinite(r) and 0 < r <= MAX_ACT_RANGE):
+        raise PlanFormatError(f"A calibrated activation range is {value!r}; ranges must be finite numbers with "
+                              f"0 < range <= {MAX_ACT_RANGE:g}. Recalibrate with finite, non-zero inputs.")
+    return r
 
 
 def _check_bos(bad: list[str]) -> None:

@@ -49,6 +49,12 @@ def _from_text(text: str, options: Mapping[str, Any]) -> BitPlan:
     path = Path(text) / subfolder if subfolder else Path(text)
     if path.exists():
         return BitPlan.load(path)
+    if looks_local(text):
+        raise PlanSourceError(
+            f"No plan found at '{path}': there is no such local file or directory"
+            + (f" ('{path.parent}' exists; it holds {_listing(path.parent)})" if path.parent.is_dir() else "")
+            + ". Check the path (a Hub plan is named 'owner/name', without a leading './' or a '.json' suffix)."
+        )
     for resolver in _RESOLVERS:
         plan = resolver(text, options)
         if plan is not None:
@@ -58,3 +64,26 @@ def _from_text(text: str, options: Mapping[str, Any]) -> BitPlan:
         + (" and no other plan source recognised it." if _RESOLVERS else ".")
         + " Pass a path to a plan .json file, a directory containing plan.json, a dict or a BitPlan."
     )
+
+
+def looks_local(text: str) -> bool:
+    """Whether ``text`` can only mean a local path: it starts with ``.``, ``/``, ``~`` or a drive, holds a
+    backslash or more than one ``/``, ends in ``.json``, or its first component is an existing local directory
+    (``plans/w8a8`` in a folder that has ``plans/``). Hub repo ids are ``owner/name`` and never look like that, so
+    a missing local path is reported at once instead of being looked up on the Hub."""
+    if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or text.lower().endswith(".json"):
+        return True
+    if len(text) > 1 and text[1] == ":" or Path(text).is_absolute():
+        return True
+    first = text.split("/", 1)[0]
+    return "/" in text and Path(first).is_dir()
+
+
+def _listing(folder: Path, limit: int = 6) -> str:
+    try:
+        names = sorted(p.name for p in folder.iterdir())
+    except OSError:
+        return "entries that cannot be listed"
+    if not names:
+        return "nothing"
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

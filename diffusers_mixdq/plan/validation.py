@@ -13,7 +13,9 @@ from importlib import resources
 from typing import Any, Mapping
 
 from ..errors import PlanFormatError
+from ..families import check_pattern
 from .layers import LayerInfo
+from .limits import MAX_ACT_RANGE, check_counts, plain_json
 from .spec import ACTIVATION_DTYPES, FORMAT_NAME, FORMAT_VERSION, WEIGHT_DTYPES
 
 SCHEMA_FILE = "plan-v1.schema.json"
@@ -35,13 +37,32 @@ def _validator():
     return jsonschema.Draft202012Validator(schema())
 
 
-def validate_plan_data(data: Any) -> None:
-    """Check a plan's JSON data (a dict as read from ``plan.json``); raises :class:`PlanFormatError`."""
+def validate_plan_data(data: Any) -> dict[str, Any]:
+    """Check a plan's JSON data (a dict as read from ``plan.json``, or built in Python) and return it as plain
+    JSON data (a copy: tuples become lists); raises :class:`PlanFormatError`. In order: only JSON values, bounded
+    depth (:mod:`.limits`), header, sizes, the schema, every layer-name pattern, the layer manifest."""
     if not isinstance(data, Mapping):
         raise PlanFormatError(f"A plan must be a JSON object, got {type(data).__name__}.")
+    check_counts(data)  # first: bounds the work of everything after it
+    data = plain_json(data)
     check_header(data)
     _check_schema(data)
+    _check_patterns(data)
     _check_manifest(data.get("target") or {})
+    return data
+
+
+def _check_patterns(data: Mapping[str, Any]) -> None:
+    """Every rule target and ignore entry compiles (an invalid one is an error even where another pattern of the
+    same rule matches)."""
+    patterns = [p for rule in data.get("rules") or () for p in rule["targets"]] + list(data.get("ignore") or ())
+    where = {p: f"rules/{i}/targets" for i, rule in enumerate(data.get("rules") or ()) for p in rule["targets"]}
+    where.update({p: "ignore" for p in data.get("ignore") or ()})
+    for pattern in dict.fromkeys(patterns):
+        try:
+            check_pattern(pattern)
+        except PlanFormatError as e:
+            raise PlanFormatError(f"{where[pattern]}: {e}") from None
 
 
 def check_header(data: Mapping[str, Any]) -> None:
@@ -65,7 +86,7 @@ def check_header(data: Mapping[str, Any]) -> None:
 
 
 def _check_schema(data: Mapping[str, Any]) -> None:
-    errors = sorted(_validator().iter_errors(data), key=lambda e: list(e.absolute_path))
+    errors = sorted(_validator().iter_errors(_one_per_kind(data)), key=lambda e: list(e.absolute_path))
     if not errors:
         return
     lines = []
@@ -75,6 +96,47 @@ def _check_schema(data: Mapping[str, Any]) -> None:
     raise PlanFormatError(
         "The plan does not follow plan format v1:\n  - " + "\n  - ".join(lines) + "\nSee docs/plan-format.md."
     )
+
+
+def _one_per_kind(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``data`` with one entry per distinct value in ``layers`` and ``target.layers`` (the first layer holding it).
+
+    The schema checks each entry alone and never its name, so this finds the same errors, naming the first layer
+    with each, in time that grows with the number of distinct specs rather than layers (a resolved plan of a large
+    model has thousands of layers but a few dozen specs)."""
+    out = dict(data)
+    if isinstance(data.get("layers"), dict):
+        layers = data["layers"]
+        plain = {name for name, spec in layers.items() if _plainly_valid(spec)}
+        keep = set(list(plain)[:1])
+        out["layers"] = _first_of_each({n: s for n, s in layers.items() if n not in plain or n in keep})
+    target = data.get("target")
+    if isinstance(target, dict) and isinstance(target.get("layers"), dict):
+        out["target"] = {**target, "layers": _first_of_each(target["layers"])}
+    return out
+
+
+def _plainly_valid(spec: Any) -> bool:
+    """A quick test that accepts only layer specs the schema accepts (others go through the schema)."""
+    if type(spec) is not dict or not spec.keys() <= _SPEC_KEYS:
+        return False
+    weights, acts, r = spec.get("weights", "none"), spec.get("activations", "none"), spec.get("act_range")
+    if type(weights) is not str or weights not in WEIGHT_DTYPES or type(acts) is not str or acts not in ACTIVATION_DTYPES:
+        return False
+    if not (r is None or r == "dynamic" or (type(r) in (int, float) and 0 < r <= MAX_ACT_RANGE)):
+        return False
+    flags = spec.get("flags", {})
+    return type(flags) is dict and type(flags.get("bos_aware", False)) is bool
+
+
+_SPEC_KEYS = frozenset(("weights", "activations", "act_range", "flags"))
+
+
+def _first_of_each(entries: dict[str, Any]) -> dict[str, Any]:
+    seen: dict[str, str] = {}
+    for name, value in entries.items():
+        seen.setdefault(json.dumps(value, sort_keys=True), name)
+    return {name: entries[name] for name in seen.values()}
 
 
 def _check_manifest(target: Mapping[str, Any]) -> None:
@@ -95,7 +157,15 @@ def _explain(err) -> str:
     if key == "activations" and err.validator == "enum":
         return f"unknown activation dtype {err.instance!r}; use one of {', '.join(ACTIVATION_DTYPES)}"
     if key == "act_range":
-        return f"act_range must be a positive number (absolute max) or \"dynamic\", got {err.instance!r}"
+        return (f"act_range must be a positive number (the absolute max of the layer input, finite and at most "
+                f"{MAX_ACT_RANGE:g}) or \"dynamic\", got {_short(err.instance)}")
+    if err.validator in ("maximum", "minimum", "exclusiveMinimum", "type", "enum", "const"):
+        return f"{_short(err.instance)} is not allowed here ({err.validator} {_short(err.validator_value)})"
     if err.validator in ("unevaluatedProperties", "additionalProperties"):
         return err.message.replace("Unevaluated properties are not allowed", "unknown field(s)")
     return err.message
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"

@@ -53,6 +53,11 @@ class WeightBackend(ABC):
         """For a checkpoint key that is a piece of a saved quantized weight (``"a.b.weight._data"`` for quanto),
         the weight's own key (``"a.b.weight"``); ``None`` for any other key."""
 
+    def expected_pieces(self, module: nn.Module) -> dict[str, tuple]:
+        """``{key: (shape, dtype)}`` of the saved quantized weight of ``module`` (``dtype`` ``None``: the model's
+        float dtype), to check a checkpoint before loading it. Empty: the backend does not say (no check)."""
+        return {}
+
     @abstractmethod
     def load_quantized_weight(self, module: nn.Module, tensors: dict[str, torch.Tensor], device) -> None:
         """Install a saved quantized weight (``tensors`` keyed as :meth:`quantized_weight_keys`). Raises

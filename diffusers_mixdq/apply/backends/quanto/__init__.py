@@ -61,6 +61,9 @@ class QuantoBackend(WeightBackend):
         i = key.rfind(".weight.")
         return key[: i + len(".weight")] if i >= 0 else None
 
+    def expected_pieces(self, module):
+        return _weights().expected_pieces(module)
+
     def load_quantized_weight(self, module, tensors, device) -> None:
         _weights().load_quantized_weight(module, tensors, device)
 

@@ -9,7 +9,8 @@ Design:
   slower than fp32 on CPUs without VNNI. Static scales live in quanto's ``input_scale`` buffer, so they are saved
   with the weights.
 * quanto's C++ extension (int4/int2 unpacking on CPU) is built into a user cache directory, never into
-  site-packages (:func:`redirect_extension_build`, run before optimum.quanto's modules are imported).
+  site-packages (:func:`redirect_extension_build`, run before optimum.quanto's modules are imported); a build
+  interrupted half-way never blocks later ones (:mod:`.build_lock`).
 * quanto's int4/int2 linear fails under ``torch.inference_mode()`` (upstream issue #304); our modules step out of
   inference mode (keeping ``no_grad``) for that call, so users never see it.
 """
@@ -35,10 +36,14 @@ def cache_dir() -> Path:
 
 
 def redirect_extension_build() -> None:
-    """Point quanto's C++ extension build at :func:`cache_dir` (site-packages may be read-only)."""
+    """Point quanto's C++ extension build at :func:`cache_dir` (site-packages may be read-only), and make it
+    survive interruption (:mod:`.build_lock`: stale locks cleared, never an endless wait)."""
     from optimum.quanto.library.extensions import cpp
 
+    from .build_lock import guard_extension
+
     cpp.ext.build_directory = str(cache_dir() / "quanto-ext" / f"torch-{torch.__version__}")
+    guard_extension(cpp.ext)
 
 
 redirect_extension_build()

@@ -45,10 +45,12 @@ def _deserialize(module: nn.Module, tensors: dict[str, torch.Tensor], missing: l
 def load_quantized_weight(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
     """Install a saved quantized weight (``tensors`` keyed ``weight._data``, ``weight._scale``, ...).
 
-    The kernel-specific re-layout (``optimize``) runs on accelerators only: on the CPU it unpacks and re-packs
+    Every tensor is copied into memory of its own (see the comment below). The kernel-specific re-layout (``optimize``) runs on accelerators only: on the CPU it unpacks and re-packs
     int4 / int2 weights into the same layout, which costs time and memory for nothing.
     """
-    tensors = {k: v.to(device) for k, v in tensors.items()}
+    # own, aligned memory: a tensor memory-mapped from a safetensors file may start at any byte offset, and
+    # torch's CPU int8 kernels (``_weight_int8pack_mm``, used for bf16 inputs) crash on unaligned data
+    tensors = {k: v.to(device, copy=True, memory_format=torch.contiguous_format) for k, v in tensors.items()}
     missing: list[str] = []
     weight = _deserialize(module, tensors, missing)
     if weight is None or tensors:
@@ -74,3 +76,27 @@ def has_meta_tensors(module: nn.Module) -> bool:
         if inner is not None and inner.device.type == "meta":
             return True
     return False
+
+
+def expected_pieces(module: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """``{key: (shape, dtype)}`` of the saved quantized weight of ``module`` (its qtype and weight shape), dtype
+    ``None`` for scales and shifts, which are stored in the model's float dtype. optimum-quanto 0.2.7 layouts:
+    8-bit: data of the weight's shape, one scale per output channel; 4 / 2-bit: the weight as ``rows`` groups of
+    ``group_size`` values, packed ``8 // bits`` rows to a byte along dim 0, one scale and shift per group."""
+    qtype = module.weight_qtype
+    shape = tuple(module.weight.shape)
+    per_channel = (shape[0],) + (1,) * (len(shape) - 1)
+    if qtype.bits == 8:
+        return {"weight._data": (shape, qtype.dtype), "weight._scale": (per_channel, None)}
+    group = module.weight_group_size
+    if group is None:  # one group per output channel, the weight's own shape
+        rows, data, scale = shape[0], shape[1:], per_channel
+    else:
+        numel = 1
+        for s in shape:
+            numel *= s
+        rows, data = numel // group, (group,)
+        scale = (rows, 1)
+    per_byte = 8 // qtype.bits
+    return {"weight._data._data": (((rows + per_byte - 1) // per_byte,) + tuple(data), torch.uint8),
+            "weight._scale": (scale, None), "weight._shift": (scale, None)}
