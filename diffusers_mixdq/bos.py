@@ -108,11 +108,20 @@ def bos_hidden_state(pipe, prompts: Sequence[str] = PROBE_PROMPTS) -> torch.Tens
                          "check_bos_invariance() instead.")
 
     def encode(prompt: str) -> torch.Tensor:
-        out = pipe.encode_prompt(prompt, device=pipe.device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=False)
+        out = pipe.encode_prompt(_fit(prompt, getattr(pipe, "tokenizer", None)), device=pipe.device,
+                                 num_images_per_prompt=1, do_classifier_free_guidance=False)
         return out[0]
 
     return _check_invariant(_token0_states(encode, prompts), f"The text encoder of {type(pipe).__name__}")
+
+
+def _fit(prompt: str, tokenizer) -> str:
+    """``prompt`` cut to what the tokenizer keeps, so probing a short-context encoder warns about no truncation
+    (silencing transformers' warning instead would also hide it for the user's own long prompts)."""
+    if tokenizer is None or not getattr(tokenizer, "model_max_length", None):
+        return prompt
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def attach_bos(plan: BitPlan, state: torch.Tensor, text_encoder: str | None = None) -> BitPlan:

@@ -186,8 +186,6 @@ def test_build_output_is_loadable_as_printed(built):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs the auto-detection of a single component folder in "
-                   "diffusers_mixdq/plan/sources.py (_from_text), owned elsewhere; see issue #18")
 def test_build_output_is_loadable_without_subfolder(built):
     from diffusers_mixdq import MixDQConfig
 
@@ -200,7 +198,8 @@ def test_build_shows_progress_and_threads(built):
     _, (first, second) = built
     assert "torch CPU threads: 1 (--threads; change with --threads)" in first
     assert "calibration (full precision)" in first and "weights sensitivity" in first
-    assert "one-time setup, not in the ETA" in first
+    # (the first-step note is shown only if the bar redraws before the second step: timing, so not asserted here;
+    # test_sweep_eta_leaves_out_the_first_job checks the ETA itself on a fake clock)
     assert "scores from the cache" in second  # the rerun's sweep starts complete
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 
 from ..errors import PlanSourceError
 from .bitplan import BitPlan
+from .spec import PLAN_FILENAME
 
 #: resolvers tried in order for string sources that are not local paths: (source, options) -> BitPlan | None
 _RESOLVERS: list[Callable[[str, Mapping[str, Any]], BitPlan | None]] = []
@@ -47,6 +48,8 @@ def _from_text(text: str, options: Mapping[str, Any]) -> BitPlan:
         return BitPlan.load(text)
     subfolder = options.get("subfolder")
     path = Path(text) / subfolder if subfolder else Path(text)
+    if not subfolder and path.is_dir() and not (path / PLAN_FILENAME).is_file():
+        path = _only_component(path)
     if path.exists():
         return BitPlan.load(path)
     if looks_local(text):
@@ -87,3 +90,14 @@ def _listing(folder: Path, limit: int = 6) -> str:
     if not names:
         return "nothing"
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _only_component(directory: Path) -> Path:
+    """A plan directory in the Hub layout (``unet/plan.json``, what ``mixdq build --out`` writes) without a root
+    plan: its only component folder; several are an error naming them; none leaves ``directory`` to the loader."""
+    found = sorted(p.name for p in directory.iterdir() if (p / PLAN_FILENAME).is_file())
+    if len(found) > 1:
+        raise PlanSourceError(
+            f"'{directory}' holds plans for several components ({', '.join(found)}): pass subfolder= one of them."
+        )
+    return directory / found[0] if found else directory
