@@ -191,39 +191,21 @@ def _options():
 FAMILIES: Registry[ModelFamily] = Registry("model family")
 
 GENERIC = FAMILIES.register("generic", ModelFamily("generic"))
-FAMILIES.register("unet", ModelFamily(
-    "unet",
-    classes=("UNet2DConditionModel",),
-    first_last=("conv_in", "conv_out"),
-    time_embedding=("time_embedding.*", "add_embedding.*"),
-))
-FAMILIES.register("pixart", ModelFamily(
-    "pixart",
-    classes=("PixArtTransformer2DModel",),
-    first_last=("pos_embed.proj", "proj_out"),
-    time_embedding=("adaln_single.*", "caption_projection.*"),
-))
-FAMILIES.register("sd3", ModelFamily(
-    "sd3",
-    classes=("SD3Transformer2DModel",),
-    content=("*.attn.add_*", "*.ff_context.*", "*.ff.*"),
-    first_last=("pos_embed.proj", "proj_out"),
-    time_embedding=("time_text_embed.*", "context_embedder"),
-))
-FAMILIES.register("flux", ModelFamily(
-    "flux",
-    classes=("FluxTransformer2DModel",),
-    content=("*.attn.add_*", "*.ff_context.*", "*.ff.*"),
-    first_last=("x_embedder", "proj_out"),
-    time_embedding=("time_text_embed.*", "context_embedder"),
-))
-FAMILIES.register("wan", ModelFamily(
-    "wan",
-    classes=("WanTransformer3DModel",),
-    first_last=("proj_out",),
-    time_embedding=("condition_embedder.*",),
-))
-
+_JOINT_CONTENT = ("*.attn.add_*", "*.ff_context.*", "*.ff.*")  # MMDiTs: the text stream's attention and MLP
+#: the built-in families: name -> (classes, first/last layers, time-embedding layers, content group or None: generic)
+_BUILT_IN = {
+    "unet": (("UNet2DConditionModel",), ("conv_in", "conv_out"), ("time_embedding.*", "add_embedding.*"), None),
+    "pixart": (("PixArtTransformer2DModel",), ("pos_embed.proj", "proj_out"),
+               ("adaln_single.*", "caption_projection.*"), None),
+    "sd3": (("SD3Transformer2DModel",), ("pos_embed.proj", "proj_out"), ("time_text_embed.*", "context_embedder"),
+            _JOINT_CONTENT),
+    "flux": (("FluxTransformer2DModel",), ("x_embedder", "proj_out"), ("time_text_embed.*", "context_embedder"),
+             _JOINT_CONTENT),
+    "wan": (("WanTransformer3DModel",), ("proj_out",), ("condition_embedder.*",), None),
+}
+for _name, (_classes, _first_last, _time, _content) in _BUILT_IN.items():
+    FAMILIES.register(_name, ModelFamily(_name, classes=_classes, first_last=_first_last, time_embedding=_time,
+                                         **({"content": _content} if _content else {})))
 
 def family_of(model_or_class_name) -> ModelFamily:
     """The family of a denoiser (instance, class or class name); :data:`GENERIC` when none is registered."""
