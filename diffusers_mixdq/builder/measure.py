@@ -26,6 +26,7 @@ from torch import nn
 from ..plan import LayerSpec
 from .calibration import calibration_key
 from .context import BuildContext
+from .published import file_records, seed_cache
 from .recording import Calibration, Recording, subset_is_exact
 from .scores import ScoreCache, merged
 from .sensitivity import ContentScorer, SensitivityResult, layer_sensitivity
@@ -57,6 +58,8 @@ def sweep_key(denoiser: nn.Module, s: BuildSettings) -> str:
     samples measured). A cache file is reused only for the same key; candidate widths may change freely."""
     h = hashlib.sha256(calibration_key(denoiser, s).encode())
     h.update(json.dumps([list(s.content_patterns), s.sweep_fraction, s.content_fraction]).encode())
+    if s.sensitivity_files:  # a cache seeded from files is only reused with the same files
+        h.update(json.dumps(file_records(s.sensitivity_files)).encode())
     return h.hexdigest()[:16]
 
 
@@ -134,6 +137,9 @@ def measure(ctx: BuildContext, calib: Calibration) -> Sensitivities:
                   naive_cost=(rec.num_calls, rec.num_samples), bos_state=calib.bos_state, progress=ctx.progress,
                   cache=cache, shard=ctx.shard)
     widths, extrapolated = sweep_widths(s)
+    if s.sensitivity_files:  # scores measured elsewhere: nothing is extrapolated over them
+        seed_cache(cache, s.sensitivity_files, ctx.candidates)
+        widths, extrapolated = {g: list(w) for g, w in s.widths.items()}, {}
     sens = layer_sensitivity(ctx.denoiser, ctx.candidates, widths, ctx.groups, lambda n, b: LayerSpec(f"int{b}"),
                              kind="weights", **common)
     act_sens = None

@@ -123,6 +123,14 @@ class WeightOptions(Strict):
         return self
 
 
+class SensitivityFile(Strict):
+    """Scores measured elsewhere (:mod:`.published`): a MixDQ log or an earlier build's score cache."""
+
+    path: str
+    widths: WeightWidths = [2, 4, 8]
+    prefix: str = "model."
+
+
 class BuildOptions(Strict):
     """Every option a build takes from its caller, with its rules (see the module docstring)."""
 
@@ -142,6 +150,7 @@ class BuildOptions(Strict):
     content_fraction: Fraction = 0.5
     device: Optional[str] = None
     allocator: Annotated[str, BeforeValidator(_allocator)] = DEFAULT_ALLOCATOR
+    sensitivity_files: list[SensitivityFile] = []
 
 
 Loc = tuple
@@ -167,6 +176,8 @@ class Labels:
 
 def _known_fields(model: type[BaseModel], loc: Loc) -> list[str]:
     for key in loc:
+        if isinstance(key, int):  # an item of a list of models
+            continue
         annotation = model.model_fields[key].annotation
         model = next(t for t in (annotation, *get_args(annotation)) if isinstance(t, type) and issubclass(t, BaseModel))
     return sorted(model.model_fields)

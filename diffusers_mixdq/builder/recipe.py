@@ -24,6 +24,8 @@ sweep_fraction: 0.25               # share of each recorded call's samples a qua
 content_fraction: 0.5              # share of the prompts a content-layer measurement generates (at least 4)
 device: null                       # cuda, cuda:1, cpu (default: cpu; sharded CUDA builds use one GPU per process)
 allocator: highs                   # how widths are chosen (diffusers_mixdq.builder.allocate.ALLOCATORS)
+sensitivity_files: []              # weight scores measured elsewhere, not measured again (builder.published):
+# - {path: sensitivity_log/weight/ssim/sensitivity.yaml, widths: [2, 4, 8], prefix: "model."}   # MixDQ's logs
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
 
@@ -81,6 +83,7 @@ class Recipe:
     split_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 2.0])
     budget_mode: str = "at_most"
     allocator: str = DEFAULT_ALLOCATOR
+    sensitivity_files: list = field(default_factory=list)
     push: dict[str, Any] | None = None
     description: str | None = None
     source: str | None = None
@@ -97,6 +100,7 @@ class Recipe:
             content_fraction=o.content_fraction, device=o.device, protected=list(o.protected),
             content_patterns=None if o.content_patterns is None else list(o.content_patterns),
             split_ratios=list(o.split_ratios), budget_mode=o.budget_mode, allocator=o.allocator,
+            sensitivity_files=[f.model_dump() for f in o.sensitivity_files],
             push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 
@@ -116,7 +120,7 @@ class Recipe:
             protected=tuple(self.protected), split_ratios=tuple(self.split_ratios), budget_mode=self.budget_mode,
             sweep_fraction=self.sweep_fraction, content_fraction=self.content_fraction,
             act_widths=list(self.act_candidates), act_bits=self.act_budget_bits, act_protect=self.act_protect,
-            device=self.device, allocator=self.allocator,
+            device=self.device, allocator=self.allocator, sensitivity_files=[dict(f) for f in self.sensitivity_files],
         )
 
 

@@ -66,7 +66,10 @@ class RecipeOptions(BuildOptions):
         if self.resolution is not None:
             self.height = self.height if "height" in self.model_fields_set else self.resolution
             self.width = self.width if "width" in self.model_fields_set else self.resolution
-        self.prompts = _prompts(self.prompts, (info.context or {}).get("base", Path.cwd()))[: self.num_prompts]
+        base = (info.context or {}).get("base", Path.cwd())
+        self.prompts = _prompts(self.prompts, base)[: self.num_prompts]
+        for entry in self.sensitivity_files:  # relative to the recipe file, like a prompts file
+            entry.path = str(Path(base) / entry.path) if not Path(entry.path).is_absolute() else entry.path
         if not self.prompts:
             raise invalid("has no prompts.")
         budget = self.weights.budget_bits

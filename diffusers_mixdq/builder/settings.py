@@ -68,6 +68,8 @@ class BuildSettings:
     act_protect: int = 0
     device: str | None = None
     allocator: str = DEFAULT_ALLOCATOR
+    #: weight sensitivities measured elsewhere, ``[{path, widths, prefix}]`` (:mod:`.published`): not measured again
+    sensitivity_files: Sequence[dict] = ()
 
     def options(self) -> dict[str, Any]:
         """These settings laid out as :class:`~.options.BuildOptions` fields."""
@@ -80,6 +82,7 @@ class BuildSettings:
             "content_patterns": None if self.content_patterns is None else list(self.content_patterns),
             "budget_mode": self.budget_mode, "sweep_fraction": self.sweep_fraction,
             "content_fraction": self.content_fraction, "device": self.device, "allocator": self.allocator,
+            "sensitivity_files": [dict(e) for e in self.sensitivity_files],
         }
 
     def validate(self) -> None:

@@ -11,6 +11,7 @@ from ..plan import BitPlan
 from .assign import Assignment
 from .context import BuildContext
 from .measure import Sensitivities
+from .published import file_records
 from .settings import BuildSettings
 
 def prompts_record(s: BuildSettings) -> dict[str, Any]:
@@ -29,9 +30,10 @@ def write(ctx: BuildContext, sens: Sensitivities, chosen: Assignment) -> BitPlan
     plan.provenance = {
         "tool": "diffusers-mixdq build",
         "settings": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(s).items()
-                     if k != "prompts"},
+                     if k not in ("prompts", "sensitivity_files")},  # files: by name and hash below, no paths
         **prompts_record(s),
         "sensitivity_metric": metrics,
+        **({"sensitivity_files": file_records(s.sensitivity_files)} if s.sensitivity_files else {}),
         "allocation": {"k": best.k, "avg_bits": best.avg_bits, "status": best.status, "mip_gap": best.mip_gap,
                        "candidates": report.solver, "candidate_mse": report.candidate_mse,
                        "activations": report.activation_solver, "activations_kept_unquantized": kept},
