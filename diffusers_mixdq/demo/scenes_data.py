@@ -390,3 +390,47 @@ DEMO_PROMPTS: List[str] = [
     "a red square below a yellow circle",
     "a green cross to the right of a blue triangle",
 ]
+
+
+# --------------------------------------------------------------------------- #
+# Bundled model
+# --------------------------------------------------------------------------- #
+import json as _json  # noqa: E402
+import os as _os  # noqa: E402
+
+#: Directory of the bundled ``scenes`` model: ``pipeline/``, ``scorer/``, ``defaults.json``.
+SCENES_DIR = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "scenes")
+
+
+def pipeline_path() -> str:
+    """Directory of the bundled ``PixArtSigmaPipeline`` (``DiffusionPipeline.from_pretrained`` it)."""
+    return _os.path.join(SCENES_DIR, "pipeline")
+
+
+def scorer_path() -> str:
+    """Directory of the bundled scenes scorer (``config.json`` + ``model.safetensors``)."""
+    return _os.path.join(SCENES_DIR, "scorer")
+
+
+def defaults() -> Dict[str, object]:
+    """Generation kwargs of the bundled pipeline (``defaults.json``): steps, guidance, size,
+    ``max_sequence_length``, ``use_resolution_binning=False``, ``clean_caption=False``."""
+    with open(_os.path.join(SCENES_DIR, "defaults.json")) as f:
+        return _json.load(f)
+
+
+def pipeline_kwargs() -> Dict[str, object]:
+    """:func:`defaults` as keyword arguments for ``pipe(prompts, **pipeline_kwargs(), generator=...)``."""
+    d = defaults()
+    return {k: d[k] for k in ("num_inference_steps", "guidance_scale", "height", "width", "max_sequence_length",
+                              "use_resolution_binning", "clean_caption")}  # fmt: skip
+
+
+def load_pipeline(torch_dtype=None, device: str = "cpu"):
+    """Load the bundled ``scenes`` pipeline (fp32 by default), progress bars off."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline_path(), dtype=torch_dtype or torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
