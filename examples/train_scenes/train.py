@@ -152,10 +152,35 @@ def encode_text(text_encoder, ids, mask):
     return text_encoder(ids, attention_mask=mask)[0]
 
 
+def init_from(path, tokenizer, text_encoder, transformer, ema_te, ema_tr) -> None:
+    """Start from the EMA weights of another run's ``ckpt_dit.pt`` (model and EMA both).
+
+    When the tokenizer has more tokens than that run's text encoder (``--role-tokens``
+    added role-2 words), the new embedding rows are copies of their plain words' rows,
+    so the model starts out behaving exactly like the source run.
+    """
+    ck = torch.load(path, weights_only=False)
+    te_state = dict(ck["ema_te"])
+    vocab = tokenizer.get_vocab()
+    for key in [k for k in te_state if k.endswith("shared.weight") or k.endswith("embed_tokens.weight")]:
+        old = te_state[key]
+        if old.shape[0] < len(vocab):
+            new = torch.zeros(len(vocab), old.shape[1], dtype=old.dtype)
+            new[: old.shape[0]] = old
+            for tok, i in vocab.items():
+                if i >= old.shape[0]:
+                    new[i] = old[vocab[tok[len(models.ROLE2_PREFIX):]]]
+            te_state[key] = new
+    for m in (text_encoder, ema_te):
+        m.load_state_dict(te_state)
+    for m in (transformer, ema_tr):
+        m.load_state_dict(ck["ema_tr"])
+
+
 def train_dit(args) -> None:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 7)
-    tokenizer = models.build_tokenizer(os.path.join(args.work_dir, "tokenizer_src"))
+    tokenizer = models.build_tokenizer(os.path.join(args.work_dir, "tokenizer_src"), role_tokens=args.role_tokens)
     vae = AutoencoderKL.from_pretrained(os.path.join(args.work_dir, "vae")).eval()
     sf = vae.config.scaling_factor
 
@@ -201,6 +226,13 @@ def train_dit(args) -> None:
 
     ckpt_path = os.path.join(args.work_dir, "ckpt_dit.pt")
     start, elapsed, running = 0, 0.0, None
+    ema_offset = 0
+    if args.init_from and not os.path.exists(ckpt_path):
+        init_from(args.init_from, tokenizer, text_encoder, transformer, ema_te, ema_tr)
+        ema_offset = 10**6  # continue the (already warm) EMA at full decay
+        log(f"initialised from the EMA weights in {args.init_from}")
+    elif args.init_from:
+        ema_offset = 10**6
     if os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
         text_encoder.load_state_dict(ck["te"])
@@ -217,7 +249,7 @@ def train_dit(args) -> None:
     added = {"resolution": None, "aspect_ratio": None}
     for step in range(start, args.steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr)
+            g["lr"] = lr_at(step, args.steps, args.lr, warmup=args.warmup)
         idx = torch.randint(len(captions), (args.batch,), generator=gen)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf
         b_ids, b_mask = ids[idx].clone(), masks[idx].clone()
@@ -235,8 +267,8 @@ def train_dit(args) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema_update(ema_tr, transformer, step, args.ema_decay)
-        ema_update(ema_te, text_encoder, step, args.ema_decay)
+        ema_update(ema_tr, transformer, step + ema_offset, args.ema_decay)
+        ema_update(ema_te, text_encoder, step + ema_offset, args.ema_decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == args.steps - 1:
             log(f"dit step {step} loss {loss.item():.4f} ema-loss {running:.4f} ({time.time() - t0:.0f}s)")
@@ -281,6 +313,11 @@ def main() -> None:
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--role-tokens", action="store_true",
+                   help="tokenizer marks the second object's words with role-2 tokens (see models.build_tokenizer)")
+    p.add_argument("--init-from", default=None,
+                   help="ckpt_dit.pt of an earlier run: start from its EMA weights (phase 2 fine-tuning)")
+    p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--export-every", type=int, default=500)
     args = p.parse_args()
 
