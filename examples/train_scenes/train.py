@@ -152,25 +152,32 @@ def encode_text(text_encoder, ids, mask):
     return text_encoder(ids, attention_mask=mask)[0]
 
 
-def init_from(path, tokenizer, text_encoder, transformer, ema_te, ema_tr) -> None:
+def init_from(path, tokenizer, text_encoder, transformer, ema_te, ema_tr, role_noise: float = 1.0) -> None:
     """Start from the EMA weights of another run's ``ckpt_dit.pt`` (model and EMA both).
 
     When the tokenizer has more tokens than that run's text encoder (``--role-tokens``
     added role-2 words), the new embedding rows are copies of their plain words' rows,
-    so the model starts out behaving exactly like the source run.
+    plus Gaussian noise of std ``role_noise`` x the embedding std.  The noise matters: with exact
+    copies the two roles start symmetric, and because which side an object goes to depends on
+    role XOR relation ("left of" vs "right of"), the gradient that would tell them apart averages
+    to zero -- a saddle the model did not leave in 1,000 steps.
     """
     ck = torch.load(path, weights_only=False)
+    g = torch.Generator().manual_seed(1234)
     te_state = dict(ck["ema_te"])
     vocab = tokenizer.get_vocab()
-    for key in [k for k in te_state if k.endswith("shared.weight") or k.endswith("embed_tokens.weight")]:
-        old = te_state[key]
-        if old.shape[0] < len(vocab):
-            new = torch.zeros(len(vocab), old.shape[1], dtype=old.dtype)
-            new[: old.shape[0]] = old
-            for tok, i in vocab.items():
-                if i >= old.shape[0]:
-                    new[i] = old[vocab[tok[len(models.ROLE2_PREFIX):]]]
-            te_state[key] = new
+    keys = [k for k in te_state if k.endswith("shared.weight") or k.endswith("embed_tokens.weight")]
+    old = te_state[keys[0]]  # tied: every key holds the same matrix
+    if old.shape[0] < len(vocab):
+        new = torch.zeros(len(vocab), old.shape[1], dtype=old.dtype)
+        new[: old.shape[0]] = old
+        scale = role_noise * old.std().item()
+        for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+            if i >= old.shape[0]:
+                base = old[vocab[tok[len(models.ROLE2_PREFIX) :]]]
+                new[i] = base + scale * torch.randn(old.shape[1], generator=g)
+        for k in keys:
+            te_state[k] = new
     for m in (text_encoder, ema_te):
         m.load_state_dict(te_state)
     for m in (transformer, ema_tr):
@@ -208,6 +215,7 @@ def train_dit(args) -> None:
         return enc.input_ids, enc.attention_mask
 
     ids, masks = tok(captions)
+    easy = torch.tensor([i for i, c in enumerate(captions) if data.parse_caption(c)["relation"] in ("left of", "above")])
     empty_ids, empty_mask = tok([""])
 
     text_encoder = models.build_text_encoder(len(tokenizer), d_model=args.text_width, layers=args.text_layers)
@@ -248,9 +256,18 @@ def train_dit(args) -> None:
     text_encoder.train()
     added = {"resolution": None, "aspect_ratio": None}
     for step in range(start, args.steps):
+        if args.stop_at is not None and step >= args.stop_at:
+            atomic_save(dict(te=text_encoder.state_dict(), tr=transformer.state_dict(), ema_te=ema_te.state_dict(),
+                             ema_tr=ema_tr.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step,
+                             elapsed=time.time() - t0, running=running), ckpt_path)  # fmt: skip
+            log(f"stopped at step {step} (--stop-at); checkpoint saved, nothing exported")
+            return
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, warmup=args.warmup)
-        idx = torch.randint(len(captions), (args.batch,), generator=gen)
+        if step < args.curriculum_steps:  # only "left of" / "above": the first-named object goes left / top
+            idx = easy[torch.randint(len(easy), (args.batch,), generator=gen)]
+        else:
+            idx = torch.randint(len(captions), (args.batch,), generator=gen)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf
         b_ids, b_mask = ids[idx].clone(), masks[idx].clone()
         drop = torch.rand(args.batch, generator=gen) < args.cfg_dropout
@@ -262,7 +279,13 @@ def train_dit(args) -> None:
         cond = encode_text(text_encoder, b_ids, b_mask)
         pred = transformer(zt, encoder_hidden_states=cond, encoder_attention_mask=b_mask, timestep=t,
                            added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
-        loss = F.mse_loss(pred, noise)
+        if args.high_noise_weight > 1:
+            # per-sample weight min(1/SNR, cap), at least 1: the epsilon loss barely rewards a correct
+            # x0 at high noise (error scaled by SNR), which is where the layout is decided
+            w = ((1 - a) / a).view(-1).clamp(1.0, args.high_noise_weight)
+            loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * w).sum() / w.sum()
+        else:
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -318,6 +341,12 @@ def main() -> None:
     p.add_argument("--init-from", default=None,
                    help="ckpt_dit.pt of an earlier run: start from its EMA weights (phase 2 fine-tuning)")
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--high-noise-weight", type=float, default=0.0,
+                   help="weight each sample's epsilon MSE by min(1/SNR, this), at least 1 (0: unweighted)")
+    p.add_argument("--curriculum-steps", type=int, default=0,
+                   help="train only on 'left of' / 'above' captions for this many steps first")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="save a checkpoint and stop at this step (to replay the shipped run's schedule changes)")
     p.add_argument("--export-every", type=int, default=500)
     args = p.parse_args()
 
