@@ -93,3 +93,34 @@ def test_bundled_pipeline_generates():
     assert torch.isfinite(out.images).all()
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(sd.SCENES_DIR) for f in fs)
     assert size <= 40 * 2**20
+
+
+def test_tokenizer_marks_the_second_object():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(sd.pipeline_path(), "tokenizer"))
+    a = tok("a red circle to the left of a blue square").input_ids
+    b = tok("a blue square to the left of a red circle").input_ids
+    assert len(a) == 11 and a[-1] == tok.eos_token_id
+    assert sorted(a) != sorted(b)  # not a bag of words: the roles have their own ids
+    assert tok("").input_ids == [tok.eos_token_id]
+
+
+def test_bundled_pipeline_quantizes_with_mixdq():
+    from diffusers import DiffusionPipeline, PixArtTransformer2DModel
+
+    from diffusers_mixdq import BitPlan, MixDQConfig
+
+    plan = BitPlan.uniform(weights="int8", activations="int8", act_range="dynamic",
+                           ignore=["pos_embed.proj", "proj_out"])
+    tr = PixArtTransformer2DModel.from_pretrained(sd.pipeline_path(), subfolder="transformer",
+                                                  quantization_config=MixDQConfig(plan=plan))
+    q = DiffusionPipeline.from_pretrained(sd.pipeline_path(), transformer=tr)
+    fp = DiffusionPipeline.from_pretrained(sd.pipeline_path())
+    kwargs = dict(sd.pipeline_kwargs(), output_type="pt")
+    outs = []
+    for pipe in (fp, q):
+        pipe.set_progress_bar_config(disable=True)
+        outs.append(pipe(sd.DEMO_PROMPTS[:2], generator=torch.Generator().manual_seed(0), **kwargs).images)
+    mse = (outs[0] - outs[1]).pow(2).mean().item()
+    assert 0 < mse and 10 * np.log10(1 / mse) > 25

@@ -17,10 +17,16 @@ EMA, optimizer, RNG, step) is written atomically to ``<work-dir>/ckpt_<stage>.pt
 re-running the same command continues from there (a finished VAE stage is
 skipped).  Kill it at any moment.
 
-Example (the command used for the shipped model)::
+Phase-2 options (used for the shipped model, see its model card): ``--init-from``
+(start from another run's EMA weights), ``--role-tokens`` (the tokenizer gives the
+second object's words their own ids), ``--curriculum-steps`` (first train on
+"left of"/"above" captions only), ``--high-noise-weight`` (weight each sample's
+epsilon MSE by ``clamp(1/SNR, 1, W)``; this is what made the model learn the order
+of the two objects).  ``--stop-at`` replays a run whose ``--steps`` was changed
+mid-way.
 
-    OMP_NUM_THREADS=1 python examples/train_scenes/train.py --stage all --threads 1 \
-        --work-dir _work/train_scenes --out diffusers_mixdq/demo/scenes/pipeline
+The exact commands that produced ``diffusers_mixdq/demo/scenes/pipeline`` are in
+its ``README.md`` (about 80 min on one CPU thread in all).
 """
 
 from __future__ import annotations
@@ -188,7 +194,7 @@ def train_dit(args) -> None:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 7)
     tokenizer = models.build_tokenizer(os.path.join(args.work_dir, "tokenizer_src"), role_tokens=args.role_tokens)
-    vae = AutoencoderKL.from_pretrained(os.path.join(args.work_dir, "vae")).eval()
+    vae = AutoencoderKL.from_pretrained(args.vae_dir or os.path.join(args.work_dir, "vae")).eval()
     sf = vae.config.scaling_factor
 
     cache = os.path.join(args.work_dir, f"latents_{args.dit_pool}.pt")
@@ -215,7 +221,9 @@ def train_dit(args) -> None:
         return enc.input_ids, enc.attention_mask
 
     ids, masks = tok(captions)
-    easy = torch.tensor([i for i, c in enumerate(captions) if data.parse_caption(c)["relation"] in ("left of", "above")])
+    easy = torch.tensor(
+        [i for i, c in enumerate(captions) if data.parse_caption(c)["relation"] in ("left of", "above")]
+    )
     empty_ids, empty_mask = tok([""])
 
     text_encoder = models.build_text_encoder(len(tokenizer), d_model=args.text_width, layers=args.text_layers)
@@ -341,6 +349,7 @@ def main() -> None:
     p.add_argument("--init-from", default=None,
                    help="ckpt_dit.pt of an earlier run: start from its EMA weights (phase 2 fine-tuning)")
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--vae-dir", default=None, help="trained VAE for --stage dit (default: <work-dir>/vae)")
     p.add_argument("--high-noise-weight", type=float, default=0.0,
                    help="weight each sample's epsilon MSE by min(1/SNR, this), at least 1 (0: unweighted)")
     p.add_argument("--curriculum-steps", type=int, default=0,
