@@ -158,7 +158,7 @@ def main() -> None:
         feats_real = scorer.features(real_a)
         fd_floor = frechet_distance(feats_real, scorer.features(real_b))
 
-    results = dict(pipeline=args.pipeline, n=args.n, prompt_set=args.prompt_set, seed=args.seed,
+    results = dict(pipeline=os.path.relpath(args.pipeline), n=args.n, prompt_set=args.prompt_set, seed=args.seed,
                    ignore=args.ignore, fd_real_vs_real=fd_floor, runs=[])  # fmt: skip
     grid_done = False
     for variant in args.variants:
