@@ -61,8 +61,9 @@ def scorer_path(name: str = "shapes") -> str:
 
 
 def available_models() -> List[str]:
-    """Names of the bundled models whose trained pipeline is there."""
-    return [name for name, model in MODELS.items() if model.available()]
+    """Names of the bundled models whose trained pipeline and bundled plans are there (what ``mixdq demo`` shows by
+    default; a model without plans yet can still be evaluated with ``mixdq eval --model NAME --plan ...``)."""
+    return [name for name, model in MODELS.items() if model.available() and plans_in(model.plans_dir())]
 
 
 def prompt_set(model: str = "shapes", split: str = "test", n: int = 64, seed: int = 0) -> List[str]:
