@@ -196,8 +196,10 @@ def sample_prompts(n: int, seed: int = 0) -> List[str]:
 # --------------------------------------------------------------------------- #
 # Rendering
 # --------------------------------------------------------------------------- #
-def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
-    """Boolean mask of ``shape`` with half-extent ``r`` centred at the origin."""
+def shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float, triangle_base: float = 0.8,
+               cross_arm: float = 3.0) -> np.ndarray:
+    """Boolean mask of ``shape`` with half-extent ``r`` centred at the origin (the triangle's base at
+    ``triangle_base * r`` below the centre, the cross's arms ``2 * r / cross_arm`` wide: each model's own look)."""
     ax, ay = np.abs(x), np.abs(y)
     if shape == "circle":
         return x * x + y * y <= r * r
@@ -205,11 +207,11 @@ def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarra
         h = 0.85 * r  # roughly equal area to the circle
         return (ax <= h) & (ay <= h)
     if shape == "triangle":
-        top, bottom = -r, 0.8 * r  # upward-pointing isosceles triangle
+        top, bottom = -r, triangle_base * r  # upward-pointing isosceles triangle
         t = (y - top) / (bottom - top)  # 0 at the apex, 1 at the base
         return (y >= top) & (y <= bottom) & (ax <= t * r)
     if shape == "cross":
-        w = r / 3.0
+        w = r / cross_arm
         return ((ax <= w) & (ay <= r)) | ((ay <= w) & (ax <= r))
     raise ValueError(f"unknown shape {shape!r}")
 
@@ -223,7 +225,7 @@ def render(scene: Scene) -> np.ndarray:
     cx, cy = cx + scene.dx, cy + scene.dy
     r = SIZES[scene.size] * scene.scale
     yy, xx = np.meshgrid(_SS_COORDS - cy, _SS_COORDS - cx, indexing="ij")
-    mask = _shape_mask(scene.shape, xx, yy, r).astype(np.float32)
+    mask = shape_mask(scene.shape, xx, yy, r).astype(np.float32)
     n = IMAGE_SIZE
     alpha = mask.reshape(n, _SUPERSAMPLE, n, _SUPERSAMPLE).mean(axis=(1, 3))[..., None]
     colour = np.clip(np.asarray(COLOURS[scene.colour]) + np.asarray(scene.tint), 0.0, 1.0)

@@ -51,21 +51,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
-#: Image side length in pixels.
-IMAGE_SIZE = 32
-
-SHAPES: tuple = ("circle", "square", "triangle", "cross")
-
-#: Colour name -> RGB in [0, 1].
-COLOURS: Dict[str, tuple] = {
-    "red": (0.90, 0.12, 0.12),
-    "green": (0.12, 0.78, 0.20),
-    "blue": (0.15, 0.30, 0.95),
-    "yellow": (0.95, 0.88, 0.10),
-    "purple": (0.62, 0.20, 0.85),
-    "white": (0.95, 0.95, 0.95),
-}
-COLOUR_NAMES: tuple = tuple(COLOURS)
+from .data import _SUPERSAMPLE, BACKGROUND, COLOUR_NAMES, COLOURS, IMAGE_SIZE, SHAPES, shape_mask
 
 #: Relation name -> phrase used in captions.
 RELATIONS: Dict[str, str] = {
@@ -83,27 +69,12 @@ AXES: tuple = ("horizontal", "vertical")
 ATTRIBUTES: tuple = ("colour1", "shape1", "relation", "colour2", "shape2")
 
 #: Attribute name -> tuple of class names.
-ATTRIBUTE_VALUES: Dict[str, tuple] = {
-    "colour1": COLOUR_NAMES,
-    "shape1": SHAPES,
-    "relation": RELATION_NAMES,
-    "colour2": COLOUR_NAMES,
-    "shape2": SHAPES,
-}
+ATTRIBUTE_VALUES: Dict[str, tuple] = dict(zip(ATTRIBUTES, (COLOUR_NAMES, SHAPES, RELATION_NAMES, COLOUR_NAMES, SHAPES)))
 
 #: Canonical (scorer) labels: layout axis, then the first slot (left/top) and
 #: second slot (right/bottom) objects.
 CANONICAL_ATTRIBUTES: tuple = ("axis", "colour_a", "shape_a", "colour_b", "shape_b")
-CANONICAL_VALUES: Dict[str, tuple] = {
-    "axis": AXES,
-    "colour_a": COLOUR_NAMES,
-    "shape_a": SHAPES,
-    "colour_b": COLOUR_NAMES,
-    "shape_b": SHAPES,
-}
-
-BACKGROUND = (0.12, 0.12, 0.12)
-_SUPERSAMPLE = 4
+CANONICAL_VALUES: Dict[str, tuple] = dict(zip(CANONICAL_ATTRIBUTES, (AXES, COLOUR_NAMES, SHAPES, COLOUR_NAMES, SHAPES)))
 
 #: Seeds of the prompt sets (see the module docstring).
 SPLIT_SEED = 13
@@ -259,24 +230,6 @@ def sample_scenes(n: int, seed: int = 0) -> List[Scene]:
 # --------------------------------------------------------------------------- #
 # Rendering
 # --------------------------------------------------------------------------- #
-def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
-    """Boolean mask of ``shape`` with half-extent ``r`` centred at the origin."""
-    ax, ay = np.abs(x), np.abs(y)
-    if shape == "circle":
-        return x * x + y * y <= r * r
-    if shape == "square":
-        h = 0.85 * r
-        return (ax <= h) & (ay <= h)
-    if shape == "triangle":  # upward-pointing
-        top, bottom = -r, 0.85 * r
-        t = (y - top) / (bottom - top)
-        return (y >= top) & (y <= bottom) & (ax <= t * r)
-    if shape == "cross":
-        w = r / 2.8
-        return ((ax <= w) & (ay <= r)) | ((ay <= w) & (ax <= r))
-    raise ValueError(f"unknown shape {shape!r}")
-
-
 _SS = (np.arange(IMAGE_SIZE * _SUPERSAMPLE, dtype=np.float64) + 0.5) / _SUPERSAMPLE
 
 
@@ -289,7 +242,7 @@ def render(scene: Scene) -> np.ndarray:
         (scene.colour2, scene.shape2, scene.xy2, scene.r2, scene.tint2),
     ):
         yy, xx = np.meshgrid(_SS - cy, _SS - cx, indexing="ij")
-        mask = _shape_mask(shape, xx, yy, r).astype(np.float32)
+        mask = shape_mask(shape, xx, yy, r, triangle_base=0.85, cross_arm=2.8).astype(np.float32)
         alpha = mask.reshape(n, _SUPERSAMPLE, n, _SUPERSAMPLE).mean(axis=(1, 3))[..., None]
         col = np.clip(np.asarray(COLOURS[colour]) + np.asarray(tint), 0.0, 1.0).astype(np.float32)
         img = img * (1.0 - alpha) + col * alpha
@@ -407,11 +360,6 @@ def pipeline_path() -> str:
     return _os.path.join(SCENES_DIR, "pipeline")
 
 
-def scorer_path() -> str:
-    """Directory of the bundled scenes scorer (``config.json`` + ``model.safetensors``)."""
-    return _os.path.join(SCENES_DIR, "scorer")
-
-
 def defaults() -> Dict[str, object]:
     """Generation kwargs of the bundled pipeline (``defaults.json``): steps, guidance, size,
     ``max_sequence_length``, ``use_resolution_binning=False``, ``clean_caption=False``."""
@@ -425,12 +373,3 @@ def pipeline_kwargs() -> Dict[str, object]:
     return {k: d[k] for k in ("num_inference_steps", "guidance_scale", "height", "width", "max_sequence_length",
                               "use_resolution_binning", "clean_caption")}  # fmt: skip
 
-
-def load_pipeline(torch_dtype=None, device: str = "cpu"):
-    """Load the bundled ``scenes`` pipeline (fp32 by default), progress bars off."""
-    import torch
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(pipeline_path(), dtype=torch_dtype or torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)

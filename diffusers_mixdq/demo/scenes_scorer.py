@@ -31,24 +31,22 @@ Example::
 
 from __future__ import annotations
 
-import json
+
 import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from .scenes_data import (
     ATTRIBUTES,
     CANONICAL_ATTRIBUTES,
     CANONICAL_VALUES,
-    IMAGE_SIZE,
     canonical,
     format_caption,
     parse_caption,
 )
-from .scorer import ImageInput, frechet_distance, to_tensor  # noqa: F401  (re-exported)
+from .scorer import HeadsCNN, HeadsScorer, ImageInput, frechet_distance, load_weights, to_tensor  # noqa: F401
 
 #: Directory of the bundled scorer weights (``config.json`` + ``model.safetensors``).
 DEFAULT_SCORER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenes", "scorer")
@@ -57,50 +55,19 @@ DEFAULT_SCORER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "s
 SCORE_KEYS: tuple = ATTRIBUTES + ("colour", "shape", "all")
 
 
-class SceneCNN(nn.Module):
-    """CNN with one classification head per canonical attribute (axis, slot a/b colour and shape)."""
+class SceneCNN(HeadsCNN):
+    """CNN with one classification head per canonical attribute (axis, slot a/b colour and shape): one more
+    full-resolution convolution than the shapes scorer's."""
 
     def __init__(self, width: int = 32, feature_dim: int = 128, num_classes: Optional[Dict[str, int]] = None):
-        super().__init__()
-        num_classes = num_classes or {a: len(CANONICAL_VALUES[a]) for a in CANONICAL_ATTRIBUTES}
         w = width
-        self.body = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, padding=1, stride=2), nn.ReLU(),  # 16x16
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2), nn.ReLU(),  # 8x8
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2), nn.ReLU(),  # 4x4
-            nn.Flatten(),
-            nn.Linear(2 * w * (IMAGE_SIZE // 8) ** 2, feature_dim), nn.ReLU(),
-        )  # fmt: skip
-        self.heads = nn.ModuleDict({a: nn.Linear(feature_dim, n) for a, n in num_classes.items()})
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations for images in [-1, 1], (N, 3, 32, 32)."""
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        f = self.features(x)
-        return {a: head(f) for a, head in self.heads.items()}
+        convs = [(3, w, 1), (w, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1), (2 * w, 2 * w, 2), (2 * w, 2 * w, 2)]
+        super().__init__(convs, feature_dim,
+                         num_classes or {a: len(CANONICAL_VALUES[a]) for a in CANONICAL_ATTRIBUTES})
 
 
-class SceneScorer:
-    """Wraps a trained :class:`SceneCNN` for alignment scoring and features."""
-
-    def __init__(self, model: SceneCNN, batch_size: int = 256):
-        self.model = model.eval()
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def predict(self, images: ImageInput) -> Dict[str, torch.Tensor]:
-        """Predicted class index per canonical attribute, each a LongTensor (N,)."""
-        x = to_tensor(images) * 2 - 1
-        outs: Dict[str, List[torch.Tensor]] = {a: [] for a in self.model.heads}
-        for i in range(0, len(x), self.batch_size):
-            for a, logits in self.model(x[i : i + self.batch_size]).items():
-                outs[a].append(logits.argmax(-1))
-        return {a: torch.cat(v) for a, v in outs.items()}
+class SceneScorer(HeadsScorer):
+    """Wraps a trained :class:`SceneCNN` for alignment scoring and features (predictions per canonical attribute)."""
 
     def predict_layouts(self, images: ImageInput) -> List[Dict[str, str]]:
         """Predicted canonical layout of each image, as names."""
@@ -152,10 +119,7 @@ class SceneScorer:
         out = {a: torch.tensor([r[a] for r in rows], dtype=torch.bool) for a in ATTRIBUTES}
         out["colour"] = out["colour1"] & out["colour2"]
         out["shape"] = out["shape1"] & out["shape2"]
-        aligned = torch.ones(len(rows), dtype=torch.bool)
-        for a in ATTRIBUTES:
-            aligned &= out[a]
-        out["aligned"] = aligned
+        out["aligned"] = torch.stack([out[a] for a in ATTRIBUTES]).all(0)
         return out
 
     def aligned(self, images: ImageInput, prompts: Sequence[str]) -> torch.Tensor:
@@ -177,23 +141,10 @@ class SceneScorer:
         result["aligned"] = per["aligned"].tolist()
         return result
 
-    @torch.no_grad()
-    def features(self, images: ImageInput) -> torch.Tensor:
-        """Penultimate-layer features (N, feature_dim) for :func:`frechet_distance`."""
-        x = to_tensor(images) * 2 - 1
-        return torch.cat([self.model.features(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
-
 
 def load_scorer(path: Optional[str] = None) -> SceneScorer:
     """Load the scenes scorer from ``path`` (default: the bundled ``demo/scenes/scorer/``)."""
-    from safetensors.torch import load_file
-
-    path = path or DEFAULT_SCORER_DIR
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    model = SceneCNN(width=cfg["width"], feature_dim=cfg["feature_dim"], num_classes=cfg["num_classes"])
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    return SceneScorer(model)
+    return SceneScorer(load_weights(SceneCNN, path or DEFAULT_SCORER_DIR))
 
 
 def labels_to_tensor(labels: np.ndarray) -> Dict[str, torch.Tensor]:

@@ -36,28 +36,17 @@ ImageInput = Union[torch.Tensor, np.ndarray, Sequence["PIL.Image.Image"]]  # noq
 DEFAULT_SCORER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scorer")
 
 
-class AttributeCNN(nn.Module):
-    """Small CNN with one classification head per attribute.
+class HeadsCNN(nn.Module):
+    """A small CNN: 3x3 convolutions (``convs``: ``(in, out, stride)`` each, ReLU after each), a linear feature
+    layer of ``feature_dim``, and one classification head per attribute (``num_classes``)."""
 
-    Args:
-        width: channels of the first conv stage (doubled after two downsamplings).
-        feature_dim: size of the penultimate (feature) layer.
-        num_classes: attribute name -> number of classes.
-    """
-
-    def __init__(self, width: int = 32, feature_dim: int = 128, num_classes: Optional[Dict[str, int]] = None):
+    def __init__(self, convs, feature_dim: int, num_classes: Dict[str, int]):
         super().__init__()
-        num_classes = num_classes or {a: len(ATTRIBUTE_VALUES[a]) for a in ATTRIBUTES}
-        w = width
-        self.body = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1, stride=2), nn.ReLU(),  # 16x16
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2), nn.ReLU(),  # 8x8
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2), nn.ReLU(),  # 4x4
-            nn.Flatten(),
-            nn.Linear(2 * w * (IMAGE_SIZE // 8) ** 2, feature_dim), nn.ReLU(),
-        )  # fmt: skip
+        layers: List[nn.Module] = []
+        for cin, cout, stride in convs:
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, stride=stride), nn.ReLU()]
+        flat = convs[-1][1] * (IMAGE_SIZE // 8) ** 2  # three stride-2 convolutions: 32 -> 4
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(flat, feature_dim), nn.ReLU())
         self.heads = nn.ModuleDict({a: nn.Linear(feature_dim, n) for a, n in num_classes.items()})
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +57,15 @@ class AttributeCNN(nn.Module):
         """Per-attribute logits for images ``x`` in [-1, 1]."""
         f = self.features(x)
         return {a: head(f) for a, head in self.heads.items()}
+
+
+class AttributeCNN(HeadsCNN):
+    """The shapes scorer's CNN: ``width`` channels, doubled after the first downsampling (32 -> 16 -> 8 -> 4)."""
+
+    def __init__(self, width: int = 32, feature_dim: int = 128, num_classes: Optional[Dict[str, int]] = None):
+        w = width
+        convs = [(3, w, 1), (w, w, 2), (w, 2 * w, 1), (2 * w, 2 * w, 2), (2 * w, 2 * w, 2)]
+        super().__init__(convs, feature_dim, num_classes or {a: len(ATTRIBUTE_VALUES[a]) for a in ATTRIBUTES})
 
 
 def to_tensor(images: ImageInput) -> torch.Tensor:
@@ -95,22 +93,45 @@ def to_tensor(images: ImageInput) -> torch.Tensor:
     return x.clamp(0.0, 1.0).contiguous()
 
 
-class Scorer:
-    """Wraps a trained :class:`AttributeCNN` for alignment scoring and features."""
+class HeadsScorer:
+    """A trained multi-head CNN (``model.heads``, ``model.features``) run in batches: class predictions per head and
+    penultimate features. The shapes and scenes scorers add how predictions compare with a prompt."""
 
-    def __init__(self, model: AttributeCNN, batch_size: int = 256):
+    def __init__(self, model: nn.Module, batch_size: int = 256):
         self.model = model.eval()
         self.batch_size = batch_size
 
     @torch.no_grad()
     def predict(self, images: ImageInput) -> Dict[str, torch.Tensor]:
-        """Predicted class index per attribute, each a LongTensor (N,)."""
+        """Predicted class index per head, each a LongTensor (N,)."""
         x = to_tensor(images) * 2 - 1
         outs: Dict[str, List[torch.Tensor]] = {a: [] for a in self.model.heads}
         for i in range(0, len(x), self.batch_size):
             for a, logits in self.model(x[i : i + self.batch_size]).items():
                 outs[a].append(logits.argmax(-1))
         return {a: torch.cat(v) for a, v in outs.items()}
+
+    @torch.no_grad()
+    def features(self, images: ImageInput) -> torch.Tensor:
+        """Penultimate-layer features (N, feature_dim), float32, for :func:`frechet_distance`."""
+        x = to_tensor(images) * 2 - 1
+        return torch.cat([self.model.features(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
+
+
+def load_weights(model_cls, path: str) -> nn.Module:
+    """A ``model_cls(width, feature_dim, num_classes)`` with the weights of a scorer directory (``config.json`` +
+    ``model.safetensors``)."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    model = model_cls(width=cfg["width"], feature_dim=cfg["feature_dim"], num_classes=cfg["num_classes"])
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    return model
+
+
+class Scorer(HeadsScorer):
+    """Wraps a trained :class:`AttributeCNN` for alignment scoring and features."""
 
     def predict_captions(self, images: ImageInput) -> List[str]:
         """Caption implied by the predicted attributes of each image."""
@@ -130,10 +151,7 @@ class Scorer:
             raise ValueError(f"{len(prompts)} prompts for {len(pred['shape'])} images")
         target = [parse_caption(p) for p in prompts]
         out = {a: pred[a] == torch.tensor([ATTRIBUTE_VALUES[a].index(d[a]) for d in target]) for a in ATTRIBUTES}
-        correct_all = torch.ones(len(prompts), dtype=torch.bool)
-        for a in ATTRIBUTES:
-            correct_all &= out[a]
-        out["all"] = correct_all
+        out["all"] = torch.stack([out[a] for a in ATTRIBUTES]).all(0)
         return out
 
     def aligned(self, images: ImageInput, prompts: Sequence[str]) -> torch.Tensor:
@@ -150,23 +168,10 @@ class Scorer:
         result["n"] = len(prompts)
         return result
 
-    @torch.no_grad()
-    def features(self, images: ImageInput) -> torch.Tensor:
-        """Penultimate-layer features (N, feature_dim), float32, for :func:`frechet_distance`."""
-        x = to_tensor(images) * 2 - 1
-        return torch.cat([self.model.features(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
-
 
 def load_scorer(path: Optional[str] = None) -> Scorer:
     """Load the scorer from ``path`` (default: the bundled ``demo/scorer/``)."""
-    from safetensors.torch import load_file
-
-    path = path or DEFAULT_SCORER_DIR
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    model = AttributeCNN(width=cfg["width"], feature_dim=cfg["feature_dim"], num_classes=cfg["num_classes"])
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    return Scorer(model)
+    return Scorer(load_weights(AttributeCNN, path or DEFAULT_SCORER_DIR))
 
 
 def scorer_with_real_features(prompts: Sequence[str]) -> Tuple[Scorer, torch.Tensor]:
