@@ -4,6 +4,7 @@ a W4A8 mixed plan; with ``--only``, any of those and three more used by the peer
 
     python examples/build_demo_plans.py                                   # w8a8 and w4a8-mixed (bundled)
     python examples/build_demo_plans.py --only w4a8-uniform w5a8-mixed w3a8-mixed   # extra plans (benchmarks)
+    python examples/build_demo_plans.py --only w4a8-mixed --held-out 16 --pick-objective tail --out _work/plans
 
 W8A8: int8 weights, int8 static activations calibrated on 16 prompts, BOS-aware cross-attention K/V.
 W4A8 mixed: the builder (calibration -> metric-decoupled sensitivity -> HiGHS allocation, average weight bits at
@@ -17,6 +18,12 @@ since {4, 8} cannot average below 4.
 The extra mixed plans are built with the naive sensitivity protocol (``NAIVE``: every candidate width measured on
 every calibration sample and prompt, as the bundled W4A8 plan was). They live outside plans/shapes/ so that
 `mixdq demo` keeps showing the two bundled plans.
+
+Allocator options (issue #14; the defaults rebuild the bundled plans as they are): ``--held-out N`` calibrates
+mixed plans on N prompts of the model's calibration set and picks ``k`` on N of its validation set
+(``pick_prompts``) instead of both on the same 8 prompts; ``--pick-objective tail`` picks by the worst 10% of
+images; ``--protect-first-last`` keeps conv_in / conv_out in 16 bit; ``--split-ratios`` sets the ``k`` sweep;
+``--out DIR`` writes every plan under DIR instead of the bundled folders.
 """
 
 from __future__ import annotations
@@ -48,10 +55,27 @@ MIXED = {
 PLANS = (*UNIFORM, *MIXED)
 
 
+def allocator_settings(args: argparse.Namespace) -> dict:
+    """The builder settings of the allocator options (none of them: the bundled plans' settings)."""
+    extra: dict = {"pick_objective": args.pick_objective, "protect_first_last": args.protect_first_last}
+    if args.held_out:
+        extra["prompts"] = demo.prompt_set("shapes", "calibration", args.held_out)
+        extra["pick_prompts"] = demo.prompt_set("shapes", "validation", args.held_out)
+    if args.split_ratios:
+        extra["split_ratios"] = tuple(args.split_ratios)
+    return extra
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=PLANS, default=list(BUNDLED), metavar="PLAN",
                         help=f"plans to (re)build, of {', '.join(PLANS)} (default: {' '.join(BUNDLED)})")
+    parser.add_argument("--held-out", type=int, default=0, metavar="N",
+                        help="mixed plans: calibrate on N calibration-set prompts, pick on N validation-set prompts")
+    parser.add_argument("--pick-objective", choices=("mse", "tail"), default="mse")
+    parser.add_argument("--protect-first-last", action="store_true")
+    parser.add_argument("--split-ratios", type=float, nargs="+", default=None, metavar="K")
+    parser.add_argument("--out", type=Path, default=None, help="write the plans here (default: the bundled folders)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -61,6 +85,7 @@ def main() -> None:
                   height=32, width=32, seed=1000)
     for name in (n for n in UNIFORM if n in args.only):
         out, weights = UNIFORM[name]
+        out = args.out or out
         t0 = time.perf_counter()
         plan = calibrated_plan(pipe, BitPlan(defaults={"weights": weights, "activations": "int8"},
                                              target={"base_model": "diffusers_mixdq/demo/pipeline"}),
@@ -71,15 +96,17 @@ def main() -> None:
 
     for name in (n for n in MIXED if n in args.only):
         out, extra = MIXED[name]
+        out = args.out or out
         t0 = time.perf_counter()
-        settings = BuildSettings(**{**common, "prompts": prompts[:8]}, **extra)
+        settings = BuildSettings(**{**common, "prompts": prompts[:8], **extra, **allocator_settings(args)})
         plan, report = build_plan(pipe, settings)
         plan.target["base_model"] = "diffusers_mixdq/demo/pipeline"
         plan.save(out / name)
         print(f"{name} built in {time.perf_counter() - t0:.1f}s -> {out / name}")
         print(plan.summary())
         print(json.dumps({"seconds": report.seconds, "denoiser_evaluations": report.denoiser_evaluations,
-                          "chosen_k": report.chosen_k, "candidate_mse": report.candidate_mse}, indent=2))
+                          "chosen_k": report.chosen_k, "candidate_mse": report.candidate_mse,
+                          "candidate_score": report.candidate_score}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Weights: one problem over the candidate layers (protected ones fixed at 16 bits), solved per group for every split
 ratio ``k`` (:func:`~.allocate.sweep`); each candidate is applied in memory and the one whose images are closest
-(MSE) to full precision is kept (:func:`~.allocate.pick`). Activations: the most activation-sensitive inputs stay
+to full precision is kept (:func:`~.allocate.pick`): images of the pick prompts (``pick_prompts``, held out from
+calibration; default the calibration prompts), compared per image by MSE and summed up by ``pick_objective`` (the
+mean, or the mean of the worst images: :func:`~.allocate.objective`). Activations: the most activation-sensitive inputs stay
 unquantized, the rest share an element-weighted budget (one per-group solve, ``k = 1``).
 """
 
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 
 from ..plan import BitPlan
-from .allocate import AllocationProblem, FixedLayer, LayerChoice, pick, solve_groups, sweep
+from .allocate import AllocationProblem, FixedLayer, LayerChoice, objective, pick, solve_groups, sweep
 from .allocate.result import Allocation
 from .context import BuildContext
 from .measure import Sensitivities
@@ -27,7 +29,8 @@ from .settings import BuildSettings, run_pipeline
 @dataclass
 class Assignment:
     """What the allocate stage gives: the chosen weight allocation and its plan, the candidates it was picked
-    from (with their image MSE), and each layer's activation width (``None``: kept unquantized)."""
+    from (with their mean image MSE on the pick prompts), and each layer's activation width (``None``: kept
+    unquantized)."""
 
     best: Allocation
     plan: BitPlan
@@ -123,25 +126,51 @@ def activation_widths(ctx: BuildContext, calib: Calibration, sens: Sensitivities
     return choice
 
 
+def pick_reference(ctx: BuildContext, calib: Calibration) -> torch.Tensor:
+    """The full-precision images the pick compares with: the calibration run's, or (with ``pick_prompts``) one
+    more full-precision run over the pick prompts, counted in the report as ``pick_reference``."""
+    s = ctx.settings
+    if not s.pick_prompts:
+        return calib.recording.images
+    with torch.no_grad():
+        images = run_pipeline(ctx.pipe, s.pick_settings)
+    ctx.report.count("pick_reference", *pick_cost(calib, s))
+    return images
+
+
+def pick_cost(calib: Calibration, s: BuildSettings) -> tuple[int, int]:
+    """``(denoiser calls, sample-evaluations)`` of one generation over the pick prompts: the calibration run's,
+    with the samples scaled by the number of prompts (one batch, so as many calls)."""
+    rec = calib.recording
+    return rec.num_calls, rec.num_samples * len(s.pick_settings.prompts) // len(s.prompts)
+
+
 def assign(ctx: BuildContext, calib: Calibration, sens: Sensitivities) -> Assignment:
-    """Allocate weights and activations, then keep the weight candidate with the lowest image MSE (see the module
-    docstring). Records times, costs and solver statistics in ``ctx.report``."""
+    """Allocate weights and activations, then keep the weight candidate the pick objective likes best (see the
+    module docstring). Records times, costs, each candidate's mean MSE and objective, and solver statistics in
+    ``ctx.report``."""
     t0 = time.perf_counter()
-    rec, report = calib.recording, ctx.report
+    s, report = ctx.settings, ctx.report
     allocations = weight_candidates(ctx, sens)
     acts = activation_widths(ctx, calib, sens)
     plans = {id(a): to_plan(ctx, calib, a, acts) for a in allocations}
+    reference = pick_reference(ctx, calib)
     mse_of: dict[int, float] = {}
+    score_of: dict[int, float] = {}
 
-    def image_mse(allocation: Allocation) -> float:
+    def score(allocation: Allocation) -> float:
         with applied(ctx.denoiser, plans[id(allocation)], calib.bos_state), torch.no_grad():
-            images = run_pipeline(ctx.pipe, ctx.settings)
-        mse_of[id(allocation)] = float((images - rec.images).pow(2).mean())
-        return mse_of[id(allocation)]
+            images = run_pipeline(ctx.pipe, s.pick_settings)
+        per_image = (images - reference).pow(2).flatten(1).mean(1).tolist()
+        mse_of[id(allocation)] = objective(per_image, "mse")
+        score_of[id(allocation)] = objective(per_image, s.pick_objective)
+        return score_of[id(allocation)]
 
-    best = pick(allocations, image_mse)
+    best = pick(allocations, score)
     report.candidate_mse = [mse_of[id(a)] for a in allocations]
+    report.candidate_score = [score_of[id(a)] for a in allocations]
     report.chosen_k = best.k
     report.seconds["allocate"] = time.perf_counter() - t0
-    report.count("pick", rec.num_calls * len(allocations), rec.num_samples * len(allocations))
+    calls, samples = pick_cost(calib, s)
+    report.count("pick", calls * len(allocations), samples * len(allocations))
     return Assignment(best, plans[id(best)], allocations, report.candidate_mse, acts)

@@ -8,7 +8,8 @@
    the denoiser output, and activations alone when there is an activation decision; scores cached as measured;
 3. **allocate** (:func:`~.assign.assign` -> :class:`~.assign.Assignment`): weight widths per group under the
    average-bits budget with a registered allocator (HiGHS by default, :mod:`.allocate`), sweeping the
-   content/quality split ``k`` and keeping the candidate whose images are closest (MSE) to full precision;
+   content/quality split ``k`` and keeping the candidate whose images are closest to full precision (per-image
+   MSE, its mean or its worst tail, on held-out pick prompts when given);
    activation widths under an element-weighted budget after keeping the most activation-sensitive inputs
    unquantized;
 4. **write** (:func:`~.write.write` -> :class:`~diffusers_mixdq.BitPlan`): the resolved plan with its provenance.
@@ -62,7 +63,8 @@ def _build_plan(pipe, settings: BuildSettings, progress: bool) -> tuple[BitPlan,
     sens = measure(ctx, calib)
     chosen = assign(ctx, calib, sens)
     # the naive protocol calibrates, measures every candidate on everything, and picks the same way
-    report.naive_sample_evaluations = rec.num_samples + sens.naive_samples + rec.num_samples * len(chosen.candidates)
+    picking = report.sample_evaluations["pick"] + report.sample_evaluations.get("pick_reference", 0)
+    report.naive_sample_evaluations = rec.num_samples + sens.naive_samples + picking
     return write(ctx, sens, chosen), report
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from ..errors import MixDQError
-from .allocate import ALLOCATORS, DEFAULT_ALLOCATOR
+from .allocate import ALLOCATORS, DEFAULT_ALLOCATOR, PICK_OBJECTIVES
 
 WEIGHT_WIDTHS = (2, 4, 8)
 ACTIVATION_WIDTHS = (4, 8)
@@ -71,6 +71,15 @@ def _allocator(value: Any) -> str:
         raise invalid(f"<> must name a registered allocator ({', '.join(ALLOCATORS)}), got {value!r}; add one "
                       "with diffusers_mixdq.builder.allocate.ALLOCATORS.register.")
     return value
+
+
+def not_held_out(prompts, pick_prompts) -> str | None:
+    """Why ``pick_prompts`` (``<>``) are not held out from the calibration ``prompts``; ``None`` when they are."""
+    shared = sorted(set(pick_prompts) & set(prompts))
+    if not shared:
+        return None
+    return (f"<> must be held out from the calibration prompts; {len(shared)} of them are calibration prompts too "
+            f"(first: {shared[0]!r}).")
 
 
 Fraction = Annotated[float, BeforeValidator(_fraction)]
@@ -151,6 +160,10 @@ class BuildOptions(Strict):
     device: Optional[str] = None
     allocator: Annotated[str, BeforeValidator(_allocator)] = DEFAULT_ALLOCATOR
     sensitivity_files: list[SensitivityFile] = []
+    #: the final pick: held-out prompts (empty: the calibration prompts) and what it minimises (:mod:`.assign`)
+    pick_prompts: list[Annotated[str, Field(strict=True)]] = []
+    pick_objective: Literal[PICK_OBJECTIVES] = "mse"
+    protect_first_last: Annotated[bool, Field(strict=True)] = False
 
 
 Loc = tuple

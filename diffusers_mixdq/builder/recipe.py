@@ -26,6 +26,10 @@ device: null                       # cuda, cuda:1, cpu (default: cpu; sharded CU
 allocator: highs                   # how widths are chosen (diffusers_mixdq.builder.allocate.ALLOCATORS)
 sensitivity_files: []              # weight scores measured elsewhere, not measured again (builder.published):
 # - {path: sensitivity_log/weight/ssim/sensitivity.yaml, widths: [2, 4, 8], prefix: "model."}   # MixDQ's logs
+pick_prompts: validation.txt       # held-out prompts the final pick of k generates on (default: the calibration
+                                   # prompts); a .txt file or a list, none of them among the calibration prompts
+pick_objective: mse                # mse (mean per-image MSE to FP) | tail (mean of the worst 10% of images)
+protect_first_last: false          # also keep the family's first/last layers (e.g. conv_in, conv_out) in 16 bit
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
 
@@ -84,6 +88,9 @@ class Recipe:
     budget_mode: str = "at_most"
     allocator: str = DEFAULT_ALLOCATOR
     sensitivity_files: list = field(default_factory=list)
+    pick_prompts: list[str] = field(default_factory=list)
+    pick_objective: str = "mse"
+    protect_first_last: bool = False
     push: dict[str, Any] | None = None
     description: str | None = None
     source: str | None = None
@@ -100,7 +107,8 @@ class Recipe:
             content_fraction=o.content_fraction, device=o.device, protected=list(o.protected),
             content_patterns=None if o.content_patterns is None else list(o.content_patterns),
             split_ratios=list(o.split_ratios), budget_mode=o.budget_mode, allocator=o.allocator,
-            sensitivity_files=[f.model_dump() for f in o.sensitivity_files],
+            sensitivity_files=[f.model_dump() for f in o.sensitivity_files], pick_prompts=list(o.pick_prompts),
+            pick_objective=o.pick_objective, protect_first_last=o.protect_first_last,
             push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 
@@ -121,6 +129,8 @@ class Recipe:
             sweep_fraction=self.sweep_fraction, content_fraction=self.content_fraction,
             act_widths=list(self.act_candidates), act_bits=self.act_budget_bits, act_protect=self.act_protect,
             device=self.device, allocator=self.allocator, sensitivity_files=[dict(f) for f in self.sensitivity_files],
+            pick_prompts=list(self.pick_prompts), pick_objective=self.pick_objective,
+            protect_first_last=self.protect_first_last,
         )
 
 
@@ -168,7 +178,8 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, ca
         settings.weight_bits = recipe.size_mb * 8 * 2**20 / total
     report = None
     if recipe.calibrate_only:
-        plan = calibrated_plan(pipe, _uniform_plan(recipe), settings, progress=progress)
+        plan = calibrated_plan(pipe, _uniform_plan(recipe, settings.for_model(denoiser).protected), settings,
+                              progress=progress)
     else:
         plan, report = build_plan(pipe, settings, progress=progress)
     plan.target["base_model"] = recipe.pipeline
@@ -205,9 +216,10 @@ def _load_pipeline(recipe: Recipe):
     return pipe
 
 
-def _uniform_plan(recipe: Recipe):
-    """The plan of a calibrate-only recipe: its one weight width everywhere, its activations, protected layers in
-    floating point (ranges are calibrated afterwards)."""
+def _uniform_plan(recipe: Recipe, protected):
+    """The plan of a calibrate-only recipe: its one weight width everywhere, its activations, the ``protected``
+    layers (the recipe's, and the family's first/last with ``protect_first_last``) in floating point (ranges are
+    calibrated afterwards)."""
     from ..plan import BitPlan
 
     width = next(iter({w for ws in recipe.candidates.values() for w in ws}))
@@ -217,4 +229,4 @@ def _uniform_plan(recipe: Recipe):
         acts = {"activations": act_dtype}
     elif recipe.activations == "dynamic":
         acts = {"activations": act_dtype, "act_range": "dynamic"}
-    return BitPlan(defaults={"weights": f"int{width}", **acts}, ignore=recipe.protected)
+    return BitPlan(defaults={"weights": f"int{width}", **acts}, ignore=list(protected))

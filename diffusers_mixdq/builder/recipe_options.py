@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BeforeValidator, Field, StrictStr, ValidationError, ValidationInfo, model_validator
 
-from .options import ActivationOptions, BuildOptions, Labels, Strict, WeightOptions, _count, error_from, invalid
+from .options import (ActivationOptions, BuildOptions, Labels, Strict, WeightOptions, _count, error_from, invalid,
+                      not_held_out)
 from .prompts import BUILTIN_PROMPTS
 
 
@@ -60,6 +61,8 @@ class RecipeOptions(BuildOptions):
     resolution: Optional[int] = None
     weights: RecipeWeights = Field(default_factory=dict, validate_default=True)
     push: Optional[PushOptions] = None
+    #: like ``prompts``: a .txt file or a list (default: none, the pick uses the calibration prompts)
+    pick_prompts: Any = []
 
     @model_validator(mode="after")
     def _resolve(self, info: ValidationInfo) -> "RecipeOptions":
@@ -72,25 +75,31 @@ class RecipeOptions(BuildOptions):
             entry.path = str(Path(base) / entry.path) if not Path(entry.path).is_absolute() else entry.path
         if not self.prompts:
             raise invalid("has no prompts.")
+        self.pick_prompts = _prompts(self.pick_prompts, base, "pick_prompts") if self.pick_prompts else []
+        message = not_held_out(self.prompts, self.pick_prompts)
+        if message:
+            raise invalid(message.replace("<>", "'pick_prompts'"))
         budget = self.weights.budget_bits
         if calibrate_only(self.weights.candidates, self.activations) and budget is not None:
             width = next(iter({w for ws in self.weights.candidates.values() for w in ws}))
-            if abs(budget - width) > 1e-9 and not self.protected:
+            if abs(budget - width) > 1e-9 and not (self.protected or self.protect_first_last):
                 raise invalid(f"all candidates are {width}-bit, so <weights.budget_bits> must be {width}.")
         return self
 
 
-def _prompts(prompts: Any, base: Path) -> list[str]:
-    if prompts == "builtin":
+def _prompts(prompts: Any, base: Path, key: str = "prompts") -> list[str]:
+    if prompts == "builtin" and key == "prompts":
         return list(BUILTIN_PROMPTS)
     if isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts):
         return list(prompts)
     if isinstance(prompts, str):
         file = (base / prompts) if not Path(prompts).is_absolute() else Path(prompts)
         if not file.is_file():
-            raise invalid(f"'prompts' names '{prompts}', which is neither 'builtin' nor a file.")
+            raise invalid(f"'{key}' names '{prompts}', which is neither 'builtin' nor a file." if key == "prompts" else
+                          f"'{key}' names '{prompts}', which is not a file.")
         return [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    raise invalid("'prompts' must be 'builtin', a text file (one prompt per line) or a list of strings.")
+    builtin = "'builtin', " if key == "prompts" else ""
+    raise invalid(f"'{key}' must be {builtin}a text file (one prompt per line) or a list of strings.")
 
 
 #: a recipe names top-level fields in quotes and nested ones by their path

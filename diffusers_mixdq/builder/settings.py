@@ -8,9 +8,10 @@ from typing import Any, Sequence
 import torch
 from pydantic import ValidationError
 
+from ..errors import MixDQError
 from ..families import family_of
 from .allocate import DEFAULT_ALLOCATOR
-from .options import BuildOptions, Labels, error_from
+from .options import BuildOptions, Labels, error_from, not_held_out
 
 #: how a settings field is spelled, for the option paths that differ (see :mod:`.options`)
 SETTINGS_LABELS = Labels(
@@ -40,7 +41,14 @@ class BuildSettings:
     ``content_patterns``: the content group (``None``: the denoiser family's, :mod:`diffusers_mixdq.families`).
     ``allocator``: how widths are chosen (:data:`~.allocate.ALLOCATORS`, default the HiGHS ILP).
     ``device``: where the pipeline runs during the build (default: where it is); in a sharded build on CUDA
-    machines every process takes its own GPU."""
+    machines every process takes its own GPU.
+
+    The final pick among the ``k`` sweep's candidates (:mod:`.assign`): ``pick_prompts`` are held-out (validation)
+    prompts it generates on (default, empty: the calibration prompts, as before; they may not share a prompt with
+    ``prompts``), ``pick_objective`` what it minimises over the per-image MSE to full precision (``"mse"``: the
+    mean, as before; ``"tail"``: the mean of the worst :data:`~.allocate.TAIL_FRACTION` of images).
+    ``protect_first_last`` adds the denoiser family's ``first_last`` layers (:mod:`diffusers_mixdq.families`) to
+    ``protected`` (kept in 16 bit)."""
 
     prompts: Sequence[str]
     weight_bits: float = 4.0
@@ -70,6 +78,9 @@ class BuildSettings:
     allocator: str = DEFAULT_ALLOCATOR
     #: weight sensitivities measured elsewhere, ``[{path, widths, prefix}]`` (:mod:`.published`): not measured again
     sensitivity_files: Sequence[dict] = ()
+    pick_prompts: Sequence[str] = ()
+    pick_objective: str = "mse"
+    protect_first_last: bool = False
 
     def options(self) -> dict[str, Any]:
         """These settings laid out as :class:`~.options.BuildOptions` fields."""
@@ -83,6 +94,8 @@ class BuildSettings:
             "budget_mode": self.budget_mode, "sweep_fraction": self.sweep_fraction,
             "content_fraction": self.content_fraction, "device": self.device, "allocator": self.allocator,
             "sensitivity_files": [dict(e) for e in self.sensitivity_files],
+            "pick_prompts": _as_list(self.pick_prompts), "pick_objective": self.pick_objective,
+            "protect_first_last": self.protect_first_last,
         }
 
     def validate(self) -> None:
@@ -91,12 +104,24 @@ class BuildSettings:
             BuildOptions.model_validate(self.options())
         except ValidationError as e:
             raise error_from(e, BuildOptions, SETTINGS_LABELS) from None
+        message = not_held_out(self.prompts, self.pick_prompts)
+        if message:
+            raise MixDQError(message.replace("<>", "pick_prompts"))
 
     def for_model(self, denoiser) -> "BuildSettings":
-        """These settings with the defaults that depend on the model filled in (content patterns)."""
-        if self.content_patterns is not None:
-            return self
-        return replace(self, content_patterns=tuple(family_of(denoiser).content))
+        """These settings with the defaults that depend on the model filled in: the content patterns and, with
+        ``protect_first_last``, the family's first and last layers among the protected ones."""
+        family = family_of(denoiser)
+        content = tuple(family.content) if self.content_patterns is None else self.content_patterns
+        protected = tuple(self.protected)
+        if self.protect_first_last:
+            protected += tuple(p for p in family.first_last if p not in protected)
+        return replace(self, content_patterns=content, protected=protected)
+
+    @property
+    def pick_settings(self) -> "BuildSettings":
+        """The settings the final pick generates with: the pick prompts in place of the calibration prompts."""
+        return replace(self, prompts=tuple(self.pick_prompts)) if self.pick_prompts else self
 
     @property
     def activation_sweep(self) -> bool:
@@ -107,7 +132,8 @@ class BuildSettings:
 @dataclass
 class BuildReport:
     """Numbers from a build: phase times, denoiser calls and sample-evaluations per phase done by this run and
-    taken from its cache (and what the naive protocol would have cost), solver statistics, the candidates' MSE."""
+    taken from its cache (and what the naive protocol would have cost), solver statistics, the candidates' MSE (on
+    the pick prompts) and value of the pick objective."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     denoiser_evaluations: dict[str, int] = field(default_factory=dict)
@@ -120,6 +146,8 @@ class BuildReport:
     activation_solver: list[dict[str, Any]] = field(default_factory=list)
     solver: list[dict[str, Any]] = field(default_factory=list)
     candidate_mse: list[float] = field(default_factory=list)
+    #: each candidate's value of the pick objective (the mean MSE for ``"mse"``)
+    candidate_score: list[float] = field(default_factory=list)
     chosen_k: float | None = None
 
     @property
@@ -141,6 +169,11 @@ class BuildReport:
         self.sample_evaluations[phase] = samples
         if any(reused):
             self.reused_denoiser_evaluations[phase], self.reused_sample_evaluations[phase] = reused
+
+
+def _as_list(values: Any) -> Any:
+    """A sequence as a list; a lone string as it is (for the options check to refuse, not to split into letters)."""
+    return values if isinstance(values, str) else list(values)
 
 
 def run_pipeline(pipe, s: BuildSettings, indices: Sequence[int] | None = None) -> torch.Tensor:

@@ -15,8 +15,15 @@ from .published import file_records
 from .settings import BuildSettings
 
 def prompts_record(s: BuildSettings) -> dict[str, Any]:
-    """The prompts as provenance records them: a hash and a count."""
-    return {"prompts_sha256": hashlib.sha256("\n".join(s.prompts).encode()).hexdigest(), "num_prompts": len(s.prompts)}
+    """The prompts (and pick prompts, when given) as provenance records them: a hash and a count."""
+    record = {"prompts_sha256": _sha256(s.prompts), "num_prompts": len(s.prompts)}
+    if s.pick_prompts:
+        record.update(pick_prompts_sha256=_sha256(s.pick_prompts), num_pick_prompts=len(s.pick_prompts))
+    return record
+
+
+def _sha256(prompts) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
 def write(ctx: BuildContext, sens: Sensitivities, chosen: Assignment) -> BitPlan:
@@ -30,12 +37,13 @@ def write(ctx: BuildContext, sens: Sensitivities, chosen: Assignment) -> BitPlan
     plan.provenance = {
         "tool": "diffusers-mixdq build",
         "settings": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(s).items()
-                     if k not in ("prompts", "sensitivity_files")},  # files: by name and hash below, no paths
+                     if k not in ("prompts", "sensitivity_files", "pick_prompts")},  # files: by name and hash below, no paths
         **prompts_record(s),
         "sensitivity_metric": metrics,
         **({"sensitivity_files": file_records(s.sensitivity_files)} if s.sensitivity_files else {}),
         "allocation": {"k": best.k, "avg_bits": best.avg_bits, "status": best.status, "mip_gap": best.mip_gap,
                        "candidates": report.solver, "candidate_mse": report.candidate_mse,
+                       "pick_objective": s.pick_objective, "candidate_score": report.candidate_score,
                        "activations": report.activation_solver, "activations_kept_unquantized": kept},
         "denoiser_evaluations": report.denoiser_evaluations,
         "sample_evaluations": {**report.sample_evaluations, "naive_total": report.naive_sample_evaluations},

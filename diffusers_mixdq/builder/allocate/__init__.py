@@ -18,7 +18,8 @@ group on its own, splitting the budget between groups by a ratio ``k`` (``b_cont
 size-weighted average held at ``B``), sweeps ``k`` (and ``B``) and keeps the candidate whose images are closest to
 FP. :func:`solve` solves one joint problem (all scores must be comparable), :func:`solve_groups` solves per group,
 :func:`sweep` enumerates candidates over ``k`` / ``B`` and :func:`pick` keeps the one a caller-supplied metric
-likes best. :func:`budget_for_size` turns a target size in MB into an average-bits budget.
+likes best (:func:`objective`: the mean or the tail of per-image errors). :func:`budget_for_size` turns a target
+size in MB into an average-bits budget.
 
 Modules: :mod:`.problem` (the inputs, their checks, budget arithmetic), :mod:`.allocators` (the registry of
 per-group solvers, :data:`ALLOCATORS`, and how to add one), :mod:`.ilp` (``"highs"``, the default: the ILP above
@@ -43,13 +44,15 @@ from .problem import (
     budget_for_size,
 )
 from .result import Allocation, Solved
-from .sweep import pick, sweep
+from .sweep import PICK_OBJECTIVES, TAIL_FRACTION, objective, pick, sweep
 
 __all__ = [
     "ALLOCATORS",
     "DEFAULT_ALLOCATOR",
     "MODES",
+    "PICK_OBJECTIVES",
     "SIZE_UNITS",
+    "TAIL_FRACTION",
     "Allocation",
     "AllocationError",
     "AllocationProblem",
@@ -64,6 +67,7 @@ __all__ = [
     "achievable_range",
     "budget_for_size",
     "group_budgets",
+    "objective",
     "pick",
     "solve",
     "solve_group",

@@ -1,5 +1,6 @@
-"""Candidates and the final pick: per-group allocations over a sweep of ``k`` (and ``B``), and the candidate a
-caller's metric (image MSE against full precision, in the builder) likes best."""
+"""Candidates and the final pick: per-group allocations over a sweep of ``k`` (and ``B``), the candidate a
+caller's metric (image MSE against full precision, in the builder) likes best, and the pick objectives that turn
+per-image errors into that metric (:func:`objective`)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,31 @@ def _none_reachable(failures: list[BudgetInfeasibleError]) -> BudgetInfeasibleEr
         f"None of the {len(failures)} (budget, k) combinations is reachable; the first: {first}",
         budget=first.budget, smallest=first.smallest, largest=first.largest, group=first.group,
     )
+
+
+#: what the final pick may minimise over per-image errors: their mean, or the mean of the worst ones
+PICK_OBJECTIVES = ("mse", "tail")
+#: the share of images the ``"tail"`` objective averages (the worst ones; at least one image)
+TAIL_FRACTION = 0.1
+
+
+def objective(errors: Sequence[float], kind: str = "mse") -> float:
+    """One number from per-image errors (e.g. each image's MSE to full precision): ``"mse"`` their mean,
+    ``"tail"`` the mean of the worst ``ceil(TAIL_FRACTION * n)`` of them. NaN when any error is NaN.
+
+    Raises:
+        AllocationError: no errors, or an unknown ``kind``.
+    """
+    if kind not in PICK_OBJECTIVES:
+        raise AllocationError(f"unknown pick objective {kind!r}; one of {', '.join(PICK_OBJECTIVES)}.")
+    values = [float(e) for e in errors]
+    if not values:
+        raise AllocationError("a pick objective needs at least one per-image error.")
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    if kind == "tail":
+        values = sorted(values, reverse=True)[: max(1, math.ceil(TAIL_FRACTION * len(values) - 1e-9))]
+    return sum(values) / len(values)
 
 
 def pick(candidates: Sequence[Allocation], evaluate: Callable[[Allocation], float]) -> Allocation:
