@@ -22,7 +22,7 @@ def test_bundled_plans_are_package_data():
     pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["diffusers_mixdq"]
     files = [f.relative_to(PACKAGE).as_posix() for f in (PACKAGE / "demo" / "plans").rglob("*") if f.is_file()]
-    assert len(files) == 10  # plan.json + plan.safetensors of 5 plans
+    assert len(files) == 12  # plan.json + plan.safetensors of 5 shapes plans; plan.json of 2 scenes plans (T5: no BOS)
     unpackaged = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)]
     assert not unpackaged, f"not in the wheel (pyproject package-data): {unpackaged}"
     assert tuple(demo.plans_in(demo.plans_dir())) == BUNDLED
@@ -78,12 +78,9 @@ def test_demo_with_a_plans_directory(tmp_path):
     assert [r["name"] for r in rows] == ["FP32", "u8"]
 
 
-def test_demo_of_a_model_without_plans_fails_clearly(tmp_path):
-    """scenes has its trained pipeline but no bundled plans yet: asked for by name it says so; by default the demo
-    shows only models that have plans."""
-    assert demo.get_model("scenes").available() and "scenes" not in demo.available_models()
-    result = CliRunner().invoke(app, ["demo", "--model", "scenes", "--no-memory", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "No demo plans" in result.output
+def test_both_bundled_models_have_pipelines_and_plans():
+    assert demo.available_models() == ["shapes", "scenes"]
+    assert sorted(demo.plans_in(demo.get_model("scenes").plans_dir())) == ["w4a8-uniform", "w8a8"]
 
 
 def test_eval_command_with_a_plan_file(tmp_path):
@@ -140,8 +137,10 @@ def test_eval_without_prompts_fails_clearly(tmp_path):
 
 
 def test_demo_without_plans_fails_clearly(tmp_path):
-    result = CliRunner().invoke(app, ["demo", "--plans", str(tmp_path), "--no-memory"])
+    result = CliRunner().invoke(app, ["demo", "--model", "shapes", "--plans", str(tmp_path), "--no-memory"])
     assert result.exit_code == 2 and "No demo plans" in result.output
+    result = CliRunner().invoke(app, ["demo", "--plans", str(tmp_path), "--no-memory"])  # two bundled models
+    assert result.exit_code == 2 and "--plans needs exactly one --model" in result.output
 
 
 @pytest.mark.slow

@@ -90,6 +90,8 @@ def calibration_key(denoiser: nn.Module, s: BuildSettings) -> str:
     for p in list(denoiser.parameters())[:4]:  # cheap guard against another checkpoint of the same architecture
         h.update(p.detach().float().flatten()[:256].cpu().numpy().tobytes())
     fields = [list(s.prompts), s.steps, s.guidance, s.height, s.width, s.seed, s.bos, str(next(denoiser.parameters()).dtype)]
+    if s.pipe_kwargs:  # only when given, so the keys of existing caches stay what they were
+        fields.append(dict(s.pipe_kwargs))
     h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 

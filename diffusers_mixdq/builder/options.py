@@ -160,6 +160,7 @@ class BuildOptions(Strict):
     device: Optional[str] = None
     allocator: Annotated[str, BeforeValidator(_allocator)] = DEFAULT_ALLOCATOR
     sensitivity_files: list[SensitivityFile] = []
+    pipe_kwargs: dict[str, Any] = {}
     #: the final pick: held-out prompts (empty: the calibration prompts) and what it minimises (:mod:`.assign`)
     pick_prompts: list[Annotated[str, Field(strict=True)]] = []
     pick_objective: Literal[PICK_OBJECTIVES] = "mse"

@@ -24,6 +24,7 @@ sweep_fraction: 0.25               # share of each recorded call's samples a qua
 content_fraction: 0.5              # share of the prompts a content-layer measurement generates (at least 4)
 device: null                       # cuda, cuda:1, cpu (default: cpu; sharded CUDA builds use one GPU per process)
 allocator: highs                   # how widths are chosen (diffusers_mixdq.builder.allocate.ALLOCATORS)
+pipe_kwargs: {}                    # extra arguments of every pipeline call, e.g. {use_resolution_binning: false}
 sensitivity_files: []              # weight scores measured elsewhere, not measured again (builder.published):
 # - {path: sensitivity_log/weight/ssim/sensitivity.yaml, widths: [2, 4, 8], prefix: "model."}   # MixDQ's logs
 pick_prompts: validation.txt       # held-out prompts the final pick of k generates on (default: the calibration
@@ -88,6 +89,7 @@ class Recipe:
     budget_mode: str = "at_most"
     allocator: str = DEFAULT_ALLOCATOR
     sensitivity_files: list = field(default_factory=list)
+    pipe_kwargs: dict = field(default_factory=dict)
     pick_prompts: list[str] = field(default_factory=list)
     pick_objective: str = "mse"
     protect_first_last: bool = False
@@ -108,6 +110,7 @@ class Recipe:
             content_patterns=None if o.content_patterns is None else list(o.content_patterns),
             split_ratios=list(o.split_ratios), budget_mode=o.budget_mode, allocator=o.allocator,
             sensitivity_files=[f.model_dump() for f in o.sensitivity_files], pick_prompts=list(o.pick_prompts),
+            pipe_kwargs=dict(o.pipe_kwargs),
             pick_objective=o.pick_objective, protect_first_last=o.protect_first_last,
             push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
@@ -129,6 +132,7 @@ class Recipe:
             sweep_fraction=self.sweep_fraction, content_fraction=self.content_fraction,
             act_widths=list(self.act_candidates), act_bits=self.act_budget_bits, act_protect=self.act_protect,
             device=self.device, allocator=self.allocator, sensitivity_files=[dict(f) for f in self.sensitivity_files],
+            pipe_kwargs=dict(self.pipe_kwargs),
             pick_prompts=list(self.pick_prompts), pick_objective=self.pick_objective,
             protect_first_last=self.protect_first_last,
         )

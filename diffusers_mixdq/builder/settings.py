@@ -78,6 +78,8 @@ class BuildSettings:
     allocator: str = DEFAULT_ALLOCATOR
     #: weight sensitivities measured elsewhere, ``[{path, widths, prefix}]`` (:mod:`.published`): not measured again
     sensitivity_files: Sequence[dict] = ()
+    #: extra keyword arguments of every pipeline call (a DiT pipeline's ``use_resolution_binning=False``, ...)
+    pipe_kwargs: dict = field(default_factory=dict)
     pick_prompts: Sequence[str] = ()
     pick_objective: str = "mse"
     protect_first_last: bool = False
@@ -93,7 +95,7 @@ class BuildSettings:
             "content_patterns": None if self.content_patterns is None else list(self.content_patterns),
             "budget_mode": self.budget_mode, "sweep_fraction": self.sweep_fraction,
             "content_fraction": self.content_fraction, "device": self.device, "allocator": self.allocator,
-            "sensitivity_files": [dict(e) for e in self.sensitivity_files],
+            "sensitivity_files": [dict(e) for e in self.sensitivity_files], "pipe_kwargs": self.pipe_kwargs,
             "pick_prompts": _as_list(self.pick_prompts), "pick_objective": self.pick_objective,
             "protect_first_last": self.protect_first_last,
         }
@@ -182,5 +184,5 @@ def run_pipeline(pipe, s: BuildSettings, indices: Sequence[int] | None = None) -
 
     indices = range(len(s.prompts)) if indices is None else indices
     images, _ = generate(pipe, [s.prompts[i] for i in indices], [s.seed + i for i in indices], s.steps, s.guidance,
-                         height=s.height, width=s.width, grad_mode=None)
+                         height=s.height, width=s.width, grad_mode=None, pipe_kwargs=s.pipe_kwargs)
     return images
