@@ -6,21 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_pipeline
+from test_build import SETTINGS, pipe  # noqa: F401  (the same tiny pipeline and settings as the builder tests)
 
 from diffusers_mixdq import MixDQError
 from diffusers_mixdq.builder import BuildSettings, build_plan, load_recipe
 from diffusers_mixdq.builder.sensitivity import layer_group
 from diffusers_mixdq.plan import layer_table
 
-SETTINGS = dict(prompts=["a red circle", "a blue square"], steps=2, guidance=3.0, height=32, width=32)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    p = make_pipeline()
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def _log(pipe, fragile: str) -> dict[str, list[float]]:
