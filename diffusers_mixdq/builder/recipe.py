@@ -19,7 +19,7 @@ activations: int8                  # int8 (static, calibrated) | dynamic | none,
 # activations: {mode: int8, candidates: [4, 8], budget_bits: 7.0, protect_most_sensitive: 7}
 protected: [conv_in, conv_out]     # kept in floating point
 content_patterns: ["*attn2.*", "*.ff.*"]   # default: the denoiser family's (diffusers_mixdq.families)
-split_ratios: [0.5, 0.75, 1.0, 1.5, 2.0]
+split_ratios: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0]   # k = content / quality width
 sweep_fraction: 0.25               # share of each recorded call's samples a quality-layer measurement replays
 content_fraction: 0.5              # share of the prompts a content-layer measurement generates (at least 4)
 device: null                       # cuda, cuda:1, cpu (default: cpu; sharded CUDA builds use one GPU per process)
@@ -50,7 +50,7 @@ from typing import Any
 
 from ..errors import MixDQError
 from .allocate import DEFAULT_ALLOCATOR
-from .options import DEFAULT_CANDIDATES, ActivationOptions
+from .options import DEFAULT_CANDIDATES, DEFAULT_SPLIT_RATIOS, ActivationOptions
 from .prompts import BUILTIN_PROMPTS
 from .recipe_options import RecipeOptions, calibrate_only, parse_recipe
 from .settings import BuildSettings
@@ -85,7 +85,7 @@ class Recipe:
     protected: list[str] = field(default_factory=list)
     #: ``None``: the denoiser family's content patterns (:func:`diffusers_mixdq.families.family_of`)
     content_patterns: list[str] | None = None
-    split_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 2.0])
+    split_ratios: list[float] = field(default_factory=lambda: list(DEFAULT_SPLIT_RATIOS))
     budget_mode: str = "at_most"
     allocator: str = DEFAULT_ALLOCATOR
     sensitivity_files: list = field(default_factory=list)
