@@ -146,18 +146,15 @@ which needs the real model, so results need not match the paper's exactly.
 BOS-aware quantization (MixDQ's `bos_aware: True`: the K/V row of the text encoders' begin-of-sentence token is
 computed in full precision) is turned on by attaching the BOS hidden state of SDXL-Turbo's text encoders to the
 plan. That state comes from the real CLIP weights, so it is not shipped here; attach it once (this loads only the
-two text encoders, on the CPU):
+pipeline's two text encoders and tokenizers, not its UNet or VAE, and checks that the state is the same for
+every prompt):
 
-```python
-from diffusers import StableDiffusionXLPipeline
-from diffusers_mixdq import BitPlan
-from diffusers_mixdq.bos import attach_bos, bos_hidden_state
-
-text = StableDiffusionXLPipeline.from_pretrained("stabilityai/sdxl-turbo", unet=None, vae=None)
-plan = attach_bos(BitPlan.load("hub_recipes/sdxl-turbo-mixdq/{variant}"), bos_hidden_state(text),
-                  text_encoder="stabilityai/sdxl-turbo")
-plan.save("sdxl-turbo-mixdq-{variant}-bos")   # plan.json + the state in a safetensors sidecar
+```bash
+mixdq attach-bos hub_recipes/sdxl-turbo-mixdq/{variant} --pipeline stabilityai/sdxl-turbo --out sdxl-turbo-mixdq-{variant}-bos
 ```
+
+(in Python: `diffusers_mixdq.bos.attach_bos(plan, bos_hidden_state(pipe))` with the pipeline loaded with
+`unet=None, vae=None`; the result is `plan.json` plus the state in a safetensors sidecar).
 
 Then load SDXL-Turbo with it (the plan without the BOS state, `hub_recipes/sdxl-turbo-mixdq/{variant}`, loads the
 same way, with token 0 quantized like every other token):
@@ -169,10 +166,10 @@ from diffusers import AutoPipelineForText2Image, UNet2DConditionModel
 from diffusers_mixdq import MixDQConfig
 
 unet = UNet2DConditionModel.from_pretrained(
-    "stabilityai/sdxl-turbo", subfolder="unet", torch_dtype=torch.float16,
+    "stabilityai/sdxl-turbo", subfolder="unet", dtype=torch.float16,
     quantization_config=MixDQConfig(plan="sdxl-turbo-mixdq-{variant}-bos"),
 )
-pipe = AutoPipelineForText2Image.from_pretrained("stabilityai/sdxl-turbo", unet=unet, torch_dtype=torch.float16)
+pipe = AutoPipelineForText2Image.from_pretrained("stabilityai/sdxl-turbo", unet=unet, dtype=torch.float16)
 image = pipe("a vanilla and chocolate mixing icecream cone, ice background", num_inference_steps=1,
              guidance_scale=0.0).images[0]
 ```

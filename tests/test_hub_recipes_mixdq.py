@@ -64,23 +64,36 @@ def test_converted_plan_gives_every_sdxl_layer_the_published_widths(path, sdxl_u
         assert spec.weights == ("none" if f"model.{name}" in kept else f"int{published['model.' + name]}")
 
 
-def test_the_cards_bos_procedure_works_on_a_pipeline_loaded_without_its_unet(tmp_path):
-    """What the cards tell users to run, on the bundled demo pipeline (causal CLIP): the BOS state from a pipeline
-    loaded with unet=None / vae=None, attached to an imported MixDQ plan, makes its K/V layers BOS-aware on load."""
+def test_attach_bos_from_a_pipeline_loaded_without_its_denoiser_makes_kv_layers_bos_aware(tmp_path):
+    """What the cards tell users to run, on the bundled demo pipeline (causal CLIP): `mixdq attach-bos` loads only
+    the text side, attaches the same state bos_hidden_state gives on the full pipeline, and the plan then makes the
+    K/V layers BOS-aware on load; a T5 pipeline (scenes) is refused with the reason."""
     from accelerate import init_empty_weights
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from typer.testing import CliRunner
 
-    from diffusers_mixdq import MixDQConfig
-    from diffusers_mixdq.bos import attach_bos, bos_hidden_state, bos_layers
+    from diffusers_mixdq import MixDQConfig, demo
+    from diffusers_mixdq.bos import bos_hidden_state, bos_layers
+    from diffusers_mixdq.cli import app
     from diffusers_mixdq.plan import layer_table
 
-    demo = REPO / "diffusers_mixdq" / "demo" / "pipeline"
-    text = StableDiffusionPipeline.from_pretrained(demo, unet=None, vae=None, safety_checker=None)
-    unet_dir = demo / "unet"
+    shapes = demo.get_model("shapes").pipeline_path()
     with init_empty_weights():
-        names = list(layer_table(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_dir))))
-    plan = BitPlan.from_mixdq({f"model.{n}": 8 for n in names}, {f"model.{n}": 8 for n in names})
-    attach_bos(plan, bos_hidden_state(text), text_encoder="demo").save(tmp_path / "bos-plan")
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, quantization_config=MixDQConfig(plan=str(tmp_path / "bos-plan")))
+        names = list(layer_table(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(shapes, subfolder="unet"))))
+    BitPlan.from_mixdq({f"model.{n}": 8 for n in names}, {f"model.{n}": 8 for n in names}).save(tmp_path / "plan")
+    run = CliRunner().invoke
+    result = run(app, ["attach-bos", str(tmp_path / "plan"), "--pipeline", shapes, "--out", str(tmp_path / "bos")])
+    assert result.exit_code == 0, result.output
+    plan = BitPlan.load(tmp_path / "bos")
+    full = DiffusionPipeline.from_pretrained(shapes)
+    assert plan.tensors["bos.hidden_state"].equal(bos_hidden_state(full)) and plan.target["bos"]["text_encoder"] == shapes
+    unet = UNet2DConditionModel.from_pretrained(shapes, subfolder="unet",
+                                                quantization_config=MixDQConfig(plan=str(tmp_path / "bos")))
     kv = {n for n in names if n.endswith(("attn2.to_k", "attn2.to_v"))}
     assert kv and set(bos_layers(unet)) == kv
+    scenes = demo.get_model("scenes").pipeline_path()
+    refused = run(app, ["attach-bos", str(tmp_path / "plan"), "--pipeline", scenes, "--out", str(tmp_path / "t5")])
+    assert refused.exit_code == 2 and "not causal" in refused.output and not (tmp_path / "t5").exists()
+    missing = run(app, ["attach-bos", str(tmp_path / "plan"), "--pipeline", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "Could not load the text encoder" in missing.output
