@@ -1,0 +1,46 @@
+"""The optional stages after allocation (each off by default, each switchable for an ablation):
+
+* **timestep groups** (``act_timestep_groups`` / recipe ``activations.timestep_groups``, :mod:`.timestep_ranges`):
+  static activation ranges per group of the sampler's timesteps, recorded by replaying the calibration's calls;
+* **outlier widths** (``outlier_fraction`` / recipe ``weights.outlier_fraction``, :mod:`.outlier_channels`): the
+  highest-kurtosis output channels of int4 / int2 layers get an int8 copy of their row. Its bits count against
+  the budget: the allocator is given ``weight_bits - 8 * outlier_fraction`` (:func:`allocator_budget`; an upper
+  bound of what the copies add), so the plan stays within the asked average.
+
+Per-token activations need no stage: ``activations: dynamic-token`` writes ``act_range: "dynamic-token"``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from torch import nn
+
+from ..plan import BitPlan
+from .outlier_channels import outlier_stage
+from .recording import Calibration
+from .settings import BuildReport, BuildSettings
+from .timestep_ranges import timestep_stage
+
+
+def allocator_budget(s: BuildSettings) -> BuildSettings:
+    """The settings the allocator runs with: the weight budget less what outlier rows may add."""
+    if s.outlier_fraction <= 0:
+        return s
+    return replace(s, weight_bits=s.weight_bits - 8 * s.outlier_fraction)
+
+
+def method_stages(plan: BitPlan, denoiser: nn.Module, calib: Calibration, s: BuildSettings,
+                  report: BuildReport | None = None) -> BitPlan:
+    """``plan`` (resolved) after the stages ``s`` switches on, each timed in ``report``."""
+    if s.act_timestep_groups > 1:
+        t0 = time.perf_counter()
+        plan = timestep_stage(plan, denoiser, calib, s.act_timestep_groups)
+        if report is not None:
+            rec = calib.recording
+            report.count("timestep_groups", rec.num_calls, rec.num_samples)
+            report.seconds["timestep_groups"] = time.perf_counter() - t0
+    if s.outlier_fraction > 0:
+        plan = outlier_stage(plan, denoiser, s.outlier_fraction)
+    return plan
