@@ -90,6 +90,20 @@ def _as_time(value: Any) -> torch.Tensor | None:
     return None
 
 
+class _ClockHook:
+    """Sets and clears a clock around each denoiser call (an object, not a closure, so that a deep copy of the
+    model gets hooks that drive the copy's clock)."""
+
+    def __init__(self, clock: TimestepClock, position: int | None):
+        self.clock, self.position = clock, position
+
+    def start(self, module, args, kwargs):
+        self.clock.t = call_timestep(module, args, kwargs, self.position)
+
+    def stop(self, module, args, kwargs, output):
+        self.clock.t = None
+
+
 def install_clock(model: nn.Module) -> TimestepClock | None:
     """Share one clock among ``model``'s modules with timestep groups, set from each call's ``timestep``
     (the first element: every sample of a denoiser call is at the same step). ``None`` when no module has groups.
@@ -100,16 +114,9 @@ def install_clock(model: nn.Module) -> TimestepClock | None:
     for handle in getattr(model, "_mixdq_clock_handles", ()):
         handle.remove()
     clock = TimestepClock()
-    position = _timestep_position(model)
-
-    def start(module, args, kwargs):
-        clock.t = call_timestep(module, args, kwargs, position)
-
-    def stop(module, args, kwargs, output):
-        clock.t = None
-
-    model._mixdq_clock_handles = (model.register_forward_pre_hook(start, with_kwargs=True),
-                                  model.register_forward_hook(stop, with_kwargs=True, always_call=True))
+    hook = _ClockHook(clock, _timestep_position(model))
+    model._mixdq_clock_handles = (model.register_forward_pre_hook(hook.start, with_kwargs=True),
+                                  model.register_forward_hook(hook.stop, with_kwargs=True, always_call=True))
     for m in grouped:
         setattr(m, CLOCK_ATTR, clock)
     setattr(model, CLOCK_ATTR, clock)

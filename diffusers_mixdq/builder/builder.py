@@ -51,7 +51,7 @@ def _build_plan(pipe, settings: BuildSettings, progress: bool) -> tuple[BitPlan,
     state, denoiser = prepare(pipe, settings)
     if settings.cache_dir is None and state is not None:
         raise MixDQError("A sharded build (accelerate launch) needs a cache directory to merge the shards' scores.")
-    ctx = BuildContext(pipe, denoiser, allocator_budget(settings).for_model(denoiser), state, progress)
+    ctx = BuildContext(pipe, denoiser, allocator_budget(settings, denoiser).for_model(denoiser), state, progress)
     report = ctx.report
 
     t0 = time.perf_counter()
