@@ -114,3 +114,31 @@ def test_outliers_only_in_a_layer_entry_and_builder_option():
     BuildSettings(prompts=["a"], outlier_fraction=0.05).validate()
     with pytest.raises(MixDQError, match="outlier_fraction"):
         BuildSettings(prompts=["a"], outlier_fraction=0.9).validate()
+
+
+def test_recipe_keys_reach_the_settings():
+    from diffusers_mixdq.builder.recipe import load_recipe
+
+    r = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4, "outlier_fraction": 0.05},
+                     "activations": {"mode": "int8", "timestep_groups": 4}})
+    s = r.settings()
+    assert (s.outlier_fraction, s.act_timestep_groups) == (0.05, 4)
+    assert load_recipe({"pipeline": "x", "weights": {"budget_bits": 4},
+                        "activations": "dynamic-token"}).settings().activations == "dynamic-token"
+    with pytest.raises(MixDQError, match="weights.outlier_fraction"):
+        load_recipe({"pipeline": "x", "weights": {"budget_bits": 4, "outlier_fraction": -1}})
+    with pytest.raises(MixDQError, match="timestep_groups"):
+        load_recipe({"pipeline": "x", "weights": {"budget_bits": 4},
+                     "activations": {"mode": "dynamic-token", "timestep_groups": 4}})
+
+
+def test_allocator_budget_leaves_room_for_the_rows():
+    from diffusers_mixdq.builder.plan_stages import allocator_budget, outlier_overhead
+
+    unet = make_unet()
+    s = BuildSettings(prompts=["a"], weight_bits=4.0, outlier_fraction=0.05)
+    reduced = allocator_budget(s, unet)
+    # a uniform int4 plan with outlier rows on every layer needs exactly the room left
+    assert reduced.weight_bits == pytest.approx(4.0 - outlier_overhead(unet, 0.05))
+    assert plan_for(unet, 0.05).summary().avg_weight_bits <= 4.0 + outlier_overhead(unet, 0.05) + 1e-9
+    assert allocator_budget(BuildSettings(prompts=["a"]), unet).weight_bits == 4.0

@@ -83,7 +83,7 @@ def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings, progress: bool
         plan = attach_bos(plan, calib.bos_state)
     resolved = method_stages(plan.resolve(denoiser, act_ranges=calib.ranges), denoiser, calib, settings)
     resolved.provenance = {
-        **plan.provenance,
+        **resolved.provenance,  # the plan's, and what the method stages record
         "tool": "diffusers-mixdq calibrate",
         **prompts_record(settings),
         "steps": settings.steps,

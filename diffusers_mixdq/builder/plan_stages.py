@@ -53,4 +53,7 @@ def method_stages(plan: BitPlan, denoiser: nn.Module, calib: Calibration, s: Bui
             report.seconds["timestep_groups"] = time.perf_counter() - t0
     if s.outlier_fraction > 0:
         plan = outlier_stage(plan, denoiser, s.outlier_fraction)
+    if s.act_timestep_groups > 1 or s.outlier_fraction > 0:
+        plan.provenance["stages"] = {"timestep_groups": s.act_timestep_groups, "outlier_fraction": s.outlier_fraction,
+                                     "avg_weight_bits": plan.summary().avg_weight_bits}
     return plan

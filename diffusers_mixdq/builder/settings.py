@@ -31,7 +31,8 @@ SETTINGS_LABELS = Labels(
 @dataclass
 class BuildSettings:
     """What to build. ``weight_bits`` is the parameter-weighted average weight width (protected layers count at
-    16 bits); ``activations`` is ``"int8"`` (static, calibrated), ``"dynamic"`` (run-time range) or ``"none"``.
+    16 bits); ``activations`` is ``"int8"`` (static, calibrated), ``"dynamic"`` (run-time range per tensor),
+    ``"dynamic-token"`` (run-time range per token) or ``"none"``.
 
     Activations: ``act_widths`` are the candidate activation widths (4 and/or 8), ``act_bits`` the
     element-weighted average over quantized inputs (default: the widest candidate), and the ``act_protect``
