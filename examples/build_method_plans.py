@@ -31,7 +31,10 @@ from diffusers_mixdq.families import family_of
 UNIFORM = {
     "w4a8": ("int4", "int8", None, {}),
     "w4a8-tg4": ("int4", "int8", None, {"act_timestep_groups": 4}),
+    "w4a8-token": ("int4", "int8", "dynamic-token", {}),
     "w4a8-omq5": ("int4", "int8", None, {"outlier_fraction": 0.05}),
+    "w8a8": ("int8", "int8", None, {}),
+    "w8a8-token": ("int8", "int8", "dynamic-token", {}),
     "w8a4": ("int8", "int4", None, {}),
     "w8a4-tg4": ("int8", "int4", None, {"act_timestep_groups": 4}),
     "w8a4-tg8": ("int8", "int4", None, {"act_timestep_groups": 8}),
