@@ -57,9 +57,10 @@ def group_scale(module: nn.Module) -> torch.Tensor:
     bounds = module.act_group_bounds
     t = clock.t.to(bounds.device)
     inside = (t >= bounds[:, 0]) & (t <= bounds[:, 1])
-    index = inside.to(torch.int8).argmax()
+    index = inside.to(torch.int8).argmax().reshape(1)
     scales = module.act_group_scales
-    return torch.where(inside.any(), scales[index], module.input_scale.to(scales.dtype))
+    picked = scales.index_select(0, index).reshape(())  # a tensor op: no .item(), no graph break
+    return torch.where(inside.any(), picked, module.input_scale.to(scales.dtype))
 
 
 def _timestep_position(model: nn.Module) -> int | None:
