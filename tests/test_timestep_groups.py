@@ -120,3 +120,19 @@ def test_builder_option_checks():
     with pytest.raises(MixDQError, match="act_timestep_groups"):
         BuildSettings(prompts=["a"], act_timestep_groups=-1).validate()
 
+
+
+def test_group_pick_is_traced_without_graph_breaks():
+    """The scale is picked with tensor ops only: no .item() / host sync, so torch.compile traces it in one graph."""
+    from diffusers_mixdq.apply import quantize_module
+    from diffusers_mixdq.apply.timestep_groups import CLOCK_ATTR, TimestepClock
+
+    q = quantize_module(torch.nn.Linear(8, 8), LayerSpec.from_dict({**BASE, "act_groups": GROUPS}))
+    clock = TimestepClock()
+    setattr(q, CLOCK_ATTR, clock)
+    x = torch.randn(2, 8) * 3
+    clock.t = torch.tensor(10.0)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(q.quantize_input)(x)
+    assert explained.graph_break_count == 0
+    assert torch.equal(q.quantize_input(x), q._act_scheme.quantize(x, "int8", torch.tensor(0.5 / 127)))
