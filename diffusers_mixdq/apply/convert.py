@@ -12,6 +12,7 @@ from torch import nn
 from ..plan import LayerSpec
 from .backends import backend_of, default_backend
 from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
+from .outliers import compute_outlier_rows_, has_outliers
 
 
 def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor | None = None) -> nn.Module:
@@ -29,6 +30,8 @@ def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor 
         set_bos_state(qmodule, bos_state)
         compute_bos_row_(qmodule)
         finish_bos_(qmodule, dtype)
+    if has_outliers(qmodule):
+        compute_outlier_rows_(qmodule)
     backend.quantize_weight_(qmodule)
     return qmodule
 

@@ -30,7 +30,9 @@ from ..plan import BOS_STATE_KEY
 from . import checkpoint, memory, saved_weights
 from .backends import default_backend
 from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
+from .outliers import OUTLIER_BUFFERS, compute_outlier_rows_, has_outliers
 from .qmodule import is_mixdq_module
+from .timestep_groups import GROUP_BUFFERS, install_clock
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
@@ -130,6 +132,7 @@ class MixDQQuantizer(DiffusersQuantizer):
         self.quantization_config = config.with_resolved_plan(resolved)
         model.register_to_config(quantization_config=self.quantization_config)
         checkpoint.bind_save_pretrained(model)
+        install_clock(model)  # layers with timestep groups read the timestep of each denoiser call
 
     def _make_modules(self, model, resolved) -> dict[str, torch.nn.Module]:
         """A MixDQ module for every layer the plan quantizes (BOS-aware ones given the plan's BOS state)."""
@@ -222,6 +225,8 @@ class MixDQQuantizer(DiffusersQuantizer):
         set_module_tensor_to_device(model, param_name, target_device, value=param_value, dtype=dtype)
         if module.bos_aware:
             compute_bos_row_(module)
+        if has_outliers(module):
+            compute_outlier_rows_(module)
         self.backend.quantize_weight_(module)
         self._since_trim += param_value.numel() * param_value.element_size()
         # every 32 MB read, keep the allocator from hoarding the quantization temporaries
@@ -231,9 +236,9 @@ class MixDQQuantizer(DiffusersQuantizer):
 
     def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
         # activation scales and BOS rows are made from the plan, so a full-precision checkpoint need not have them
-        made_here = (".input_scale", ".output_scale")
+        made_here = (".input_scale", ".output_scale", *(f".{b}" for b in GROUP_BUFFERS))
         if not self.pre_quantized:
-            made_here += (".bos_input", ".bos_output")
+            made_here += (".bos_input", ".bos_output", *(f".{b}" for b in OUTLIER_BUFFERS))
         return [k for k in missing_keys if not k.endswith(made_here)]
 
     # ------------------------------------------------------------------ after loading

@@ -13,6 +13,8 @@
    activation widths under an element-weighted budget after keeping the most activation-sensitive inputs
    unquantized;
 4. **write** (:func:`~.write.write` -> :class:`~diffusers_mixdq.BitPlan`): the resolved plan with its provenance.
+5. optional method stages (:func:`~.plan_stages.method_stages`, each off by default): static ranges per timestep
+   group, int8 rows for the highest-kurtosis channels of int4 / int2 layers (budget reduced for them beforehand).
 
 :func:`build_plan` runs them in order; :func:`calibrated_plan` runs the first alone for a uniform plan. The report
 counts denoiser sample-evaluations against the naive protocol (see :mod:`.measure` for what is saved).
@@ -29,6 +31,7 @@ from .calibration import calibrate
 from .context import BuildContext
 from .distributed import is_main_process, prepare
 from .measure import measure
+from .plan_stages import allocator_budget, method_stages
 from .progress import quiet_pipeline
 from .settings import BuildReport, BuildSettings
 from .write import prompts_record, write
@@ -48,7 +51,7 @@ def _build_plan(pipe, settings: BuildSettings, progress: bool) -> tuple[BitPlan,
     state, denoiser = prepare(pipe, settings)
     if settings.cache_dir is None and state is not None:
         raise MixDQError("A sharded build (accelerate launch) needs a cache directory to merge the shards' scores.")
-    ctx = BuildContext(pipe, denoiser, settings.for_model(denoiser), state, progress)
+    ctx = BuildContext(pipe, denoiser, allocator_budget(settings, denoiser).for_model(denoiser), state, progress)
     report = ctx.report
 
     t0 = time.perf_counter()
@@ -65,7 +68,7 @@ def _build_plan(pipe, settings: BuildSettings, progress: bool) -> tuple[BitPlan,
     # the naive protocol calibrates, measures every candidate on everything, and picks the same way
     picking = report.sample_evaluations["pick"] + report.sample_evaluations.get("pick_reference", 0)
     report.naive_sample_evaluations = rec.num_samples + sens.naive_samples + picking
-    return write(ctx, sens, chosen), report
+    return method_stages(write(ctx, sens, chosen), denoiser, calib, ctx.settings, report), report
 
 
 def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings, progress: bool = True) -> BitPlan:
@@ -78,9 +81,9 @@ def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings, progress: bool
         calib = calibrate(pipe, settings, progress=progress)
     if calib.bos_state is not None:
         plan = attach_bos(plan, calib.bos_state)
-    resolved = plan.resolve(denoiser, act_ranges=calib.ranges)
+    resolved = method_stages(plan.resolve(denoiser, act_ranges=calib.ranges), denoiser, calib, settings)
     resolved.provenance = {
-        **plan.provenance,
+        **resolved.provenance,  # the plan's, and what the method stages record
         "tool": "diffusers-mixdq calibrate",
         **prompts_record(settings),
         "steps": settings.steps,

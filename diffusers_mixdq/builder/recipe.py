@@ -15,8 +15,9 @@ weights:
   budget_bits: 4.0                 # parameter-weighted average (protected layers count 16) ...
   # size_mb: 900                   # ... or a target size of the denoiser's quantizable weights in MiB (2**20 B)
   candidates: {content: [2, 4, 8], quality: [4, 8]}
-activations: int8                  # int8 (static, calibrated) | dynamic | none, or a mapping:
-# activations: {mode: int8, candidates: [4, 8], budget_bits: 7.0, protect_most_sensitive: 7}
+activations: int8                  # int8 (static, calibrated) | dynamic | dynamic-token | none, or a mapping:
+# activations: {mode: int8, candidates: [4, 8], budget_bits: 7.0, protect_most_sensitive: 7, timestep_groups: 4}
+# weights: {..., outlier_fraction: 0.05}   # int8 copy of the 5% highest-kurtosis rows of int4/int2 layers
 protected: [conv_in, conv_out]     # kept in floating point (each pattern must match a layer)
 content_patterns: ["*attn2.*", "*.ff.*"]   # default: the denoiser family's (diffusers_mixdq.families)
 split_ratios: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0]   # k = content / quality width
@@ -93,6 +94,8 @@ class Recipe:
     pick_prompts: list[str] = field(default_factory=list)
     pick_objective: str = "mse"
     protect_first_last: bool = False
+    act_timestep_groups: int = 0
+    outlier_fraction: float = 0.0
     push: dict[str, Any] | None = None
     description: str | None = None
     source: str | None = None
@@ -112,6 +115,7 @@ class Recipe:
             sensitivity_files=[f.model_dump() for f in o.sensitivity_files], pick_prompts=list(o.pick_prompts),
             pipe_kwargs=dict(o.pipe_kwargs),
             pick_objective=o.pick_objective, protect_first_last=o.protect_first_last,
+            act_timestep_groups=a.timestep_groups, outlier_fraction=o.weights.outlier_fraction,
             push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 
@@ -135,6 +139,7 @@ class Recipe:
             pipe_kwargs=dict(self.pipe_kwargs),
             pick_prompts=list(self.pick_prompts), pick_objective=self.pick_objective,
             protect_first_last=self.protect_first_last,
+            act_timestep_groups=self.act_timestep_groups, outlier_fraction=self.outlier_fraction,
         )
 
 
@@ -233,6 +238,6 @@ def _uniform_plan(recipe: Recipe, protected):
     act_dtype = f"int{recipe.act_candidates[0]}"
     if recipe.activations == "int8":
         acts = {"activations": act_dtype}
-    elif recipe.activations == "dynamic":
-        acts = {"activations": act_dtype, "act_range": "dynamic"}
+    elif recipe.activations in ("dynamic", "dynamic-token"):
+        acts = {"activations": act_dtype, "act_range": recipe.activations}
     return BitPlan(defaults={"weights": f"int{width}", **acts}, ignore=list(protected))

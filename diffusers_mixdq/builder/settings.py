@@ -21,6 +21,8 @@ SETTINGS_LABELS = Labels(
         ("activations", "budget_bits"): "act_bits",
         ("activations", "protect_most_sensitive"): "act_protect",
         ("weights", "candidates"): "widths",
+        ("activations", "timestep_groups"): "act_timestep_groups",
+        ("weights", "outlier_fraction"): "outlier_fraction",
     },
     lambda loc: ".".join(map(str, loc)),
 )
@@ -29,7 +31,8 @@ SETTINGS_LABELS = Labels(
 @dataclass
 class BuildSettings:
     """What to build. ``weight_bits`` is the parameter-weighted average weight width (protected layers count at
-    16 bits); ``activations`` is ``"int8"`` (static, calibrated), ``"dynamic"`` (run-time range) or ``"none"``.
+    16 bits); ``activations`` is ``"int8"`` (static, calibrated), ``"dynamic"`` (run-time range per tensor),
+    ``"dynamic-token"`` (run-time range per token) or ``"none"``.
 
     Activations: ``act_widths`` are the candidate activation widths (4 and/or 8), ``act_bits`` the
     element-weighted average over quantized inputs (default: the widest candidate), and the ``act_protect``
@@ -83,14 +86,20 @@ class BuildSettings:
     pick_prompts: Sequence[str] = ()
     pick_objective: str = "mse"
     protect_first_last: bool = False
+    #: static activation ranges per this many groups of the sampler's timesteps (:mod:`.timestep_ranges`; 0: off)
+    act_timestep_groups: int = 0
+    #: share of each int4 / int2 layer's output channels kept at int8 too (:mod:`.outlier_channels`; 0: off)
+    outlier_fraction: float = 0.0
 
     def options(self) -> dict[str, Any]:
         """These settings laid out as :class:`~.options.BuildOptions` fields."""
         return {
             "component": self.component, "steps": self.steps, "guidance": self.guidance, "height": self.height,
-            "width": self.width, "seed": self.seed, "weights": {"candidates": dict(self.widths)},
+            "width": self.width, "seed": self.seed,
+            "weights": {"candidates": dict(self.widths), "outlier_fraction": self.outlier_fraction},
             "activations": {"mode": self.activations, "candidates": list(self.act_widths),
-                            "budget_bits": self.act_bits, "protect_most_sensitive": self.act_protect},
+                            "budget_bits": self.act_bits, "protect_most_sensitive": self.act_protect,
+                            "timestep_groups": self.act_timestep_groups},
             "protected": list(self.protected), "split_ratios": list(self.split_ratios),
             "content_patterns": None if self.content_patterns is None else list(self.content_patterns),
             "budget_mode": self.budget_mode, "sweep_fraction": self.sweep_fraction,

@@ -14,6 +14,7 @@ from typing import Mapping
 from torch import nn
 
 from .. import registry
+from .extras import outlier_bits
 from .layers import LayerInfo
 from .spec import WEIGHT_DTYPES, LayerSpec
 
@@ -120,6 +121,9 @@ def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo],
         info = manifest[name]
         weight_bits += (spec.weight_bits or FLOAT_BITS) * info.numel
         size_bits += storage_bits_per_weight(spec.weights, info) * info.numel
+        if spec.outliers:  # rows kept a second time at int8 (plan.extras): counted in bits and size
+            weight_bits += outlier_bits(spec, info.in_features)
+            size_bits += outlier_bits(spec, info.in_features)
         if spec.activation_bits:
             act_inputs[spec.activation_bits] += info.in_features
     act_total = sum(act_inputs.values())
