@@ -126,7 +126,7 @@ class MixDQTransformersQuantizer(HfQuantizer):
             config.attach_plan_file(checkpoint.read_plan_file(config.plan_file, checkpoint_files or []))
         config = config_for(config, model, checkpoint_files)
         refuse_quantized(model)
-        keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        keep = _kept_in_fp32(model, self.torch_dtype)
         extra_ignore = list(config.modules_to_not_convert or []) + [f"*{m}*" for m in keep]
         resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
         with torch.device("cpu"):  # transformers builds the model under a meta-device context
@@ -197,6 +197,15 @@ class MixDQTransformersQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _kept_in_fp32(model, dtype: torch.dtype) -> list[str]:
+    """The modules transformers keeps in float32 at this load dtype (``_keep_in_fp32_modules`` for fp16 loads,
+    ``_keep_in_fp32_modules_strict`` for fp16 / bf16 loads): the plan leaves them in floating point."""
+    keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or []) if dtype != torch.float32 else []
+    if dtype == torch.float16:
+        keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return keep
 
 
 def _is_ours(conversion) -> bool:
