@@ -29,6 +29,7 @@ from ..errors import MixDQError, PlanMismatchError
 from . import checkpoint, memory, saved_weights
 from .backends import default_backend
 from .bos_rows import compute_bos_row_, finish_bos_
+from .lora import refuse_lora_fusing
 from .swap import check_loaded, check_unloaded, config_for, install_saved_weight, make_modules, refuse_quantized
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class MixDQQuantizer(DiffusersQuantizer):
         self.quantization_config = config.with_resolved_plan(resolved)
         model.register_to_config(quantization_config=self.quantization_config)
         checkpoint.bind_save_pretrained(model)
+        refuse_lora_fusing(model)
 
     def _make_modules(self, model, resolved) -> dict[str, torch.nn.Module]:
         return make_modules(self.backend, model, resolved, self.torch_dtype, fill_bos=not self.pre_quantized)
