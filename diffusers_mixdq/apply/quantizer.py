@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 
-from ..errors import MixDQError, PlanMismatchError
+from ..errors import PlanMismatchError
 from . import checkpoint, memory, saved_weights
 from .backends import default_backend
 from .bos_rows import compute_bos_row_, finish_bos_
-from .lora import refuse_lora_fusing
-from .swap import check_loaded, check_unloaded, config_for, install_saved_weight, make_modules, refuse_quantized
+from .guards import guard_model
+from .swap import (check_device_map, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
+                   make_modules, refuse_quantized)
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
@@ -69,21 +70,10 @@ class MixDQQuantizer(DiffusersQuantizer):
 
     # ------------------------------------------------------------------ environment
     def validate_environment(self, *args, **kwargs):
-        device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) > 1:
-            raise MixDQError(
-                "MixDQ models load onto one device: device_map spreads this model over several "
-                f"({sorted(set(map(str, device_map.values())))}). Load without device_map and move the model "
-                "with .to(device)."
-            )
+        check_device_map(kwargs.get("device_map"))
 
     def update_torch_dtype(self, torch_dtype):
-        self.torch_dtype = torch_dtype or torch.float32
-        if self.torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise MixDQError(
-                f"torch_dtype={self.torch_dtype} is not supported by MixDQ; use torch.float32, torch.float16 or "
-                "torch.bfloat16 (the plan decides the stored precision of each layer)."
-            )
+        self.torch_dtype = load_dtype(torch_dtype, "torch_dtype")
         return self.torch_dtype
 
     def adjust_target_dtype(self, target_dtype):
@@ -111,7 +101,7 @@ class MixDQQuantizer(DiffusersQuantizer):
         self.quantization_config = config.with_resolved_plan(resolved)
         model.register_to_config(quantization_config=self.quantization_config)
         checkpoint.bind_save_pretrained(model)
-        refuse_lora_fusing(model)
+        guard_model(model)
 
     def _make_modules(self, model, resolved) -> dict[str, torch.nn.Module]:
         return make_modules(self.backend, model, resolved, self.torch_dtype, fill_bos=not self.pre_quantized)

@@ -16,6 +16,31 @@ from .bos_rows import set_bos_state
 from .qmodule import is_mixdq_module
 
 
+#: the dtypes a MixDQ model loads in (the plan decides each layer's stored precision)
+LOAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_device_map(device_map) -> None:
+    """MixDQ models load onto one device."""
+    if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) > 1:
+        raise MixDQError(
+            "MixDQ models load onto one device: device_map spreads this model over several "
+            f"({sorted(set(map(str, device_map.values())))}). Load without device_map and move the model "
+            "with .to(device)."
+        )
+
+
+def load_dtype(dtype, argument: str) -> torch.dtype:
+    """``dtype`` (``None``: float32) if MixDQ supports loading in it, else a :class:`MixDQError`."""
+    dtype = dtype or torch.float32
+    if dtype not in LOAD_DTYPES:
+        raise MixDQError(
+            f"{argument}={dtype} is not supported by MixDQ; use torch.float32, torch.float16 or "
+            "torch.bfloat16 (the plan decides the stored precision of each layer)."
+        )
+    return dtype
+
+
 def refuse_quantized(model) -> None:
     for name, module in model.named_modules():
         if is_mixdq_module(module):

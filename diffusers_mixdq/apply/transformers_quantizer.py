@@ -30,10 +30,8 @@ from transformers.quantizers.base import HfQuantizer
 from ..errors import MixDQError
 from . import checkpoint, saved_weights
 from .backends import default_backend
-from .swap import check_loaded, check_unloaded, config_for, install_saved_weight, make_modules, refuse_quantized
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
+from .swap import (check_device_map, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
+                   make_modules, refuse_quantized)
 
 class _MixDQOp(ConversionOps):
     """A conversion op that hands one planned layer's tensors to the quantizer (never raising inside transformers'
@@ -102,21 +100,10 @@ class MixDQTransformersQuantizer(HfQuantizer):
         self.backend = default_backend()
 
     def validate_environment(self, *args, **kwargs):
-        device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) > 1:
-            raise MixDQError(
-                "MixDQ models load onto one device: device_map spreads this model over several "
-                f"({sorted(set(map(str, device_map.values())))}). Load without device_map and move the model "
-                "with .to(device)."
-            )
+        check_device_map(kwargs.get("device_map"))
 
     def update_dtype(self, dtype):
-        self.torch_dtype = dtype or torch.float32
-        if self.torch_dtype not in _DTYPES:
-            raise MixDQError(
-                f"dtype={self.torch_dtype} is not supported by MixDQ; use torch.float32, torch.float16 or "
-                "torch.bfloat16 (the plan decides the stored precision of each layer)."
-            )
+        self.torch_dtype = load_dtype(dtype, "dtype")
         return self.torch_dtype
 
     # ------------------------------------------------------------------ before loading
