@@ -89,7 +89,7 @@ class MixDQConfig(QuantizationConfigMixin, TransformersQuantizationConfigMixin):
             _check_reference(plan)
             self.plan_file, self._plan = {"file": plan["file"], "sha256": plan["sha256"]}, None
         else:
-            self._component_plans = component_plans(plan, self.subfolder)
+            self._component_plans = component_plans(plan, self.subfolder, revision=revision, token=token)
             self._plan = None if self._component_plans else resolve_plan_source(
                 plan, revision=revision, subfolder=self.subfolder, token=token)
         if kwargs.get("plan_source"):

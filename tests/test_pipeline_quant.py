@@ -97,3 +97,34 @@ def test_broken_component_plan_is_refused_when_the_config_is_made(tmp_path):
     (tmp_path / "text_encoder" / "plan.json").write_text("{not json")
     with pytest.raises(MixDQError, match="not valid JSON"):
         MixDQConfig(plan=tmp_path)
+
+
+def test_evaluation_loads_a_plan_set(pipeline_dir, plan_dir):
+    from diffusers_mixdq import BitPlan
+    from diffusers_mixdq.evaluation.generation import load_pipeline
+
+    pipe = load_pipeline(pipeline_dir, str(plan_dir))
+    assert quantized(pipe.unet) and quantized(pipe.text_encoder) and not quantized(pipe.vae)
+    only_text = load_pipeline(pipeline_dir, {"text_encoder": BitPlan.from_dict(W8)})
+    assert quantized(only_text.text_encoder) and not quantized(only_text.unet)
+    with pytest.raises(MixDQError, match="transformer"):
+        load_pipeline(pipeline_dir, {"transformer": BitPlan.from_dict(W8)})
+
+
+@pytest.mark.parametrize("model", ["shapes", "scenes"])
+def test_bundled_text_encoder_plan_sets(model):
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    from diffusers_mixdq import demo
+
+    m = demo.get_model(model)
+    if not m.available():
+        pytest.skip(f"the {model} pipeline is not bundled in this checkout")
+    plans = m.plans_dir() / "w8a8-te-w8"
+    components = sorted(p.parent.name for p in plans.glob("*/plan.json"))
+    pipe = DiffusionPipeline.from_pretrained(m.pipeline_path(), quantization_config=PipelineQuantizationConfig(
+        quant_backend="mixdq", quant_kwargs={"plan": str(plans)}, components_to_quantize=components))
+    assert "text_encoder" in components and len(components) == 2
+    assert all(quantized(getattr(pipe, c)) for c in components)
+    te = pipe.text_encoder.config.quantization_config.plan
+    assert te.summary().avg_weight_bits == 8.0 and te.target["class_name"] == type(pipe.text_encoder).__name__

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import PlanSourceError
 from .bitplan import BitPlan
@@ -24,19 +24,48 @@ PIPELINE_COMPONENTS = frozenset({
 })
 
 
-def component_plans(source: Any, subfolder: str | None) -> dict[str, BitPlan]:
-    """``{component: plan}`` when ``source`` is a local directory with no root ``plan.json`` and plans in two or
-    more component folders (and no ``subfolder`` picks one); ``{}`` otherwise (the caller reads a single plan)."""
+#: readers of plan sets that are not local directories (the Hub registers one): (source, options) -> plans or None
+_SET_SOURCES: list[Callable[[str, Mapping[str, Any]], "dict[str, BitPlan] | None"]] = []
+
+
+def register_set_source(reader: Callable[[str, Mapping[str, Any]], "dict[str, BitPlan] | None"]) -> None:
+    """Add a reader of non-local plan sets (idempotent): it returns ``{component: plan}`` for a source holding
+    plans only in component folders, else ``None``."""
+    if reader not in _SET_SOURCES:
+        _SET_SOURCES.append(reader)
+
+
+def component_plans(source: Any, subfolder: str | None = None, minimum: int = 2, **options: Any) -> dict[str, BitPlan]:
+    """``{component: plan}`` when ``source`` is a plan set (a local directory, or a source a registered reader
+    knows, e.g. a Hub repo) with no root ``plan.json`` and plans in at least ``minimum`` component folders (and no
+    ``subfolder`` picks one); ``{}`` otherwise (the caller reads a single plan). A mapping ``{component: BitPlan}``
+    is returned as it is. ``options`` (``revision``, ``token``) go to the readers."""
+    if isinstance(source, Mapping) and source and all(isinstance(v, BitPlan) for v in source.values()):
+        return dict(source)
     if subfolder or not isinstance(source, (str, os.PathLike)):
         return {}
     text = os.fspath(source)
     if text.lstrip().startswith("{"):
         return {}
     folder = Path(text)
+    if not folder.exists():
+        return _from_readers(text, minimum, options)
     if not folder.is_dir() or (folder / PLAN_FILENAME).is_file():
         return {}
     names = sorted(p.name for p in folder.iterdir() if (p / PLAN_FILENAME).is_file())
-    return {name: BitPlan.load(folder / name) for name in names} if len(names) > 1 else {}
+    return {name: BitPlan.load(folder / name) for name in names} if len(names) >= minimum else {}
+
+
+def _from_readers(source: str, minimum: int, options: Mapping[str, Any]) -> dict[str, BitPlan]:
+    from .sources import looks_local
+
+    if looks_local(source):
+        return {}
+    for reader in _SET_SOURCES:
+        plans = reader(source, options)
+        if plans is not None:
+            return plans if len(plans) >= minimum else {}
+    return {}
 
 
 def folder_of(checkpoint_files: Sequence[str] | None) -> str | None:
