@@ -14,7 +14,10 @@ Plan set: every component int4 weight-only (a W4 average), the denoiser's first 
 backend stores it (optimum-quanto int4: groups of up to 128 with a 16-bit scale and shift each), every parameter
 outside the planned layers (embeddings, norms, biases) at 16 bit; FP16 / BF16 is 2 bytes per parameter. The VAE
 (84M parameters in SDXL) is not part of either sum. Loaded in float16, transformers keeps T5's ``wo`` layers in
-float32 and MixDQ leaves them unquantized (``_keep_in_fp32_modules``); the T5 row is for a bfloat16 load.
+float32 and MixDQ leaves them unquantized (``_keep_in_fp32_modules``); the T5 row is for a bfloat16 load. The T5
+config leaves out T5-v1.1's ``tie_word_embeddings: false`` (which concerns the LM head, absent here): with it,
+transformers 5 builds the encoder's token table apart from ``shared``, counting a 132M-parameter table twice, while
+the published encoder checkpoints hold one.
 """
 
 from __future__ import annotations
