@@ -134,3 +134,14 @@ def test_fp16_load_keeps_transformers_fp32_modules_in_floating_point(tmp_path):
     ffn = quantized.encoder.block[0].layer[1].DenseReluDense
     assert not is_mixdq_module(ffn.wo) and is_mixdq_module(ffn.wi_0)
     assert diffusers_mixdq.MixDQConfig is MixDQConfig
+
+
+def test_device_map_one_device_loads_several_is_refused(tmp_path):
+    model = make_text_encoder("clip")
+    model.save_pretrained(tmp_path / "fp")
+    quantized = type(model).from_pretrained(tmp_path / "fp", quantization_config=MixDQConfig(plan=W8),
+                                            device_map="cpu")
+    assert encode(quantized, IDS).isfinite().all()
+    with pytest.raises(MixDQError, match="one device"):
+        type(model).from_pretrained(tmp_path / "fp", quantization_config=MixDQConfig(plan=W8),
+                                    device_map={"embeddings": "cpu", "encoder": "meta", "final_layer_norm": "cpu"})
