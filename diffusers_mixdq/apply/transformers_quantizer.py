@@ -96,7 +96,6 @@ class MixDQTransformersQuantizer(HfQuantizer):
         self.modules: dict[str, torch.nn.Module] = {}
         self.errors: list[MixDQError] = []
         self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._converter: WeightConverter | None = None
         self.backend = default_backend()
 
     def validate_environment(self, *args, **kwargs):
@@ -151,8 +150,7 @@ class MixDQTransformersQuantizer(HfQuantizer):
                 pieces |= set(self.backend.quantized_weight_keys(module))
         if not pieces:
             return []
-        self._converter = WeightConverter(sorted(pieces, key=len, reverse=True), "weight", [_Deserialize(self)])
-        return [self._converter]
+        return [WeightConverter(sorted(pieces, key=len, reverse=True), "weight", [_Deserialize(self)])]
 
     # ------------------------------------------------------------------ after loading
     def _process_model_after_weight_loading(self, model, **kwargs):
