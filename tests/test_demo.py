@@ -120,6 +120,25 @@ def test_eval_json_has_exactly_the_fields_and_compare_tests_two_variants(tmp_pat
     assert bad.exit_code == 2 and "no variant 'nope'" in bad.output
 
 
+def test_eval_compares_every_pair_given_and_checks_names_before_generating(tmp_path, monkeypatch):
+    from diffusers_mixdq.cli import evaluation as cli_eval
+
+    plan = BitPlan.uniform("int8", activations="int8").save(tmp_path / "u8")
+    result = CliRunner().invoke(app, ["eval", "--plan", str(plan.parent), "--plan", "w4a8-mixed", "--num-prompts",
+                                      "2", "--no-memory", "--no-scorer", "--compare", "u8", "w4a8-mixed",
+                                      "--compare", "FP32", "u8", "--compare", "w4a8-mixed", "FP32"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert all(f"{a} vs {b}, 2 paired images" in out for a, b in
+               (("u8", "w4a8-mixed"), ("FP32", "u8"), ("w4a8-mixed", "FP32")))
+    monkeypatch.setattr(cli_eval, "_run", lambda *a, **k: pytest.fail("generated before checking --compare"))
+    bad = CliRunner().invoke(app, ["eval", "--plan", str(plan.parent), "--no-memory", "--compare", "u8", "FP32",
+                                   "--compare", "nope", "u8"])
+    assert bad.exit_code == 2 and "no variant 'nope'" in bad.output
+    short = CliRunner().invoke(app, ["eval", "--plan", str(plan.parent), "--compare", "u8"])
+    assert short.exit_code == 2 and "two variant names" in short.output
+
+
 def test_eval_command_with_other_prompts_skips_alignment(tmp_path):
     plan = BitPlan.uniform("int8", activations="int8").save(tmp_path / "u8")
     (tmp_path / "prompts.txt").write_text("a photo of a cat\n\na photo of a dog\n")

@@ -25,6 +25,9 @@ WEIGHT_WIDTHS = (2, 4, 8)
 ACTIVATION_WIDTHS = (4, 8)
 ACTIVATION_MODES = ("int8", "dynamic", "none")
 DEFAULT_CANDIDATES = {"content": [2, 4, 8], "quality": [4, 8]}
+#: the content/quality split ratios ``k`` the builder sweeps by default: eleven (MixDQ's five, 0.5 to 2.0, measured
+#: 0.77 dB worse on shapes (p = 0.013) and 0.8 dB worse on scenes' validation prompts; BENCHMARKS.md, issue #14)
+DEFAULT_SPLIT_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0)
 
 
 def invalid(message: str) -> PydanticCustomError:
@@ -153,7 +156,7 @@ class BuildOptions(Strict):
     activations: ActivationOptions = ActivationOptions()
     protected: Patterns = []
     content_patterns: Optional[Patterns] = None
-    split_ratios: Annotated[list[float], BeforeValidator(_ratios)] = [0.5, 0.75, 1.0, 1.5, 2.0]
+    split_ratios: Annotated[list[float], BeforeValidator(_ratios)] = list(DEFAULT_SPLIT_RATIOS)
     budget_mode: Literal["at_most", "band"] = "at_most"
     sweep_fraction: Fraction = 0.25
     content_fraction: Fraction = 0.5

@@ -17,9 +17,9 @@ weights:
   candidates: {content: [2, 4, 8], quality: [4, 8]}
 activations: int8                  # int8 (static, calibrated) | dynamic | none, or a mapping:
 # activations: {mode: int8, candidates: [4, 8], budget_bits: 7.0, protect_most_sensitive: 7}
-protected: [conv_in, conv_out]     # kept in floating point
+protected: [conv_in, conv_out]     # kept in floating point (each pattern must match a layer)
 content_patterns: ["*attn2.*", "*.ff.*"]   # default: the denoiser family's (diffusers_mixdq.families)
-split_ratios: [0.5, 0.75, 1.0, 1.5, 2.0]
+split_ratios: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0]   # k = content / quality width
 sweep_fraction: 0.25               # share of each recorded call's samples a quality-layer measurement replays
 content_fraction: 0.5              # share of the prompts a content-layer measurement generates (at least 4)
 device: null                       # cuda, cuda:1, cpu (default: cpu; sharded CUDA builds use one GPU per process)
@@ -50,7 +50,7 @@ from typing import Any
 
 from ..errors import MixDQError
 from .allocate import DEFAULT_ALLOCATOR
-from .options import DEFAULT_CANDIDATES, ActivationOptions
+from .options import DEFAULT_CANDIDATES, DEFAULT_SPLIT_RATIOS, ActivationOptions
 from .prompts import BUILTIN_PROMPTS
 from .recipe_options import RecipeOptions, calibrate_only, parse_recipe
 from .settings import BuildSettings
@@ -85,7 +85,7 @@ class Recipe:
     protected: list[str] = field(default_factory=list)
     #: ``None``: the denoiser family's content patterns (:func:`diffusers_mixdq.families.family_of`)
     content_patterns: list[str] | None = None
-    split_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 2.0])
+    split_ratios: list[float] = field(default_factory=lambda: list(DEFAULT_SPLIT_RATIOS))
     budget_mode: str = "at_most"
     allocator: str = DEFAULT_ALLOCATOR
     sensitivity_files: list = field(default_factory=list)
@@ -170,6 +170,7 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, ca
     from ..families import denoiser_of
     from ..plan import layer_table
     from .builder import build_plan, calibrated_plan
+    from .context import protected_layers
     from .distributed import is_main_process
 
     pipe = _load_pipeline(recipe)
@@ -182,8 +183,9 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, ca
         settings.weight_bits = recipe.size_mb * 8 * 2**20 / total
     report = None
     if recipe.calibrate_only:
-        plan = calibrated_plan(pipe, _uniform_plan(recipe, settings.for_model(denoiser).protected), settings,
-                              progress=progress)
+        protected = settings.for_model(denoiser).protected
+        protected_layers(protected, layer_table(denoiser), type(denoiser).__name__)  # same check as a mixed build
+        plan = calibrated_plan(pipe, _uniform_plan(recipe, protected), settings, progress=progress)
     else:
         plan, report = build_plan(pipe, settings, progress=progress)
     plan.target["base_model"] = recipe.pipeline

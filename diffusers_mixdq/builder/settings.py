@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from ..errors import MixDQError
 from ..families import family_of
 from .allocate import DEFAULT_ALLOCATOR
-from .options import BuildOptions, Labels, error_from, not_held_out
+from .options import DEFAULT_SPLIT_RATIOS, BuildOptions, Labels, error_from, not_held_out
 
 #: how a settings field is spelled, for the option paths that differ (see :mod:`.options`)
 SETTINGS_LABELS = Labels(
@@ -61,7 +61,7 @@ class BuildSettings:
     widths: dict[str, list[int]] = field(default_factory=lambda: {"content": [2, 4, 8], "quality": [4, 8]})
     content_patterns: Sequence[str] | None = None
     protected: Sequence[str] = ()
-    split_ratios: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0)
+    split_ratios: Sequence[float] = DEFAULT_SPLIT_RATIOS
     budget_mode: str = "at_most"
     tolerance: float = 0.02
     bos: bool = True
