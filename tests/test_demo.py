@@ -22,7 +22,9 @@ def test_bundled_plans_are_package_data():
     pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["diffusers_mixdq"]
     files = [f.relative_to(PACKAGE).as_posix() for f in (PACKAGE / "demo" / "plans").rglob("*") if f.is_file()]
-    assert len(files) == 12  # plan.json + plan.safetensors of 5 shapes plans; plan.json of 2 scenes plans (T5: no BOS)
+    # plan.json + plan.safetensors of 5 shapes plans; plan.json of 5 scenes plans (T5: no BOS); the text-encoder
+    # plan sets (issue #16): te-w8 (1 file each model), w8a8-te-w8 (shapes: 3 files, scenes: 2)
+    assert len(files) == 22
     unpackaged = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)]
     assert not unpackaged, f"not in the wheel (pyproject package-data): {unpackaged}"
     assert tuple(demo.plans_in(demo.plans_dir())) == BUNDLED

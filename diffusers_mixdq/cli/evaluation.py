@@ -85,10 +85,15 @@ def _plan_sources(model, plans: list[str], subfolder: str | None = None) -> dict
     from .. import demo
     from .plan_paths import load_plan_argument
 
+    from ..plan.components import component_plans
+
     out = {}
     for p in plans:
         bundled = None if Path(p).exists() or subfolder else demo.bundled_plan(model.name, p)
         name = Path(p).name if Path(p).exists() else p
+        if bundled is None and not subfolder and component_plans(p, minimum=2):
+            out[name] = p  # a plan set: each component quantized with its own plan
+            continue
         out[name] = str(bundled) if bundled else load_plan_argument(p, subfolder)[0]
     return out
 

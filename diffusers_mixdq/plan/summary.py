@@ -142,10 +142,13 @@ def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo],
 
 
 def params_outside(model: nn.Module, quantizable: set[str]) -> int:
-    """Parameters of ``model`` other than the weights of the ``quantizable`` layers (biases included)."""
+    """Parameters of ``model`` other than the weights of the ``quantizable`` layers (biases included); a tensor
+    shared by several modules (tied embeddings) counts once."""
     other = 0
+    seen: set[int] = set()
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if not (mname in quantizable and pname == "weight"):
+            if not (mname in quantizable and pname == "weight") and id(p) not in seen:
+                seen.add(id(p))
                 other += p.numel()
     return other
