@@ -82,7 +82,7 @@ def test_demo_with_a_plans_directory(tmp_path):
 
 def test_both_bundled_models_have_pipelines_and_plans():
     assert demo.available_models() == ["shapes", "scenes"]
-    assert sorted(demo.plans_in(demo.get_model("scenes").plans_dir())) == ["w4a8-uniform", "w8a8"]
+    assert sorted(demo.plans_in(demo.get_model("scenes").plans_dir())) == ["w3a8-mixed", "w3a8-rule", "w4a8-mixed", "w4a8-uniform", "w8a8"]
 
 
 def test_eval_command_with_a_plan_file(tmp_path):
