@@ -37,6 +37,10 @@ class MixDQConfig(QuantizationConfigMixin):
             (``False``: warn and keep such layers in floating point).
         revision, subfolder, token: where to find the plan inside a repository (used by non-local plan sources).
         modules_to_not_convert: extra layer-name patterns to keep in floating point.
+        weight_backend: the weight backend that stores and runs the quantized layers: ``"quanto"``
+            (optimum-quanto, the default) or ``"native"`` (PyTorch's own kernels, no optimum-quanto; same stored
+            layout, so checkpoints of either load into the other). ``None``: the default backend. Saved in
+            config.json when given; ``diffusers_mixdq.use_weight_backend(name)`` overrides it while loading.
 
     Example::
 
@@ -57,11 +61,13 @@ class MixDQConfig(QuantizationConfigMixin):
         subfolder: str | None = None,
         token: str | bool | None = None,
         modules_to_not_convert: list[str] | None = None,
+        weight_backend: str | None = None,
         **kwargs: Any,
     ):
         self.quant_method = MixDQMethod.MIXDQ
         _check_arguments(strict, modules_to_not_convert,
                          {**kwargs, "revision": revision, "subfolder": subfolder, "token": token})
+        self.weight_backend = _check_backend(weight_backend)
         self.strict = strict
         self.revision = revision
         self.subfolder = subfolder
@@ -123,7 +129,7 @@ class MixDQConfig(QuantizationConfigMixin):
             out["modules_to_not_convert"] = list(self.modules_to_not_convert)
         if self.plan_source and not self._local_source and _is_repo_id(self.plan_source):
             out["plan_source"] = self.plan_source  # a Hub repo id; never a machine path
-        for key in ("revision", "subfolder"):
+        for key in ("revision", "subfolder", "weight_backend"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
         return out
@@ -181,8 +187,17 @@ def _check_arguments(strict: Any, modules_to_not_convert: Any, kwargs: dict[str,
     if unknown:
         raise MixDQError(
             f"MixDQConfig got unknown argument(s) {sorted(unknown)}; it takes plan, strict, revision, "
-            "subfolder, token and modules_to_not_convert."
+            "subfolder, token, modules_to_not_convert and weight_backend."
         )
+
+
+def _check_backend(name: Any) -> str | None:
+    from .registry import WEIGHT_BACKENDS
+
+    if name is not None and (not isinstance(name, str) or name not in WEIGHT_BACKENDS):
+        raise MixDQError(f"weight_backend must be one of {sorted(WEIGHT_BACKENDS)} (or None for the default), "
+                         f"got {name!r}.")
+    return name
 
 
 def _check_reference(plan: dict) -> None:

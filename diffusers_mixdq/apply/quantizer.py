@@ -28,7 +28,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from ..errors import MixDQError, PlanMismatchError
 from ..plan import BOS_STATE_KEY
 from . import checkpoint, memory, saved_weights
-from .backends import default_backend
+from .backends import backend_named
 from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
 from .qmodule import is_mixdq_module
 
@@ -84,7 +84,7 @@ class MixDQQuantizer(DiffusersQuantizer):
         self._lock = threading.Lock()
         self._since_trim = 0
         self._header: saved_weights.Header | None = None
-        self.backend = default_backend()
+        self.backend = backend_named(getattr(quantization_config, "weight_backend", None))
 
     # ------------------------------------------------------------------ environment
     def validate_environment(self, *args, **kwargs):
