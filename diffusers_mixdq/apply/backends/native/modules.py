@@ -16,7 +16,7 @@ from torch import nn
 
 from ...qmodule import MixDQModuleMixin, is_mixdq_module
 from .. import layout
-from . import kernels, packing
+from . import cuda, kernels, packing
 
 _BUFFERS = ("qdata", "qscale", "qshift", "dequantized_cache", "int4_packed", "int4_scale_zeros")
 
@@ -117,9 +117,22 @@ class _NativeWeight:
 
 
 class NativeLinear(_NativeWeight, MixDQModuleMixin, nn.Linear):
-    """A Linear whose weight is stored quantized and run by :mod:`.kernels`."""
+    """A Linear whose weight is stored quantized and run by :mod:`.kernels` (W8A8 / FP8 on CUDA by :mod:`.cuda`)."""
+
+    def _real_gemm_candidate(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and self.qdata is not None and self.act_dtype != "none"
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self._real_gemm_candidate(x):
+            return x  # quantized in _qforward: by the real GEMM, or simulated there when it does not take the call
+        return super().quantize_input(x)
 
     def _qforward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._real_gemm_candidate(x):
+            y = cuda.real_linear(self, x)
+            if y is not None:
+                return y
+            x = super().quantize_input(x)
         return kernels.linear(self, x)
 
 
