@@ -22,7 +22,7 @@ WEIGHTS = ["int8", "int4", "int2", "float8"]
 
 def layers():
     torch.manual_seed(0)
-    return {"linear": torch.nn.Linear(288, 40), "linear-small": torch.nn.Linear(64, 24, bias=False),
+    return {"linear": torch.nn.Linear(288, 48), "linear-small": torch.nn.Linear(64, 24, bias=False),
             "conv3x3": torch.nn.Conv2d(16, 24, 3, padding=1), "conv1x1": torch.nn.Conv2d(160, 8, 1),
             "conv-odd": torch.nn.Conv2d(5, 6, 3, stride=2)}
 
@@ -123,7 +123,7 @@ def test_no_optimum_quanto_to_quantize_save_load_and_run(unet_dir, tmp_path):
         import torch
         from diffusers import UNet2DConditionModel
         from diffusers_mixdq import BitPlan, MixDQConfig
-        plan = BitPlan(defaults={{"weights": "int8", "activations": "int8"}},
+        plan = BitPlan(defaults={{"weights": "int8", "activations": "int8", "act_range": "dynamic"}},
                        rules=[{{"targets": ["*attn*"], "weights": "int4"}}, {{"targets": ["*ff*"], "weights": "int2"}}])
         m = UNet2DConditionModel.from_pretrained({str(unet_dir)!r},
                                                  quantization_config=MixDQConfig(plan=plan, weight_backend="native"))
@@ -184,7 +184,7 @@ def test_modes_gradients_and_dtype_moves():
     out = native(x)
     out.sum().backward()
     assert torch.equal(out.detach(), expected)
-    assert torch.allclose(x.grad, native.weight.dequantize().sum(0).expand_as(x))
+    assert torch.allclose(x.grad, native.weight.dequantize().sum(0).expand_as(x), atol=1e-5)
     f8 = quantize_module(layers()["conv3x3"], LayerSpec("float8"), backend="native")
     stored = f8.state_dict()["weight._data"].clone()
     f8.to(torch.bfloat16)  # float8 data is held as bytes: casting the model never touches it

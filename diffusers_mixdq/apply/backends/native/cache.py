@@ -57,7 +57,7 @@ def _tinygemm_group(group: int) -> int | None:
 
 def prepare_int4_kernels(model: nn.Module) -> int:
     """Pack every int4 native Linear of the model for the int4 CPU kernel; returns the bytes added (layers whose
-    shape the kernel does not take are left to dequantize + GEMM)."""
+    shape the kernel does not take, e.g. output features not a multiple of 16, are left to dequantize + GEMM)."""
     added = 0
     for m in _native_modules(model, ("linear",)):
         if m.qbits != 4 or m.qdata.device.type != "cpu":
