@@ -39,8 +39,8 @@ def as_bytes(t):
 
 
 def load(path, plan, backend=None, **kw):
-    return UNet2DConditionModel.from_pretrained(path, quantization_config=MixDQConfig(plan=plan, weight_backend=backend),
-                                                **kw)
+    config = MixDQConfig(plan=plan, weight_backend=backend)
+    return UNet2DConditionModel.from_pretrained(path, quantization_config=config, **kw)
 
 
 def run(model, dtype=torch.float32):

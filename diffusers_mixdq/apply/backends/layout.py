@@ -96,4 +96,5 @@ def torch_pieces(bits: int, float8: bool, shape: tuple[int, ...]) -> dict[str, t
     """:func:`expected_pieces` with torch dtypes (``None`` kept: the model's float dtype)."""
     import torch
 
-    return {k: (s, None if d is None else getattr(torch, d)) for k, (s, d) in expected_pieces(bits, float8, shape).items()}
+    pieces = expected_pieces(bits, float8, shape)
+    return {k: (s, None if d is None else getattr(torch, d)) for k, (s, d) in pieces.items()}

@@ -7,8 +7,9 @@ beat dequantize + matmul only for a few rows in bf16 (the time-embedding layers 
 
 * few rows (``<= PACKED_MAX_ROWS``), bf16, a Linear or a 1x1 Conv2d: the packed int8 kernel (int8 weights
   as stored, no copy) or the packed int4 kernel (when :func:`~.cache.prepare_int4_kernels` packed the weight);
-* otherwise: dequantize (into a per-thread workspace reused by every layer, so no fresh allocation and page
-  faults per call; quanto's dequantization allocates each time) and run the float GEMM / convolution;
+* otherwise: dequantize (into a per-thread workspace reused by every layer of up to ``WORKSPACE_MAX_BYTES``, so
+  no fresh allocation and page faults per call; quanto's dequantization allocates each time) and run the float
+  GEMM / convolution;
 * a module with a dequantize-once cache (:func:`~.cache.cache_dequantized`, opt-in) uses the cached weight;
 * under ``torch.compile`` the dequantization is plain out-of-place ops, which inductor fuses into one loop.
 """
@@ -24,12 +25,18 @@ from . import packing
 
 #: rows (tokens x batch) up to which the packed weight-only kernels run, for bf16 inputs on the CPU
 PACKED_MAX_ROWS = 16
+#: largest weight (bytes, in the float dtype) dequantized into the shared workspace; larger ones get memory of
+#: their own per call, as quanto does, so the workspace adds at most this to the peak memory of a step
+WORKSPACE_MAX_BYTES = 64 * 2**20
 _PACKED_DTYPES = (torch.bfloat16,)  # fp16 GEMV kernels are slower than dequantize + GEMM here
 _LOCAL = threading.local()
 
 
 def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat buffer of ``numel`` elements owned by this thread, grown as needed and reused by every layer."""
+    """A flat buffer of ``numel`` elements owned by this thread, grown as needed and reused by every layer
+    (a fresh tensor above :data:`WORKSPACE_MAX_BYTES`)."""
+    if numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(numel, dtype=dtype, device=device)
     buffers = _LOCAL.__dict__.setdefault("buffers", {})
     key = (dtype, device)
     buf = buffers.get(key)
