@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 #: layer, and (with the BOS state attached in :func:`quantized`) BOS-aware cross-attention K/V rows
 EVERY_KIND = BitPlan(
     defaults={"weights": "int8", "activations": "int8", "act_range": "dynamic"},
-    rules=[{"targets": ["*attn1*"], "weights": "int4", "activations": "int8", "act_range": 4.0},
+    rules=[{"targets": ["*attn1*", "*attn.to_q"], "weights": "int4", "activations": "int8", "act_range": 4.0},
            {"targets": ["*ff*"], "weights": "int2", "activations": "none"},
            {"targets": ["*conv1", "*proj_out*"], "weights": "float8", "activations": "float8", "act_range": 6.0},
            {"targets": ["*norm*", "*time*"], "weights": "none", "activations": "int8", "act_range": 8.0}],
