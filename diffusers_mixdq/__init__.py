@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .plan import BitPlan, LayerSpec, PlanSummary
 
 #: public name -> module that defines it (imported on first access)
-_LAZY = {"MixDQConfig": ".config", "BitPlan": ".plan", "LayerSpec": ".plan", "PlanSummary": ".plan"}
+_LAZY = {"MixDQConfig": ".config", "BitPlan": ".plan", "LayerSpec": ".plan", "PlanSummary": ".plan",
+         "use_weight_backend": ".apply.backends"}
 
 
 #: registering needs these three imported: the library's tables, our config and our quantizer for that library
@@ -97,4 +98,5 @@ __all__ = [
     "PlanSourceError",
     "PlanSummary",
     "__version__",
+    "use_weight_backend",
 ]

@@ -47,6 +47,10 @@ class MixDQConfig(QuantizationConfigMixin, TransformersQuantizationConfigMixin):
             the model is read from (``text_encoder`` for a pipeline's text encoder), else the only one made for the
             model's class (:mod:`diffusers_mixdq.plan.components`).
         modules_to_not_convert: extra layer-name patterns to keep in floating point.
+        weight_backend: the weight backend that stores and runs the quantized layers: ``"quanto"``
+            (optimum-quanto, the default) or ``"native"`` (PyTorch's own kernels, no optimum-quanto; same stored
+            layout, so checkpoints of either load into the other). ``None``: the default backend. Saved in
+            config.json when given; ``diffusers_mixdq.use_weight_backend(name)`` overrides it while loading.
 
     Example::
 
@@ -68,11 +72,13 @@ class MixDQConfig(QuantizationConfigMixin, TransformersQuantizationConfigMixin):
         token: str | bool | None = None,
         modules_to_not_convert: list[str] | None = None,
         component: str | None = None,
+        weight_backend: str | None = None,
         **kwargs: Any,
     ):
         self.quant_method = MixDQMethod.MIXDQ
         _check_arguments(strict, modules_to_not_convert, {**kwargs, "revision": revision, "subfolder": subfolder,
                                                           "token": token, "component": component})
+        self.weight_backend = _check_backend(weight_backend)
         self.strict = strict
         self.revision = revision
         self.component = component
@@ -160,7 +166,7 @@ class MixDQConfig(QuantizationConfigMixin, TransformersQuantizationConfigMixin):
             out["modules_to_not_convert"] = list(self.modules_to_not_convert)
         if self.plan_source and not self._local_source and _is_repo_id(self.plan_source):
             out["plan_source"] = self.plan_source  # a Hub repo id; never a machine path
-        for key in ("revision", "subfolder"):
+        for key in ("revision", "subfolder", "weight_backend"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
         return out
@@ -221,8 +227,17 @@ def _check_arguments(strict: Any, modules_to_not_convert: Any, kwargs: dict[str,
     if unknown:
         raise MixDQError(
             f"MixDQConfig got unknown argument(s) {sorted(unknown)}; it takes plan, strict, revision, "
-            "subfolder, token, modules_to_not_convert and component."
+            "subfolder, token, modules_to_not_convert, component and weight_backend."
         )
+
+
+def _check_backend(name: Any) -> str | None:
+    from .registry import WEIGHT_BACKENDS
+
+    if name is not None and (not isinstance(name, str) or name not in WEIGHT_BACKENDS):
+        raise MixDQError(f"weight_backend must be one of {sorted(WEIGHT_BACKENDS)} (or None for the default), "
+                         f"got {name!r}.")
+    return name
 
 
 def _check_reference(plan: dict) -> None:

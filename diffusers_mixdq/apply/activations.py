@@ -38,15 +38,23 @@ def activation_scale(dtype: str, absmax: float) -> float:
 
 
 def fake_quantize(x: torch.Tensor, dtype: str, scale: torch.Tensor) -> torch.Tensor:
-    """``x`` quantized per tensor to ``dtype`` with ``scale`` and back, in ``x``'s dtype."""
+    """``x`` quantized per tensor to ``dtype`` with ``scale`` and back, in ``x``'s dtype: one new tensor, the
+    rounding, clamping and rescaling done in place on it (torch.compile fuses the four into one loop)."""
     scale = scale.to(x.dtype)
     if dtype in ("int8", "int4"):
         qmax = ACT_QMAX[dtype]
-        return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
+        q = x / scale
+        return q.round_().clamp_(-qmax - 1, qmax).mul_(scale)
     if dtype == "float8":
         q = torch.clamp(x / scale, -_FLOAT8_MAX, _FLOAT8_MAX).to(_FLOAT8)
-        return q.to(x.dtype) * scale
+        return q.to(x.dtype).mul_(scale)
     raise ValueError(f"unknown activation dtype {dtype!r}")
+
+
+def absmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.abs().amax()`` in one pass over ``x`` without the ``abs`` copy."""
+    low, high = torch.aminmax(x.detach())
+    return torch.maximum(-low, high)
 
 
 class ActivationScheme(ABC):
@@ -85,7 +93,7 @@ class DynamicPerTensor(ActivationScheme):
     name = "dynamic"
 
     def quantize(self, x: torch.Tensor, dtype: str, input_scale: torch.Tensor) -> torch.Tensor:
-        scale = x.detach().abs().amax().float().clamp_min(1e-12) / ACT_QMAX[dtype]
+        scale = absmax(x).float().clamp_min(1e-12) / ACT_QMAX[dtype]
         return fake_quantize(x, dtype, scale)
 
 

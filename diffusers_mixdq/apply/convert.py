@@ -10,14 +10,16 @@ import torch
 from torch import nn
 
 from ..plan import LayerSpec
-from .backends import backend_of, default_backend
+from .backends import backend_named, backend_of
 from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
 from .outliers import compute_outlier_rows_, has_outliers
 
 
-def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor | None = None) -> nn.Module:
-    """A quantized copy of an in-memory Linear / Conv2d (the original is left untouched)."""
-    backend = default_backend()
+def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor | None = None,
+                    backend: str | None = None) -> nn.Module:
+    """A quantized copy of an in-memory Linear / Conv2d (the original is left untouched), made by weight backend
+    ``backend`` (``None``: the default, or the one :func:`~.backends.use_weight_backend` imposes)."""
+    backend = backend_named(backend)
     dtype = module.weight.dtype
     qmodule = backend.make_module(module, spec, scale_dtype=dtype)
     qmodule.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)

@@ -91,7 +91,8 @@ class MixDQModuleMixin:
                 setattr(self, name, buf.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_inference_mode_enabled() and self._needs_grad_mode():
+        # the backend's answer first, and nothing of this under torch.compile: no graph break for the check
+        if self._needs_grad_mode() and not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             with torch.inference_mode(False), torch.no_grad():
                 return self._forward(x)
         return self._forward(x)

@@ -27,7 +27,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 
 from ..errors import PlanMismatchError
 from . import checkpoint, memory, saved_weights
-from .backends import default_backend
+from .backends import backend_named
 from .bos_rows import compute_bos_row_, finish_bos_
 from .guards import guard_model
 from .outliers import OUTLIER_BUFFERS, compute_outlier_rows_, has_outliers
@@ -68,7 +68,7 @@ class MixDQQuantizer(DiffusersQuantizer):
         self._since_trim = 0
         self._header: saved_weights.Header | None = None
         self._checkpoint_files: list[str] | None = None
-        self.backend = default_backend()
+        self.backend = backend_named(getattr(quantization_config, "weight_backend", None))
 
     # ------------------------------------------------------------------ environment
     def validate_environment(self, *args, **kwargs):

@@ -29,7 +29,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..errors import MixDQError
 from . import checkpoint, saved_weights
-from .backends import default_backend
+from .backends import backend_named
 from .swap import (check_device_map, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
                    make_modules, refuse_quantized)
 
@@ -96,7 +96,7 @@ class MixDQTransformersQuantizer(HfQuantizer):
         self.modules: dict[str, torch.nn.Module] = {}
         self.errors: list[MixDQError] = []
         self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.backend = default_backend()
+        self.backend = backend_named(getattr(quantization_config, "weight_backend", None))
 
     def validate_environment(self, *args, **kwargs):
         check_device_map(kwargs.get("device_map"))

@@ -11,18 +11,43 @@ read back through the backend that made them (:func:`backend_of`).
 from __future__ import annotations
 
 import pkgutil
+from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib import import_module
 
 from ... import registry
 from .base import WeightBackend
 
 for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base":
+    if _info.name not in ("base", "layout"):
         import_module(f".{_info.name}", __name__)  # each registers its backend (without importing its library)
+
+
+#: the backend :func:`use_weight_backend` imposes in this context (``None``: none imposed)
+_IMPOSED: ContextVar[str | None] = ContextVar("mixdq_weight_backend", default=None)
 
 
 def default_backend() -> WeightBackend:
     return registry.WEIGHT_BACKENDS.get(registry.DEFAULT_WEIGHT_BACKEND)
+
+
+def backend_named(name: str | None = None) -> WeightBackend:
+    """The backend to make modules with: the one :func:`use_weight_backend` imposes, else ``name`` (a config's
+    ``weight_backend``), else the default."""
+    chosen = _IMPOSED.get() or name
+    return registry.WEIGHT_BACKENDS.get(chosen) if chosen else default_backend()
+
+
+@contextmanager
+def use_weight_backend(name: str):
+    """Make every model loaded or quantized inside the ``with`` block use weight backend ``name``, whatever its
+    config says (e.g. a checkpoint saved with the quanto backend, loaded into the native one)."""
+    registry.WEIGHT_BACKENDS.get(name)  # unknown names raise here, before anything is loaded
+    token = _IMPOSED.set(name)
+    try:
+        yield registry.WEIGHT_BACKENDS.get(name)
+    finally:
+        _IMPOSED.reset(token)
 
 
 def backend_of(module) -> WeightBackend | None:
@@ -31,4 +56,4 @@ def backend_of(module) -> WeightBackend | None:
     return registry.WEIGHT_BACKENDS.get(name) if name else None
 
 
-__all__ = ["WeightBackend", "backend_of", "default_backend"]
+__all__ = ["WeightBackend", "backend_named", "backend_of", "default_backend", "use_weight_backend"]

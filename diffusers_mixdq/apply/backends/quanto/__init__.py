@@ -11,17 +11,7 @@ from importlib import import_module
 
 from ....registry import WEIGHT_BACKENDS
 from ..base import WeightBackend
-
-
-def group_size(in_features: int) -> int:
-    """optimum-quanto's group size for int4 / int2 weights: 128, lowered by 32 until it divides ``in_features``
-    (down to 32), else the whole row; rows of 128 elements or fewer are one group."""
-    if in_features <= 128:
-        return in_features
-    for size in (128, 96, 64, 32):
-        if in_features % size == 0:
-            return size
-    return in_features
+from ..layout import SharedLayout, group_size  # noqa: F401  (group_size re-exported: it used to live here)
 
 
 def _modules():
@@ -32,17 +22,8 @@ def _weights():
     return import_module(".weights", __name__)
 
 
-class QuantoBackend(WeightBackend):
+class QuantoBackend(SharedLayout, WeightBackend):
     name = "quanto"
-
-    def storage_bits(self, dtype: str, bits: int | None, in_features: int, float_bits: int = 16) -> float:
-        """int8 / float8: one ``float_bits`` scale per output channel; int4 / int2: a scale and a shift per group."""
-        if bits is None:
-            return float(float_bits)
-        k = max(in_features, 1)
-        if bits == 8:
-            return bits + float_bits / k
-        return bits + 2 * float_bits / group_size(k)
 
     def prepare(self) -> None:
         _modules()  # redirects the extension build into the user cache on first import
@@ -55,11 +36,6 @@ class QuantoBackend(WeightBackend):
 
     def quantized_weight_keys(self, module) -> frozenset[str]:
         return _weights().quantized_weight_keys(module)
-
-    def weight_key_of(self, key: str) -> str | None:
-        """quanto saves a quantized weight as its inner tensors: ``<module>.weight._data``, ``._scale``, ..."""
-        i = key.rfind(".weight.")
-        return key[: i + len(".weight")] if i >= 0 else None
 
     def expected_pieces(self, module):
         return _weights().expected_pieces(module)

@@ -7,6 +7,7 @@ from optimum.quanto import QLinear, QTensor
 from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
 from torch import nn
 
+from .. import layout
 from .modules import QTYPE_NAMES
 
 _KEYS_CACHE: dict[str, frozenset[str]] = {}
@@ -80,23 +81,6 @@ def has_meta_tensors(module: nn.Module) -> bool:
 
 def expected_pieces(module: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
     """``{key: (shape, dtype)}`` of the saved quantized weight of ``module`` (its qtype and weight shape), dtype
-    ``None`` for scales and shifts, which are stored in the model's float dtype. optimum-quanto 0.2.7 layouts:
-    8-bit: data of the weight's shape, one scale per output channel; 4 / 2-bit: the weight as ``rows`` groups of
-    ``group_size`` values, packed ``8 // bits`` rows to a byte along dim 0, one scale and shift per group."""
+    ``None`` for scales and shifts, which are stored in the model's float dtype (:mod:`..layout`)."""
     qtype = module.weight_qtype
-    shape = tuple(module.weight.shape)
-    per_channel = (shape[0],) + (1,) * (len(shape) - 1)
-    if qtype.bits == 8:
-        return {"weight._data": (shape, qtype.dtype), "weight._scale": (per_channel, None)}
-    group = module.weight_group_size
-    if group is None:  # one group per output channel, the weight's own shape
-        rows, data, scale = shape[0], shape[1:], per_channel
-    else:
-        numel = 1
-        for s in shape:
-            numel *= s
-        rows, data = numel // group, (group,)
-        scale = (rows, 1)
-    per_byte = 8 // qtype.bits
-    return {"weight._data._data": (((rows + per_byte - 1) // per_byte,) + tuple(data), torch.uint8),
-            "weight._scale": (scale, None), "weight._shift": (scale, None)}
+    return layout.torch_pieces(qtype.bits, qtype.is_floating_point, tuple(module.weight.shape))

@@ -1,0 +1,170 @@
+"""CPU step time and memory of MixDQ plans with the quanto and the native weight backend, as ratios to FP32.
+
+    OMP_NUM_THREADS=1 python benchmarks/kernels_cpu.py                 # SD-2.1 UNet, latent 64, batch 2
+    OMP_NUM_THREADS=1 python benchmarks/kernels_cpu.py --latent 32 --config benchmarks/configs/sdxl-base-unet.json
+
+A real UNet config with random weights, one denoising step (one UNet call, classifier-free-guidance batch 2).
+Every variant lives in the same process (quantized copies share the FP32 model's unquantized tensors) and the
+steps run round-robin, ``--reps`` rounds, so the machine's load hits every variant alike; the table gives each
+variant's best step time over FP32's (on a shared machine a slow round is someone else's load; the medians are
+in the JSON). Memory: the bytes the model's tensors hold (quantized weights as stored,
+dequantize-once caches included) and the peak RSS rise during a step (activations, dequantized temporaries),
+sampled every 5 ms, and their sum with the native backend's dequantization workspace (allocated at the first
+step, kept after it): the peak a process holding only that variant reaches beyond the model's other tensors.
+Results go to ``benchmarks/results/kernels_cpu[_<name>].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from _common import REPO, RESULTS, storage_bytes
+
+SD21 = REPO.parent / "shared" / "model-configs" / "sd21-base-unet.json"
+#: (row name, plan kind, backend)
+VARIANTS = [("FP32", None, None)] + [(f"{kind} {backend}", kind, backend)
+                                     for kind in ("W8A16", "W4A16", "W8A8") for backend in ("quanto", "native")]
+
+
+def plan_of(kind: str):
+    from diffusers_mixdq import BitPlan
+
+    return {"W8A16": BitPlan.uniform("int8"), "W4A16": BitPlan.uniform("int4"),
+            "W8A8": BitPlan.uniform("int8", activations="int8")}[kind]
+
+
+def quantized_copy(model, kind: str, backend: str):
+    """``model`` with every planned layer replaced by a MixDQ module of ``backend`` (other tensors shared)."""
+    from diffusers_mixdq.apply import quantize_module
+
+    variant = copy.deepcopy(model, memo={id(t): t for t in list(model.parameters()) + list(model.buffers())})
+    resolved = plan_of(kind).resolve(model, strict=False)
+    for name, spec in resolved.layer_specs().items():
+        if spec.is_quantized:
+            variant.set_submodule(name, quantize_module(model.get_submodule(name), spec, backend=backend))
+    return variant
+
+
+def inputs(config: dict, latent: int, batch: int = 2):
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(sample=torch.randn(batch, config["in_channels"], latent, latent, generator=g),
+                  timestep=torch.tensor([500] * batch),
+                  encoder_hidden_states=torch.randn(batch, 77, config["cross_attention_dim"], generator=g))
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text embeddings and size conditioning
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=g),
+                                       "time_ids": torch.randn(batch, 6, generator=g)}
+    return kwargs
+
+
+def step(model, kwargs) -> tuple[float, int]:
+    """Seconds of one UNet call and the peak RSS rise during it."""
+    from diffusers_mixdq.apply.memory import PeakMemory, process_memory
+
+    before = process_memory()["VmRSS"]
+    with torch.no_grad(), PeakMemory() as peak:
+        t = time.perf_counter()
+        model(**kwargs)
+        seconds = time.perf_counter() - t
+    return seconds, max(0, peak.peak_rss - before)
+
+
+def workspace_bytes() -> int:
+    from diffusers_mixdq.apply.backends.native import kernels
+
+    buffers = getattr(kernels._LOCAL, "buffers", {})
+    return sum(b.numel() * b.element_size() for b in buffers.values())
+
+
+def run(config_path: Path, latent: int, reps: int, kinds=("W8A16", "W4A16", "W8A8"),
+        backends=("quanto", "native")) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads(config_path.read_text())
+    torch.manual_seed(0)
+    fp32 = UNet2DConditionModel.from_config(config).eval()
+    models = {name: fp32 if kind is None else quantized_copy(fp32, kind, backend)
+              for name, kind, backend in VARIANTS if kind is None or (kind in kinds and backend in backends)}
+    warm = inputs(config, 8)
+    for model in models.values():  # first call: lazy allocations (workspace, oneDNN primitives)
+        step(model, warm)
+    kwargs = inputs(config, latent)
+    times = {name: [] for name in models}
+    rises = {name: 0 for name in models}
+    for _ in range(reps):
+        for name, model in models.items():
+            seconds, rise = step(model, kwargs)
+            times[name].append(seconds)
+            rises[name] = max(rises[name], rise)
+    fp = min(times["FP32"])
+    held = workspace_bytes()
+    rows = [{"variant": name, "best_s": min(ts), "ratio_vs_fp32": min(ts) / fp, "median_s": statistics.median(ts),
+             "times_s": ts, "weights_bytes": storage_bytes(models[name]), "step_peak_rise_bytes": rises[name],
+             "workspace_bytes": held if name.endswith("native") else 0} for name, ts in times.items()]
+    for row in rows:  # what a process running only this variant would peak at, beyond the rest of the model
+        row["peak_bytes"] = row["weights_bytes"] + row["workspace_bytes"] + row["step_peak_rise_bytes"]
+    return {"config": config_path.name, "latent": latent, "batch": 2, "reps": reps,
+            "threads": torch.get_num_threads(), "native_workspace_bytes": workspace_bytes(),
+            "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
+            "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['config']}, latent {result['latent']}, batch 2, {result['threads']} thread(s), "
+             f"best of {result['reps']} round-robin steps; native workspace "
+             f"{result['native_workspace_bytes'] / 2**20:.0f} MiB",
+             "", "| variant | step (s) | ratio vs FP32 | weights (MiB) | step peak rise (MiB) "
+             "| weights + workspace + rise (MiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['variant']} | {r['best_s']:.2f} | {r['ratio_vs_fp32']:.2f}x | "
+                     f"{r['weights_bytes'] / 2**20:.0f} | {r['step_peak_rise_bytes'] / 2**20:.0f} | "
+                     f"{r['peak_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def retable(path: Path) -> str:
+    """The table of a results file written before the best-of ratio existed (``times_s`` are kept)."""
+    result = json.loads(path.read_text())
+    fp = min(next(r for r in result["rows"] if r["variant"] == "FP32")["times_s"])
+    for r in result["rows"]:
+        r.update(best_s=min(r["times_s"]), ratio_vs_fp32=min(r["times_s"]) / fp)
+        r.setdefault("workspace_bytes", result["native_workspace_bytes"] if r["variant"].endswith("native") else 0)
+        r["peak_bytes"] = r["weights_bytes"] + r["workspace_bytes"] + r["step_peak_rise_bytes"]
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return table(result)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=SD21)
+    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--kinds", default="W8A16,W4A16,W8A8", help="plans to run beside FP32 (comma-separated)")
+    parser.add_argument("--backends", default="quanto,native", help="weight backends to run (comma-separated)")
+    parser.add_argument("--name", default="", help="suffix of the results file")
+    parser.add_argument("--retable", type=Path, help="only re-print (and update) the table of a results file")
+    args = parser.parse_args(argv)
+    if args.retable:
+        print(retable(args.retable))
+        return
+    if os.environ.get("OMP_NUM_THREADS") is None:
+        print("note: OMP_NUM_THREADS is not set; this uses every core (set it to pin the thread count)")
+    result = run(args.config, args.latent, args.reps, tuple(args.kinds.split(",")),
+                 tuple(args.backends.split(",")))
+    path = RESULTS / f"kernels_cpu{'_' + args.name if args.name else ''}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The native backend's Linear / Conv2d: weights as plain int8 / uint8 buffers in the quanto layout.
+
+A module is made on the meta device with its float ``weight`` parameter (so a checkpoint's ``<layer>.weight``
+loads into it); quantizing (or installing a saved quantized weight) replaces that parameter by the buffers
+``qdata`` (int8 codes, packed int4 / int2 codes, or float8 values held as their bytes so that ``model.to(dtype)``
+never casts them), ``qscale`` and ``qshift``. They are saved under quanto's keys (``weight._data``,
+``weight._scale``, ...) and read back from them, so checkpoints move freely between the two backends.
+``module.weight`` then is a :class:`QuantizedWeight`: the logical weight's shape, dtype and device (what plan and
+layer tables read) and :meth:`QuantizedWeight.dequantize`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...qmodule import MixDQModuleMixin, is_mixdq_module
+from .. import layout
+from . import cuda, kernels, packing
+
+_BUFFERS = ("qdata", "qscale", "qshift", "dequantized_cache", "int4_packed", "int4_scale_zeros")
+
+
+class QuantizedWeight:
+    """Stands for a native module's quantized weight: shape, dtype, device, ``dequantize()`` (not a tensor)."""
+
+    def __init__(self, module: nn.Module):
+        self._module = module
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._module.weight_shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._module.qscale.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._module.qdata.device
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def dequantize(self) -> torch.Tensor:
+        m = self._module
+        return packing.dequantize(m.stored_data(), m.qscale, m.qshift, m.qbits, tuple(m.weight_shape))
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self._module.mixdq_spec.weights}, shape={list(self.shape)}, dtype={self.dtype})"
+
+
+class _NativeWeight:
+    """The weight side of a native module: storage, state dict, which weight the op uses."""
+
+    qbits: int = 0
+    qfloat8: bool = False
+
+    def _init_native(self, spec) -> None:
+        self.weight_shape = tuple(self._parameters["weight"].shape)
+        self.qbits = layout.WEIGHT_BITS.get(spec.weights, 0)
+        self.qfloat8 = spec.weights == "float8"
+        for name in _BUFFERS:
+            self.register_buffer(name, None, persistent=False)
+        for name in ("input_scale", "output_scale"):
+            self.register_buffer(name, torch.ones(()))
+
+    @property
+    def weight(self):
+        param = self._parameters.get("weight")
+        if param is not None:
+            return param
+        if self._buffers.get("qdata") is not None:
+            return QuantizedWeight(self)
+        raise AttributeError("weight")
+
+    def weight_is_quantized(self) -> bool:
+        return self.qdata is not None
+
+    def stored_data(self) -> torch.Tensor:
+        return self.qdata.view(packing.FLOAT8) if self.qfloat8 else self.qdata
+
+    def install(self, data: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
+        """Make ``(data, scale, shift)`` the module's weight (the float parameter goes)."""
+        self._parameters.pop("weight", None)
+        self.qdata = data.view(torch.uint8) if data.dtype == packing.FLOAT8 else data
+        self.qscale, self.qshift = scale, shift
+
+    def quantized_pieces(self) -> dict[str, torch.Tensor]:
+        if self.qbits == 8:
+            return {"weight._data": self.stored_data(), "weight._scale": self.qscale}
+        return {"weight._data._data": self.qdata, "weight._scale": self.qscale, "weight._shift": self.qshift}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qdata is not None:
+            for key, value in self.quantized_pieces().items():
+                destination[prefix + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        keys = [k for k in state_dict if k.startswith(prefix + "weight.")]
+        if keys:
+            pieces = {k[len(prefix):]: state_dict.pop(k) for k in keys}
+            try:
+                install_pieces(self, pieces, self.input_scale.device)
+            except (KeyError, ValueError, RuntimeError) as e:
+                error_msgs.append(f"{prefix}weight: {e}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class NativeLinear(_NativeWeight, MixDQModuleMixin, nn.Linear):
+    """A Linear whose weight is stored quantized and run by :mod:`.kernels` (W8A8 / FP8 on CUDA by :mod:`.cuda`)."""
+
+    def _real_gemm_candidate(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and self.qdata is not None and self.act_dtype != "none"
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self._real_gemm_candidate(x):
+            return x  # quantized in _qforward: by the real GEMM, or simulated there when it does not take the call
+        return super().quantize_input(x)
+
+    def _qforward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._real_gemm_candidate(x):
+            y = cuda.real_linear(self, x)
+            if y is not None:
+                return y
+            x = super().quantize_input(x)
+        return kernels.linear(self, x)
+
+
+class NativeConv2d(_NativeWeight, MixDQModuleMixin, nn.Conv2d):
+    """A Conv2d whose weight is stored quantized (1x1 convolutions may run as a Linear)."""
+
+    is_pointwise: bool = False
+
+    def _qforward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.conv2d(self, x)
+
+
+def make_module(module: nn.Module, spec, scale_dtype: torch.dtype, backend: str) -> nn.Module:
+    """A native module shaped like ``module`` (weights on the meta device, not yet quantized)."""
+    if is_mixdq_module(module):
+        raise TypeError(f"{type(module).__name__} is already quantized")
+    bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        qmodule = NativeLinear(module.in_features, module.out_features, bias=bias, device="meta")
+    else:
+        qmodule = NativeConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                               module.padding, module.dilation, module.groups, bias, module.padding_mode,
+                               device="meta")
+        qmodule.is_pointwise = (tuple(qmodule.kernel_size) == (1, 1) and tuple(qmodule.stride) == (1, 1)
+                                and qmodule.padding in ((0, 0), "valid") and tuple(qmodule.dilation) == (1, 1)
+                                and qmodule.groups == 1 and qmodule.padding_mode == "zeros")
+    qmodule._init_native(spec)
+    qmodule._configure(spec, scale_dtype, backend)
+    qmodule.requires_grad_(False)
+    return qmodule
+
+
+def quantize_weight_(module: nn.Module) -> None:
+    """Quantize the module's just-loaded full-precision weight in place (no-op for float weights)."""
+    param = module._parameters.get("weight")
+    if module.qbits == 0 or param is None:
+        return
+    w = param.detach()
+    if module.qbits == 8:
+        data, scale = packing.quantize_symmetric(w, module.qfloat8)
+        module.install(data, scale, None)
+    else:
+        module.install(*packing.quantize_affine(w, module.qbits))
+
+
+def install_pieces(module: nn.Module, tensors: dict[str, torch.Tensor], device) -> None:
+    """Install a saved quantized weight (quanto's keys), checked against the module's layout; every tensor is
+    copied into aligned memory of its own (a memory-mapped tensor may start at any byte offset, and torch's
+    packed CPU kernels crash on unaligned data)."""
+    want = layout.expected_pieces(module.qbits, module.qfloat8, module.weight_shape)
+    if set(tensors) != set(want):
+        raise KeyError(f"missing {sorted(set(want) - set(tensors))}, unexpected {sorted(set(tensors) - set(want))}")
+    for key, (shape, dtype) in want.items():
+        t = tensors[key]
+        bad_dtype = t.dtype != getattr(torch, dtype) if dtype is not None else not t.is_floating_point()
+        if tuple(t.shape) != tuple(shape) or bad_dtype:
+            raise ValueError(f"{key} is {list(t.shape)} {t.dtype}, the layer needs {list(shape)} {dtype or 'float'}")
+    tensors = {k: v.to(device, copy=True, memory_format=torch.contiguous_format) for k, v in tensors.items()}
+    data = tensors.get("weight._data", tensors.get("weight._data._data"))
+    module.install(data, tensors["weight._scale"], tensors.get("weight._shift"))

@@ -1,0 +1,90 @@
+"""Quantizing, packing and dequantizing weights in the shared quanto layout (:mod:`..layout`), with torch only.
+
+The numerics are optimum-quanto 0.2.7's: int8 / float8 symmetric per output channel (scale = absmax / largest
+code, computed in the weight's dtype), int4 / int2 affine per group (MaxOptimizer: scale = (max - min) /
+(2^bits - 1), shift = -min). A weight quantized here equals, bit for bit, one quantized by the quanto backend,
+and dequantizing repeats quanto's operations in quanto's order (``code * scale - shift``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import grouping
+
+FLOAT8 = torch.float8_e4m3fn
+_FLOAT8_MAX = float(torch.finfo(FLOAT8).max)
+
+
+def quantize_symmetric(w: torch.Tensor, float8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(data, scale)`` of an 8-bit weight: int8 codes (or float8 values), one scale per output channel."""
+    dims = tuple(range(1, w.dim()))
+    qmax = _FLOAT8_MAX if float8 else 127.0
+    scale = torch.amax(torch.abs(w), dim=dims, keepdim=True) / qmax
+    data = w / scale
+    if float8:
+        return torch.clamp(data, -_FLOAT8_MAX, _FLOAT8_MAX).to(FLOAT8), scale
+    return torch.clamp(torch.round(data), -128, 127).to(torch.int8), scale
+
+
+def quantize_affine(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(packed codes, scale, shift)`` of a 4 / 2-bit weight, grouped and packed as quanto does."""
+    rows, group = grouping(tuple(w.shape), bits)
+    base = w.reshape(rows, -1)
+    rmin = torch.amin(base, dim=1, keepdim=True)
+    rmax = torch.amax(base, dim=1, keepdim=True)
+    scale = (rmax - rmin) / (2**bits - 1)
+    shift = -rmin
+    codes = torch.clamp(torch.round((base + shift) / scale), 0, 2**bits - 1).to(torch.uint8)
+    if group is None:  # one group per output channel: quanto keeps the weight's own shape
+        per_channel = (w.shape[0],) + (1,) * (w.dim() - 1)
+        codes, scale, shift = codes.reshape(w.shape), scale.reshape(per_channel), shift.reshape(per_channel)
+    return pack(codes, bits), scale, shift
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``8 // bits`` blocks of rows to a byte along dim 0: row ``i`` of block ``j`` in bits ``j * bits``."""
+    per_byte = 8 // bits
+    rows = codes.shape[0]
+    block = (rows + per_byte - 1) // per_byte
+    packed = torch.zeros((block,) + tuple(codes.shape[1:]), dtype=torch.uint8, device=codes.device)
+    for j in range(per_byte):
+        part = codes[j * block : min((j + 1) * block, rows)]
+        packed[: part.shape[0]] |= part << (bits * j)
+    return packed
+
+
+def unpack(packed: torch.Tensor, bits: int, rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The codes of :func:`pack` (``rows`` of them, uint8), written into ``out`` when given."""
+    per_byte = 8 // bits
+    block = packed.shape[0]
+    if out is None:
+        out = torch.empty((block * per_byte,) + tuple(packed.shape[1:]), dtype=torch.uint8, device=packed.device)
+    for j in range(per_byte):
+        torch.bitwise_right_shift(packed, bits * j, out=out[j * block : (j + 1) * block])
+    out.bitwise_and_(2**bits - 1)
+    return out[:rows]
+
+
+def dequantize_into(out: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
+                    bits: int, codes: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight (``out``'s shape and dtype) from its stored pieces, written into ``out`` in place (no
+    allocation when ``codes``, a uint8 buffer of the packed rows, is given for 4 / 2-bit weights)."""
+    if bits == 8:
+        return out.copy_(data).mul_(scale)
+    rows, group = grouping(tuple(out.shape), bits)
+    flat = out.view(rows, -1) if group is not None else out
+    flat.copy_(unpack(data, bits, rows, codes)).mul_(scale).sub_(shift)
+    return out
+
+
+def dequantize(data: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, bits: int,
+               shape: tuple[int, ...]) -> torch.Tensor:
+    """The weight from its stored pieces, out of place in few fusable ops (the traced / compiled path)."""
+    if bits == 8:
+        return data.to(scale.dtype) * scale
+    rows, group = grouping(shape, bits)
+    per_byte = 8 // bits
+    parts = [torch.bitwise_and(torch.bitwise_right_shift(data, bits * j), 2**bits - 1) for j in range(per_byte)]
+    codes = torch.cat(parts)[:rows]
+    return (codes.to(scale.dtype) * scale - shift).reshape(shape)
