@@ -30,6 +30,7 @@ from ..plan import BOS_STATE_KEY
 from . import checkpoint, memory, saved_weights
 from .backends import default_backend
 from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
+from .corrections import attach_corrections, prepare_weight_
 from .qmodule import is_mixdq_module
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ class MixDQQuantizer(DiffusersQuantizer):
             if not spec.is_quantized:
                 continue
             qmodule = self.backend.make_module(model.get_submodule(name), spec, scale_dtype=self.torch_dtype)
+            attach_corrections(qmodule, name, spec, resolved.tensors, self.torch_dtype)
             if qmodule.bos_aware and not self.pre_quantized:
                 if bos_state is None:
                     raise MixDQError(
@@ -222,6 +224,7 @@ class MixDQQuantizer(DiffusersQuantizer):
         set_module_tensor_to_device(model, param_name, target_device, value=param_value, dtype=dtype)
         if module.bos_aware:
             compute_bos_row_(module)
+        prepare_weight_(module)  # balancing / low-rank: the weight that is quantized (after the BOS row)
         self.backend.quantize_weight_(module)
         self._since_trim += param_value.numel() * param_value.element_size()
         # every 32 MB read, keep the allocator from hoarding the quantization temporaries
@@ -248,6 +251,8 @@ class MixDQQuantizer(DiffusersQuantizer):
             for module in self._modules.values():
                 if module.bos_aware:
                     finish_bos_(module, self.torch_dtype)
+                if not module.stores_quantized_weight:
+                    prepare_weight_(module)  # a floating-point weight is balanced / corrected once, here
             # quantized weights have their own storage; copy the rest out of the full-precision checkpoint's
             # memory map so the file is unmapped, then hand freed heap pages back
             quantized = {id(m.weight) for m in self._modules.values() if m.stores_quantized_weight}

@@ -12,7 +12,10 @@
    MSE, its mean or its worst tail, on held-out pick prompts when given);
    activation widths under an element-weighted budget after keeping the most activation-sensitive inputs
    unquantized;
-4. **write** (:func:`~.write.write` -> :class:`~diffusers_mixdq.BitPlan`): the resolved plan with its provenance.
+4. **write** (:func:`~.write.write` -> :class:`~diffusers_mixdq.BitPlan`): the resolved plan with its provenance;
+5. **correct** (:func:`~.correct.correct`, only with ``balance`` / ``lowrank_rank``): channel balancing and low-rank
+   branches fitted per layer on the calibration inputs, in the plan's flags and sidecar (the allocator's budget is
+   lowered by the bits they add).
 
 :func:`build_plan` runs them in order; :func:`calibrated_plan` runs the first alone for a uniform plan. The report
 counts denoiser sample-evaluations against the naive protocol (see :mod:`.measure` for what is saved).
@@ -21,12 +24,15 @@ counts denoiser sample-evaluations against the naive protocol (see :mod:`.measur
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from ..errors import MixDQError
 from ..plan import BitPlan
 from .assign import assign
 from .calibration import calibrate
 from .context import BuildContext
+from .correct import correct, overhead_bits
+from .correct import enabled as correct_enabled
 from .distributed import is_main_process, prepare
 from .measure import measure
 from .progress import quiet_pipeline
@@ -60,12 +66,25 @@ def _build_plan(pipe, settings: BuildSettings, progress: bool) -> tuple[BitPlan,
     else:
         report.count("calibrate", rec.num_calls, rec.num_samples)
 
+    overhead = correction_overhead(ctx)
     sens = measure(ctx, calib)
     chosen = assign(ctx, calib, sens)
     # the naive protocol calibrates, measures every candidate on everything, and picks the same way
     picking = report.sample_evaluations["pick"] + report.sample_evaluations.get("pick_reference", 0)
     report.naive_sample_evaluations = rec.num_samples + sens.naive_samples + picking
-    return write(ctx, sens, chosen), report
+    plan = write(ctx, sens, chosen)
+    if correct_enabled(ctx.settings):
+        plan = correct(ctx.denoiser, calib, plan, ctx.settings, report)
+        plan.provenance["corrections"]["budget_overhead_bits"] = overhead
+    return plan, report
+
+
+def correction_overhead(ctx: BuildContext) -> float:
+    """Lower the allocator's budget by the bits the correct stage's tensors will add (see :mod:`.correct`)."""
+    overhead = overhead_bits(ctx.settings, ctx.table, ctx.candidates)
+    if overhead:
+        ctx.settings = replace(ctx.settings, weight_bits=ctx.settings.weight_bits - overhead)
+    return overhead
 
 
 def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings, progress: bool = True) -> BitPlan:
@@ -79,8 +98,10 @@ def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings, progress: bool
     if calib.bos_state is not None:
         plan = attach_bos(plan, calib.bos_state)
     resolved = plan.resolve(denoiser, act_ranges=calib.ranges)
+    if correct_enabled(settings):
+        resolved = correct(denoiser, calib, resolved, settings)
     resolved.provenance = {
-        **plan.provenance,
+        **resolved.provenance,
         "tool": "diffusers-mixdq calibrate",
         **prompts_record(settings),
         "steps": settings.steps,

@@ -31,6 +31,10 @@ pick_prompts: validation.txt       # held-out prompts the final pick of k genera
                                    # prompts); a .txt file or a list, none of them among the calibration prompts
 pick_objective: mse                # mse (mean per-image MSE to FP) | tail (mean of the worst 10% of images)
 protect_first_last: false          # also keep the family's first/last layers (e.g. conv_in, conv_out) in 16 bit
+balance: false                     # channel balancing (ViDiT-Q), alpha per layer from balance_alphas
+balance_alphas: [0.0, 0.25, 0.5, 0.75]
+lowrank_rank: 0                    # low-rank branch (SVDQuant) of this rank per layer with quantized weights
+lowrank_layers: []                 # patterns of the layers that get one (default: all)
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
 
@@ -93,6 +97,10 @@ class Recipe:
     pick_prompts: list[str] = field(default_factory=list)
     pick_objective: str = "mse"
     protect_first_last: bool = False
+    balance: bool = False
+    balance_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+    lowrank_rank: int = 0
+    lowrank_layers: list[str] = field(default_factory=list)
     push: dict[str, Any] | None = None
     description: str | None = None
     source: str | None = None
@@ -111,7 +119,8 @@ class Recipe:
             split_ratios=list(o.split_ratios), budget_mode=o.budget_mode, allocator=o.allocator,
             sensitivity_files=[f.model_dump() for f in o.sensitivity_files], pick_prompts=list(o.pick_prompts),
             pipe_kwargs=dict(o.pipe_kwargs),
-            pick_objective=o.pick_objective, protect_first_last=o.protect_first_last,
+            pick_objective=o.pick_objective, protect_first_last=o.protect_first_last, balance=o.balance,
+            balance_alphas=list(o.balance_alphas), lowrank_rank=o.lowrank_rank, lowrank_layers=list(o.lowrank_layers),
             push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 
@@ -134,7 +143,9 @@ class Recipe:
             device=self.device, allocator=self.allocator, sensitivity_files=[dict(f) for f in self.sensitivity_files],
             pipe_kwargs=dict(self.pipe_kwargs),
             pick_prompts=list(self.pick_prompts), pick_objective=self.pick_objective,
-            protect_first_last=self.protect_first_last,
+            protect_first_last=self.protect_first_last, balance=self.balance,
+            balance_alphas=list(self.balance_alphas), lowrank_rank=self.lowrank_rank,
+            lowrank_layers=list(self.lowrank_layers),
         )
 
 

@@ -83,6 +83,12 @@ class BuildSettings:
     pick_prompts: Sequence[str] = ()
     pick_objective: str = "mse"
     protect_first_last: bool = False
+    #: the correct stage (:mod:`.correct`, off by default): channel balancing over the ``balance_alphas`` grid,
+    #: low-rank branches of ``lowrank_rank`` on the layers matching ``lowrank_layers`` (empty: all)
+    balance: bool = False
+    balance_alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75)
+    lowrank_rank: int = 0
+    lowrank_layers: Sequence[str] = ()
 
     def options(self) -> dict[str, Any]:
         """These settings laid out as :class:`~.options.BuildOptions` fields."""
@@ -97,7 +103,9 @@ class BuildSettings:
             "content_fraction": self.content_fraction, "device": self.device, "allocator": self.allocator,
             "sensitivity_files": [dict(e) for e in self.sensitivity_files], "pipe_kwargs": self.pipe_kwargs,
             "pick_prompts": _as_list(self.pick_prompts), "pick_objective": self.pick_objective,
-            "protect_first_last": self.protect_first_last,
+            "protect_first_last": self.protect_first_last, "balance": self.balance,
+            "balance_alphas": _as_list(self.balance_alphas), "lowrank_rank": self.lowrank_rank,
+            "lowrank_layers": _as_list(self.lowrank_layers),
         }
 
     def validate(self) -> None:

@@ -14,6 +14,7 @@ from typing import Mapping
 from torch import nn
 
 from .. import registry
+from .layer_tensors import extra_bits
 from .layers import LayerInfo
 from .spec import WEIGHT_DTYPES, LayerSpec
 
@@ -45,7 +46,8 @@ class PlanSummary:
     ``avg_activation_bits_by_inputs`` averages the activation bits of the layers whose inputs are quantized,
     weighted by each layer's input features (``in_features``; ``in/groups * kh * kw`` for Conv2d), not by the
     number of activation elements at run time (which depends on the resolution; the builder reports that one).
-    ``size_bytes``, ``fp16_bytes`` and ``fp32_bytes`` are byte counts.
+    ``size_bytes``, ``fp16_bytes`` and ``fp32_bytes`` are byte counts. ``avg_weight_bits`` and ``size_bytes``
+    include the layers' channel-balancing and low-rank factors (:func:`~.layer_tensors.extra_bits`).
     """
 
     num_layers: int
@@ -118,8 +120,9 @@ def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo],
     act_inputs: Counter = Counter()
     for name, spec in specs.items():
         info = manifest[name]
-        weight_bits += (spec.weight_bits or FLOAT_BITS) * info.numel
-        size_bits += storage_bits_per_weight(spec.weights, info) * info.numel
+        extra = extra_bits(spec.flags, info)  # balancing factors and low-rank factors, stored with the weight
+        weight_bits += (spec.weight_bits or FLOAT_BITS) * info.numel + extra
+        size_bits += storage_bits_per_weight(spec.weights, info) * info.numel + extra
         if spec.activation_bits:
             act_inputs[spec.activation_bits] += info.in_features
     act_total = sum(act_inputs.values())

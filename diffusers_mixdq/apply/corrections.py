@@ -1,0 +1,112 @@
+"""Channel balancing and the low-rank correction branch of a MixDQ module (backend-independent, torch only).
+
+A layer whose spec has ``flags.balance`` / ``flags.lowrank`` (format: :mod:`diffusers_mixdq.plan.layer_tensors`)
+gets its sidecar tensors as non-persistent buffers (:func:`attach_corrections`; they travel with the plan file, not
+with the checkpoint). Before the weight backend quantizes the full-precision weight, the weight becomes
+``W diag(s) - up @ down`` (:func:`prepare_weight_`); the forward is then (:func:`corrected_forward`)::
+
+    x' = x / s                      # balanced input (Linear: last dim; Conv2d: channel dim)
+    y  = Q(W diag(s) - up @ down) Q(x') + up @ (down @ x')
+
+so with activations and weights left unquantized it is exactly ``W x`` (up to rounding). A pre-quantized
+checkpoint already holds the corrected weight, so it is never corrected twice.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PlanFormatError, PlanMismatchError
+from ..plan import LayerSpec
+from ..plan.layer_tensors import BALANCE, LOWRANK, balance_key, lowrank_keys
+
+#: the buffers a corrected module carries (absent on the others)
+CORRECTION_BUFFERS = ("mixdq_balance", "lowrank_down", "lowrank_up")
+
+
+def _sidecar_tensor(tensors: Mapping[str, torch.Tensor], key: str, name: str, flag: str) -> torch.Tensor:
+    value = tensors.get(key)
+    if value is None:
+        raise PlanFormatError(f"Layer '{name}' has flags.{flag}, but the plan carries no sidecar tensor {key!r}. "
+                              "Load the plan together with its .safetensors sidecar (or rebuild it).")
+    return value
+
+
+def attach_corrections(module: nn.Module, name: str, spec: LayerSpec, tensors: Mapping[str, torch.Tensor],
+                       dtype: torch.dtype) -> None:
+    """Give ``module`` the balance / low-rank tensors its spec's flags name (no-op without such flags)."""
+    flags = spec.flags
+    if not (flags.get(BALANCE) or flags.get(LOWRANK)):
+        return
+    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+        raise PlanMismatchError(f"Layer '{name}' is a grouped or non-zero-padded Conv2d; channel balancing and "
+                                "low-rank branches need groups=1 and zero padding. Remove its balance / lowrank flags.")
+    if flags.get(BALANCE):
+        s = _sidecar_tensor(tensors, balance_key(name), name, BALANCE)
+        module.register_buffer("mixdq_balance", s.detach().to(torch.float32).clone(), persistent=False)
+    if flags.get(LOWRANK):
+        down, up = (_sidecar_tensor(tensors, k, name, LOWRANK) for k in lowrank_keys(name))
+        module.register_buffer("lowrank_down", down.detach().to(dtype).clone(), persistent=False)
+        module.register_buffer("lowrank_up", up.detach().to(dtype).clone(), persistent=False)
+    module.mixdq_corrected = True
+
+
+def _channel_view(s: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``s`` shaped to scale dim 1 of a weight (or conv input) with ``ndim`` dims."""
+    return s.view(1, -1, *([1] * (ndim - 2)))
+
+
+def corrected_weight(weight: torch.Tensor, balance: torch.Tensor | None = None, down: torch.Tensor | None = None,
+                     up: torch.Tensor | None = None) -> torch.Tensor:
+    """``W diag(s) - up @ down`` (computed in float32, returned in the weight's dtype); Conv2d weights are scaled
+    per input channel and the low-rank product is laid out as the kernel."""
+    w = weight.detach().to(torch.float32)
+    if balance is not None:
+        w = w * _channel_view(balance.to(w.device, torch.float32), w.dim())
+    if down is not None and up is not None:
+        w = w - (up.to(w.device, torch.float32) @ down.to(w.device, torch.float32)).view_as(w)
+    return w.to(weight.dtype)
+
+
+def module_corrections(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
+    """``(balance, down, up)`` of a module (``None`` where it has none)."""
+    return tuple(getattr(module, k, None) for k in CORRECTION_BUFFERS)
+
+
+def prepare_weight_(module: nn.Module) -> None:
+    """Replace the module's just-loaded full-precision weight by its corrected weight (before quantization)."""
+    if not getattr(module, "mixdq_corrected", False):
+        return
+    module.weight = nn.Parameter(corrected_weight(module.weight, *module_corrections(module)), requires_grad=False)
+
+
+def lowrank_branch(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``up @ (down @ x)`` in ``x``'s dtype (Conv2d: ``down`` as a kernel of the layer's geometry, ``up`` 1x1)."""
+    down, up = module.lowrank_down.to(x.dtype), module.lowrank_up.to(x.dtype)
+    if isinstance(module, nn.Conv2d):
+        kernel = down.view(down.shape[0], -1, *module.kernel_size)
+        h = F.conv2d(x, kernel, None, module.stride, module.padding, module.dilation)
+        return F.conv2d(h, up[:, :, None, None])
+    return F.linear(F.linear(x, down), up)
+
+
+def balance_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x / s`` along the input-channel dimension (no-op without balancing)."""
+    s = getattr(module, "mixdq_balance", None)
+    if s is None:
+        return x
+    s = s.to(x.dtype)
+    return x / (_channel_view(s, x.dim()) if isinstance(module, nn.Conv2d) else s)
+
+
+def corrected_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The quantized path of a corrected module: balanced input, quantized op, plus the low-rank branch."""
+    x = balance_input(module, x)
+    y = module._qforward(module.quantize_input(x))
+    if getattr(module, "lowrank_down", None) is not None:
+        y = y + lowrank_branch(module, x)
+    return y
