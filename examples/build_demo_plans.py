@@ -24,6 +24,10 @@ mixed plans on N prompts of the model's calibration set and picks ``k`` on N of 
 (``pick_prompts``) instead of both on the same 8 prompts; ``--pick-objective tail`` picks by the worst 10% of
 images; ``--protect-first-last`` keeps conv_in / conv_out in 16 bit; ``--split-ratios`` sets the ``k`` sweep;
 ``--out DIR`` writes every plan under DIR instead of the bundled folders.
+
+Correct-stage options (issue #14, off by default): ``--balance`` (channel balancing), ``--lowrank-rank R`` (low-rank
+branches; a mixed plan's budget pays for them; ``--lowrank-layers PATTERN...`` limits them to some layers),
+``--cache-dir DIR`` (reuse calibration and sensitivities).
 """
 
 from __future__ import annotations
@@ -66,6 +70,15 @@ def allocator_settings(args: argparse.Namespace) -> dict:
     return extra
 
 
+def correction_settings(args: argparse.Namespace) -> dict:
+    """The builder settings of the correct stage (none: the bundled plans' settings) and the cache directory."""
+    extra: dict = {"balance": args.balance, "lowrank_rank": args.lowrank_rank,
+                   "lowrank_layers": tuple(args.lowrank_layers)}
+    if args.cache_dir:
+        extra["cache_dir"] = str(args.cache_dir)
+    return extra
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=PLANS, default=list(BUNDLED), metavar="PLAN",
@@ -76,6 +89,12 @@ def main() -> None:
     parser.add_argument("--protect-first-last", action="store_true")
     parser.add_argument("--split-ratios", type=float, nargs="+", default=None, metavar="K")
     parser.add_argument("--out", type=Path, default=None, help="write the plans here (default: the bundled folders)")
+    parser.add_argument("--balance", action="store_true", help="channel balancing (the correct stage)")
+    parser.add_argument("--lowrank-rank", type=int, default=0, metavar="R",
+                        help="low-rank branches of rank R (mixed plans: the budget pays for them)")
+    parser.add_argument("--lowrank-layers", nargs="+", default=[], metavar="PATTERN",
+                        help="only these layers get low-rank branches (default: every quantized one)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="builder cache (calibration, sensitivities)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -89,7 +108,7 @@ def main() -> None:
         t0 = time.perf_counter()
         plan = calibrated_plan(pipe, BitPlan(defaults={"weights": weights, "activations": "int8"},
                                              target={"base_model": "diffusers_mixdq/demo/pipeline"}),
-                               BuildSettings(**common))
+                               BuildSettings(**common, **correction_settings(args)))
         plan.save(out / name)
         print(f"{name} calibrated in {time.perf_counter() - t0:.1f}s -> {out / name}")
         print(plan.summary())
@@ -98,7 +117,8 @@ def main() -> None:
         out, extra = MIXED[name]
         out = args.out or out
         t0 = time.perf_counter()
-        settings = BuildSettings(**{**common, "prompts": prompts[:8], **extra, **allocator_settings(args)})
+        settings = BuildSettings(**{**common, "prompts": prompts[:8], **extra, **allocator_settings(args),
+                                    **correction_settings(args)})
         plan, report = build_plan(pipe, settings)
         plan.target["base_model"] = "diffusers_mixdq/demo/pipeline"
         plan.save(out / name)

@@ -1,7 +1,7 @@
 """Fitting one layer's channel balancing (ViDiT-Q) and low-rank branch (SVDQuant) on its calibration inputs.
 
 * Balancing: ``s_j = max|X_j|^a / max|W_:,j|^(1-a)`` (normalised to geometric mean 1), for each ``a`` of a small
-  grid, and no balancing at all; the candidate with the lowest output MSE of the quantized layer (weights and
+  grid (float16), and no balancing at all; the candidate with the lowest output MSE of the quantized layer (weights and
   activations as the plan says, through the same code that applies plans) against full precision wins.
 * Low-rank (with ``rank > 0``): the top-``rank`` singular components of the (balanced) weight, ``up = U sqrt(S)``,
   ``down = sqrt(S) V^T`` stored as float16; the quantized weight is the residual ``W diag(s) - up @ down``. It is
@@ -45,9 +45,10 @@ def weight_absmax(weight: torch.Tensor) -> torch.Tensor:
 
 
 def balance_factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``s = max|X|^alpha / max|W|^(1-alpha)`` per input channel, geometric mean 1, float32."""
+    """``s = max|X|^alpha / max|W|^(1-alpha)`` per input channel, geometric mean 1, stored as float16 (the same
+    rounded factors scale the weight and the input, so the rounding changes nothing)."""
     s = act_absmax.float().clamp_min(_EPS).pow(alpha) / w_absmax.float().clamp_min(_EPS).pow(1 - alpha)
-    return (s / s.log().mean().exp()).to(torch.float32)
+    return (s / s.log().mean().exp()).clamp(1e-4, 1e4).to(torch.float16)
 
 
 def lowrank_factors(weight: torch.Tensor, balance: torch.Tensor | None, rank: int) -> tuple[torch.Tensor, ...]:
@@ -62,7 +63,7 @@ def lowrank_factors(weight: torch.Tensor, balance: torch.Tensor | None, rank: in
 def _scaled_range(spec: LayerSpec, absmax: torch.Tensor, s: torch.Tensor | None) -> Any:
     if spec.activations == "none" or spec.dynamic or s is None:
         return spec.act_range
-    ratio = float((absmax / s).max() / absmax.max().clamp_min(_EPS))
+    ratio = float((absmax / s.float()).max() / absmax.max().clamp_min(_EPS))
     return float(spec.act_range) * ratio
 
 

@@ -107,8 +107,8 @@ def _check_values(name, flag, record, keys, values, manifest, sidecar, fix) -> N
                               f"belongs to another plan. {fix}")
 
 
-#: stored bits per element: balancing factors are float32, low-rank factors float16 (the builder writes them so)
-BALANCE_BITS = 32
+#: stored bits per element: balancing and low-rank factors are float16 (the builder writes them so)
+BALANCE_BITS = 16
 LOWRANK_BITS = 16
 
 
