@@ -54,17 +54,28 @@ def test_lowrank_factors_are_counted_in_the_size():
     assert overhead_bits(s, table, candidates) == pytest.approx(extra / params)
 
 
+def with_lowrank_structure(model):
+    """``model`` with a dominant rank-2 part added to every weight (random weights have a flat spectrum; trained
+    ones do not, and that is what a low-rank branch absorbs)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                w = m.weight
+                w += w.std() * (torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w[0].numel(), generator=g)).view_as(w)
+    return model
+
+
 def test_lowrank_plan_loads_improves_and_round_trips_pre_quantized(tmp_path):
-    model = make_unet()
-    make_unet().save_pretrained(tmp_path / "fp")
+    model = with_lowrank_structure(make_unet())
+    model.save_pretrained(tmp_path / "fp")
     ref = run(model)
-    plain = BitPlan(defaults={"weights": "int2", "activations": "none"}, ignore=["conv_in", "conv_out"])
-    plan = correct(model, _calibration(model), plain.resolve(model), BuildSettings(prompts=["x"], lowrank_rank=8,
-                                                                                     balance=True))
+    plain = BitPlan(defaults={"weights": "int4", "activations": "none"}, ignore=["conv_in", "conv_out"])
+    plan = correct(model, _calibration(model), plain.resolve(model), BuildSettings(prompts=["x"], lowrank_rank=4))
     plan.save(tmp_path / "plan")
     loaded = load(tmp_path / "fp", tmp_path / "plan")
     err = lambda m: float((run(m) - ref).pow(2).mean())  # noqa: E731
-    assert err(loaded) < 0.7 * err(load(tmp_path / "fp", plain))
+    assert err(loaded) < 0.6 * err(load(tmp_path / "fp", plain))
     loaded.save_pretrained(tmp_path / "q")
     assert (tmp_path / "q" / "mixdq_plan.safetensors").is_file()
     reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "q")

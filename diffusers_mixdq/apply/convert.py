@@ -24,7 +24,7 @@ def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor 
     backend = default_backend()
     dtype = module.weight.dtype
     qmodule = backend.make_module(module, spec, scale_dtype=dtype)
-    attach_corrections(qmodule, name, spec, tensors or {}, dtype)
+    attach_corrections(qmodule, name, spec, tensors or {})
     qmodule.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
     if module.bias is not None:
         qmodule.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)

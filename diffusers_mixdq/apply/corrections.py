@@ -36,9 +36,15 @@ def _sidecar_tensor(tensors: Mapping[str, torch.Tensor], key: str, name: str, fl
     return value
 
 
-def attach_corrections(module: nn.Module, name: str, spec: LayerSpec, tensors: Mapping[str, torch.Tensor],
-                       dtype: torch.dtype) -> None:
-    """Give ``module`` the balance / low-rank tensors its spec's flags name (no-op without such flags)."""
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy: the same values in the same layout whether they come from the builder (an SVD's strides)
+    or from the sidecar file, so the branch's matmuls round the same way."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def attach_corrections(module: nn.Module, name: str, spec: LayerSpec, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Give ``module`` the balance / low-rank tensors its spec's flags name (no-op without such flags), in their
+    stored dtype (float16 as the builder writes them; cast to the input's dtype when used)."""
     flags = spec.flags
     if not (flags.get(BALANCE) or flags.get(LOWRANK)):
         return
@@ -47,11 +53,11 @@ def attach_corrections(module: nn.Module, name: str, spec: LayerSpec, tensors: M
                                 "low-rank branches need groups=1 and zero padding. Remove its balance / lowrank flags.")
     if flags.get(BALANCE):
         s = _sidecar_tensor(tensors, balance_key(name), name, BALANCE)
-        module.register_buffer("mixdq_balance", s.detach().to(torch.float32).clone(), persistent=False)
+        module.register_buffer("mixdq_balance", _own(s), persistent=False)
     if flags.get(LOWRANK):
         down, up = (_sidecar_tensor(tensors, k, name, LOWRANK) for k in lowrank_keys(name))
-        module.register_buffer("lowrank_down", down.detach().to(dtype).clone(), persistent=False)
-        module.register_buffer("lowrank_up", up.detach().to(dtype).clone(), persistent=False)
+        module.register_buffer("lowrank_down", _own(down), persistent=False)
+        module.register_buffer("lowrank_up", _own(up), persistent=False)
     module.mixdq_corrected = True
 
 

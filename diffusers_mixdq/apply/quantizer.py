@@ -141,7 +141,7 @@ class MixDQQuantizer(DiffusersQuantizer):
             if not spec.is_quantized:
                 continue
             qmodule = self.backend.make_module(model.get_submodule(name), spec, scale_dtype=self.torch_dtype)
-            attach_corrections(qmodule, name, spec, resolved.tensors, self.torch_dtype)
+            attach_corrections(qmodule, name, spec, resolved.tensors)
             if qmodule.bos_aware and not self.pre_quantized:
                 if bos_state is None:
                     raise MixDQError(

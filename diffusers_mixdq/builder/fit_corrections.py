@@ -57,7 +57,8 @@ def lowrank_factors(weight: torch.Tensor, balance: torch.Tensor | None, rank: in
     u, sv, vh = torch.linalg.svd(w, full_matrices=False)
     r = min(rank, sv.numel())
     root = sv[:r].sqrt()
-    return (root[:, None] * vh[:r]).to(torch.float16), (u[:, :r] * root).to(torch.float16)
+    down, up = (root[:, None] * vh[:r]).to(torch.float16), (u[:, :r] * root).to(torch.float16)
+    return down.contiguous(), up.contiguous()
 
 
 def _scaled_range(spec: LayerSpec, absmax: torch.Tensor, s: torch.Tensor | None) -> Any:
