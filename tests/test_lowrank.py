@@ -120,3 +120,15 @@ def test_dit_with_balance_and_lowrank(tmp_path):
 def test_bad_correct_options_are_one_error(bad):
     with pytest.raises(MixDQError, match="|".join(bad)):
         BuildSettings(prompts=["x"], **bad).validate()
+
+
+def test_recipe_keys_reach_the_settings():
+    from diffusers_mixdq.builder.recipe import load_recipe
+
+    recipe = load_recipe({"pipeline": "some/dir", "weights": {"budget_bits": 4.0}, "balance": True,
+                          "balance_alphas": [0.25, 0.5], "lowrank_rank": 8, "lowrank_layers": ["*attn2.*"]})
+    s = recipe.settings()
+    assert (s.balance, list(s.balance_alphas), s.lowrank_rank, list(s.lowrank_layers)) == (True, [0.25, 0.5], 8,
+                                                                                           ["*attn2.*"])
+    with pytest.raises(MixDQError, match="lowrank_rank"):
+        load_recipe({"pipeline": "some/dir", "weights": {"budget_bits": 4.0}, "lowrank_rank": "eight"})
