@@ -27,7 +27,8 @@ images; ``--protect-first-last`` keeps conv_in / conv_out in 16 bit; ``--split-r
 
 Correct-stage options (issue #14, off by default): ``--balance`` (channel balancing), ``--lowrank-rank R`` (low-rank
 branches; a mixed plan's budget pays for them; ``--lowrank-layers PATTERN...`` limits them to some layers),
-``--cache-dir DIR`` (reuse calibration and sensitivities).
+``--distill-seconds S`` (adapters distilled against full precision), ``--cache-dir DIR`` (reuse calibration and
+sensitivities).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def allocator_settings(args: argparse.Namespace) -> dict:
 def correction_settings(args: argparse.Namespace) -> dict:
     """The builder settings of the correct stage (none: the bundled plans' settings) and the cache directory."""
     extra: dict = {"balance": args.balance, "lowrank_rank": args.lowrank_rank,
-                   "lowrank_layers": tuple(args.lowrank_layers)}
+                   "lowrank_layers": tuple(args.lowrank_layers), "distill_seconds": args.distill_seconds}
     if args.cache_dir:
         extra["cache_dir"] = str(args.cache_dir)
     return extra
@@ -94,6 +95,8 @@ def main() -> None:
                         help="low-rank branches of rank R (mixed plans: the budget pays for them)")
     parser.add_argument("--lowrank-layers", nargs="+", default=[], metavar="PATTERN",
                         help="only these layers get low-rank branches (default: every quantized one)")
+    parser.add_argument("--distill-seconds", type=float, default=0.0, metavar="S",
+                        help="train rank-4 adapters (on the --lowrank-layers) against full precision for S seconds")
     parser.add_argument("--cache-dir", type=Path, default=None, help="builder cache (calibration, sensitivities)")
     args = parser.parse_args()
 

@@ -6,7 +6,7 @@ with the checkpoint). Before the weight backend quantizes the full-precision wei
 ``W diag(s) - up @ down`` (:func:`prepare_weight_`); the forward is then (:func:`corrected_forward`)::
 
     x' = x / s                      # balanced input (Linear: last dim; Conv2d: channel dim)
-    y  = Q(W diag(s) - up @ down) Q(x') + up @ (down @ x')
+    y  = Q(W diag(s) - up @ down) Q(x') + up @ (down @ x') [+ adapter_up @ (adapter_down @ x')]
 
 so with activations and weights left unquantized it is exactly ``W x`` (up to rounding). A pre-quantized
 checkpoint already holds the corrected weight, so it is never corrected twice.
@@ -22,10 +22,10 @@ from torch import nn
 
 from ..errors import PlanFormatError, PlanMismatchError
 from ..plan import LayerSpec
-from ..plan.layer_tensors import BALANCE, LOWRANK, balance_key, lowrank_keys
+from ..plan.layer_tensors import ADAPTER, BALANCE, LOWRANK, balance_key, lowrank_keys
 
 #: the buffers a corrected module carries (absent on the others)
-CORRECTION_BUFFERS = ("mixdq_balance", "lowrank_down", "lowrank_up")
+CORRECTION_BUFFERS = ("mixdq_balance", "lowrank_down", "lowrank_up", "adapter_down", "adapter_up")
 
 
 def _sidecar_tensor(tensors: Mapping[str, torch.Tensor], key: str, name: str, flag: str) -> torch.Tensor:
@@ -46,7 +46,7 @@ def attach_corrections(module: nn.Module, name: str, spec: LayerSpec, tensors: M
     """Give ``module`` the balance / low-rank tensors its spec's flags name (no-op without such flags), in their
     stored dtype (float16 as the builder writes them; cast to the input's dtype when used)."""
     flags = spec.flags
-    if not (flags.get(BALANCE) or flags.get(LOWRANK)):
+    if not (flags.get(BALANCE) or flags.get(LOWRANK) or flags.get(ADAPTER)):
         return
     if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
         raise PlanMismatchError(f"Layer '{name}' is a grouped or non-zero-padded Conv2d; channel balancing and "
@@ -54,10 +54,11 @@ def attach_corrections(module: nn.Module, name: str, spec: LayerSpec, tensors: M
     if flags.get(BALANCE):
         s = _sidecar_tensor(tensors, balance_key(name), name, BALANCE)
         module.register_buffer("mixdq_balance", _own(s), persistent=False)
-    if flags.get(LOWRANK):
-        down, up = (_sidecar_tensor(tensors, k, name, LOWRANK) for k in lowrank_keys(name))
-        module.register_buffer("lowrank_down", _own(down), persistent=False)
-        module.register_buffer("lowrank_up", _own(up), persistent=False)
+    for flag in (LOWRANK, ADAPTER):
+        if flags.get(flag):
+            down, up = (_sidecar_tensor(tensors, k, name, flag) for k in lowrank_keys(name, flag))
+            module.register_buffer(f"{flag}_down", _own(down), persistent=False)
+            module.register_buffer(f"{flag}_up", _own(up), persistent=False)
     module.mixdq_corrected = True
 
 
@@ -79,8 +80,8 @@ def corrected_weight(weight: torch.Tensor, balance: torch.Tensor | None = None, 
 
 
 def module_corrections(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
-    """``(balance, down, up)`` of a module (``None`` where it has none)."""
-    return tuple(getattr(module, k, None) for k in CORRECTION_BUFFERS)
+    """``(balance, down, up)`` of a module's balancing and absorbed low-rank part (``None`` where it has none)."""
+    return tuple(getattr(module, k, None) for k in CORRECTION_BUFFERS[:3])
 
 
 def prepare_weight_(module: nn.Module) -> None:
@@ -90,9 +91,10 @@ def prepare_weight_(module: nn.Module) -> None:
     module.weight = nn.Parameter(corrected_weight(module.weight, *module_corrections(module)), requires_grad=False)
 
 
-def lowrank_branch(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``up @ (down @ x)`` in ``x``'s dtype (Conv2d: ``down`` as a kernel of the layer's geometry, ``up`` 1x1)."""
-    down, up = module.lowrank_down.to(x.dtype), module.lowrank_up.to(x.dtype)
+def lowrank_branch(module: nn.Module, x: torch.Tensor, flag: str = LOWRANK) -> torch.Tensor:
+    """``up @ (down @ x)`` in ``x``'s dtype (Conv2d: ``down`` as a kernel of the layer's geometry, ``up`` 1x1), with
+    the module's ``lowrank`` or ``adapter`` factors."""
+    down, up = getattr(module, f"{flag}_down").to(x.dtype), getattr(module, f"{flag}_up").to(x.dtype)
     if isinstance(module, nn.Conv2d):
         kernel = down.view(down.shape[0], -1, *module.kernel_size)
         h = F.conv2d(x, kernel, None, module.stride, module.padding, module.dilation)
@@ -113,6 +115,7 @@ def corrected_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The quantized path of a corrected module: balanced input, quantized op, plus the low-rank branch."""
     x = balance_input(module, x)
     y = module._qforward(module.quantize_input(x))
-    if getattr(module, "lowrank_down", None) is not None:
-        y = y + lowrank_branch(module, x)
+    for flag in (LOWRANK, ADAPTER):
+        if getattr(module, f"{flag}_down", None) is not None:
+            y = y + lowrank_branch(module, x, flag)
     return y

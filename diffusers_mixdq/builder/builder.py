@@ -15,7 +15,9 @@
 4. **write** (:func:`~.write.write` -> :class:`~diffusers_mixdq.BitPlan`): the resolved plan with its provenance;
 5. **correct** (:func:`~.correct.correct`, only with ``balance`` / ``lowrank_rank``): channel balancing and low-rank
    branches fitted per layer on the calibration inputs, in the plan's flags and sidecar (the allocator's budget is
-   lowered by the bits they add).
+   lowered by the bits they add);
+6. **distill** (:func:`~.distill.distill`, only with ``distill_seconds`` > 0): adapters trained against the
+   full-precision run (MPQ-DM's relation distillation, simplified).
 
 :func:`build_plan` runs them in order; :func:`calibrated_plan` runs the first alone for a uniform plan. The report
 counts denoiser sample-evaluations against the naive protocol (see :mod:`.measure` for what is saved).
@@ -33,6 +35,7 @@ from .calibration import calibrate
 from .context import BuildContext
 from .correct import correct, overhead_bits
 from .correct import enabled as correct_enabled
+from .distill import distill
 from .distributed import is_main_process, prepare
 from .measure import measure
 from .progress import quiet_pipeline
@@ -75,7 +78,9 @@ def _build_plan(pipe, settings: BuildSettings, progress: bool) -> tuple[BitPlan,
     plan = write(ctx, sens, chosen)
     if correct_enabled(ctx.settings):
         plan = correct(ctx.denoiser, calib, plan, ctx.settings, report)
-        plan.provenance["corrections"]["budget_overhead_bits"] = overhead
+    plan = distill(ctx.denoiser, calib, plan, ctx.settings, report)
+    if overhead:
+        plan.provenance["budget_overhead_bits"] = overhead
     return plan, report
 
 
@@ -100,6 +105,7 @@ def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings, progress: bool
     resolved = plan.resolve(denoiser, act_ranges=calib.ranges)
     if correct_enabled(settings):
         resolved = correct(denoiser, calib, resolved, settings)
+    resolved = distill(denoiser, calib, resolved, settings)
     resolved.provenance = {
         **resolved.provenance,
         "tool": "diffusers-mixdq calibrate",

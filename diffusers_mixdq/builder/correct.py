@@ -20,7 +20,7 @@ from torch import nn
 
 from ..families import matches
 from ..plan import BitPlan, LayerInfo, LayerSpec
-from ..plan.layer_tensors import BALANCE, LOWRANK, extra_bits
+from ..plan.layer_tensors import ADAPTER, BALANCE, LOWRANK, extra_bits
 from .fit_corrections import LayerFit, fit_layer
 from .layer_inputs import capture_inputs
 from .recording import Calibration
@@ -35,27 +35,29 @@ def _eligible(module: nn.Module) -> bool:
     return not isinstance(module, nn.Conv2d) or (module.groups == 1 and module.padding_mode == "zeros")
 
 
-def lowrank_rank(s: BuildSettings, name: str, spec: LayerSpec) -> int:
-    """The rank a layer's low-rank branch gets (0: none): quantized weights, matching ``lowrank_layers``."""
-    if not s.lowrank_rank or spec.weights == "none":
+def lowrank_rank(s: BuildSettings, name: str, spec: LayerSpec, rank: int | None = None) -> int:
+    """The rank a layer's low-rank branch (or, with ``rank``, adapter) gets (0: none): quantized weights, matching
+    ``lowrank_layers``."""
+    rank = s.lowrank_rank if rank is None else rank
+    if not rank or spec.weights == "none":
         return 0
-    return s.lowrank_rank if not s.lowrank_layers or any(matches(p, name) for p in s.lowrank_layers) else 0
+    return rank if not s.lowrank_layers or any(matches(p, name) for p in s.lowrank_layers) else 0
 
 
 def overhead_bits(s: BuildSettings, table: Mapping[str, LayerInfo], layers) -> float:
     """Bits per quantizable parameter the correction tensors of ``layers`` (all with quantized weights) add at
-    most (every one balanced, every matching one with its low-rank branch)."""
-    if not enabled(s):
+    most (every one balanced, every matching one with its low-rank branch and distilled adapter)."""
+    if not enabled(s) and s.distill_seconds <= 0:
         return 0.0
     quantized = LayerSpec(weights="int8")
     total = 0
     for name in layers:
-        flags = {}
-        if s.balance:
-            flags[BALANCE] = True
+        flags: dict = {BALANCE: True} if s.balance else {}
         rank = min(lowrank_rank(s, name, quantized), min(table[name].shape[0], table[name].in_features))
         if rank:
             flags[LOWRANK] = {"rank": rank}
+        if s.distill_seconds > 0 and lowrank_rank(s, name, quantized, s.distill_rank):
+            flags[ADAPTER] = {"rank": s.distill_rank}
         total += extra_bits(flags, table[name])
     params = sum(info.numel for info in table.values())
     return total / params if params else 0.0

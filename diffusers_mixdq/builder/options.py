@@ -74,6 +74,18 @@ def _alphas(value: Any) -> list[float]:
     return [float(a) for a in value]
 
 
+def _non_negative(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+        raise invalid(f"<> must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def _positive(value: Any) -> float:
+    if _non_negative(value) == 0:
+        raise invalid(f"<> must be a positive number, got {value!r}.")
+    return float(value)
+
+
 def _allocator(value: Any) -> str:
     if value not in ALLOCATORS:
         raise invalid(f"<> must name a registered allocator ({', '.join(ALLOCATORS)}), got {value!r}; add one "
@@ -178,6 +190,11 @@ class BuildOptions(Strict):
     balance_alphas: Annotated[list[float], BeforeValidator(_alphas)] = [0.0, 0.25, 0.5, 0.75]
     lowrank_rank: Annotated[int, BeforeValidator(_count(0))] = 0
     lowrank_layers: Patterns = []
+    #: the distill stage (:mod:`.distill`)
+    distill_seconds: Annotated[float, BeforeValidator(_non_negative)] = 0.0
+    distill_rank: Annotated[int, BeforeValidator(_count(1))] = 4
+    distill_lr: Annotated[float, BeforeValidator(_positive)] = 1e-3
+    distill_relation: Annotated[float, BeforeValidator(_non_negative)] = 1.0
 
 
 Loc = tuple

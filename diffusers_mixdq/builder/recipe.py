@@ -35,6 +35,10 @@ balance: false                     # channel balancing (ViDiT-Q), alpha per laye
 balance_alphas: [0.0, 0.25, 0.5, 0.75]
 lowrank_rank: 0                    # low-rank branch (SVDQuant) of this rank per layer with quantized weights
 lowrank_layers: []                 # patterns of the layers that get one (default: all)
+distill_seconds: 0                 # > 0: train adapters (rank distill_rank) against FP for this long (MPQ-DM TRD)
+distill_rank: 4
+distill_lr: 0.001
+distill_relation: 1.0              # weight of the last block's relation KL beside the output MSE
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
 
@@ -101,6 +105,10 @@ class Recipe:
     balance_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
     lowrank_rank: int = 0
     lowrank_layers: list[str] = field(default_factory=list)
+    distill_seconds: float = 0.0
+    distill_rank: int = 4
+    distill_lr: float = 1e-3
+    distill_relation: float = 1.0
     push: dict[str, Any] | None = None
     description: str | None = None
     source: str | None = None
@@ -121,7 +129,8 @@ class Recipe:
             pipe_kwargs=dict(o.pipe_kwargs),
             pick_objective=o.pick_objective, protect_first_last=o.protect_first_last, balance=o.balance,
             balance_alphas=list(o.balance_alphas), lowrank_rank=o.lowrank_rank, lowrank_layers=list(o.lowrank_layers),
-            push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
+            distill_seconds=o.distill_seconds, distill_rank=o.distill_rank, distill_lr=o.distill_lr,
+            distill_relation=o.distill_relation, push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 
     @property
@@ -145,7 +154,8 @@ class Recipe:
             pick_prompts=list(self.pick_prompts), pick_objective=self.pick_objective,
             protect_first_last=self.protect_first_last, balance=self.balance,
             balance_alphas=list(self.balance_alphas), lowrank_rank=self.lowrank_rank,
-            lowrank_layers=list(self.lowrank_layers),
+            lowrank_layers=list(self.lowrank_layers), distill_seconds=self.distill_seconds,
+            distill_rank=self.distill_rank, distill_lr=self.distill_lr, distill_relation=self.distill_relation,
         )
 
 

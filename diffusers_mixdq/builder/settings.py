@@ -89,6 +89,12 @@ class BuildSettings:
     balance_alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75)
     lowrank_rank: int = 0
     lowrank_layers: Sequence[str] = ()
+    #: the distill stage (:mod:`.distill`, off while ``distill_seconds`` is 0): adapters of ``distill_rank`` trained
+    #: with Adam (``distill_lr``) on output MSE + ``distill_relation`` x the last block's relation KL
+    distill_seconds: float = 0.0
+    distill_rank: int = 4
+    distill_lr: float = 1e-3
+    distill_relation: float = 1.0
 
     def options(self) -> dict[str, Any]:
         """These settings laid out as :class:`~.options.BuildOptions` fields."""
@@ -105,7 +111,8 @@ class BuildSettings:
             "pick_prompts": _as_list(self.pick_prompts), "pick_objective": self.pick_objective,
             "protect_first_last": self.protect_first_last, "balance": self.balance,
             "balance_alphas": _as_list(self.balance_alphas), "lowrank_rank": self.lowrank_rank,
-            "lowrank_layers": _as_list(self.lowrank_layers),
+            "lowrank_layers": _as_list(self.lowrank_layers), "distill_seconds": self.distill_seconds,
+            "distill_rank": self.distill_rank, "distill_lr": self.distill_lr, "distill_relation": self.distill_relation,
         }
 
     def validate(self) -> None:

@@ -10,6 +10,9 @@ A layer spec may carry two flags that name tensors of the plan's safetensors sid
   ``layers.<name>.lowrank.up`` (``out x r``). The weight that is quantized is ``W diag(s) - up @ down`` and the layer
   adds ``up @ (down @ x')`` in floating point (SVDQuant: the low-rank branch absorbs the dominant part of the
   weight, the residual is quantized).
+* ``flags.adapter = {"rank": r, "sha256": h}``: sidecar ``layers.<name>.adapter.down`` / ``.up``, shaped as the
+  low-rank factors; the layer adds ``up @ (down @ x')`` and nothing is subtracted from the weight (a LoRA-style
+  correction, trained by the builder's distill stage against full precision).
 
 ``sha256`` covers the tensors' float32 bytes in that order (:func:`tensors_sha256`). :func:`check_layer_tensors`
 verifies presence, shape, finiteness (and positivity of ``s``) and hashes, so a corrupted, missing or swapped sidecar
@@ -28,6 +31,9 @@ from .layers import LayerInfo
 
 BALANCE = "balance"
 LOWRANK = "lowrank"
+ADAPTER = "adapter"
+#: the flags that name per-layer sidecar tensors, in the order they are checked
+TENSOR_FLAGS = (BALANCE, LOWRANK, ADAPTER)
 #: sidecar key prefix of per-layer tensors
 LAYER_PREFIX = "layers."
 
@@ -36,9 +42,9 @@ def balance_key(layer: str) -> str:
     return f"{LAYER_PREFIX}{layer}.balance"
 
 
-def lowrank_keys(layer: str) -> tuple[str, str]:
-    """``(down, up)`` sidecar keys of a layer's low-rank factors."""
-    return f"{LAYER_PREFIX}{layer}.lowrank.down", f"{LAYER_PREFIX}{layer}.lowrank.up"
+def lowrank_keys(layer: str, flag: str = LOWRANK) -> tuple[str, str]:
+    """``(down, up)`` sidecar keys of a layer's low-rank factors (``flag``: ``lowrank`` or ``adapter``)."""
+    return f"{LAYER_PREFIX}{layer}.{flag}.down", f"{LAYER_PREFIX}{layer}.{flag}.up"
 
 
 def tensors_sha256(*tensors: torch.Tensor) -> str:
@@ -57,7 +63,7 @@ def expected_shapes(flag: str, info: LayerInfo, rank: int = 0) -> dict[str, tupl
 
 
 def layer_flag_tensors(name: str, flag: str) -> list[str]:
-    return [balance_key(name)] if flag == BALANCE else list(lowrank_keys(name))
+    return [balance_key(name)] if flag == BALANCE else list(lowrank_keys(name, flag))
 
 
 def check_layer_tensors(layers: Mapping[str, Any], manifest: Mapping[str, Any] | None, tensors: Mapping[str, Any],
@@ -69,7 +75,7 @@ def check_layer_tensors(layers: Mapping[str, Any], manifest: Mapping[str, Any] |
     fix = "Restore the sidecar saved with this plan, or rebuild the plan."
     for name, entry in layers.items():
         flags = (entry or {}).get("flags") or {}
-        for flag in (BALANCE, LOWRANK):
+        for flag in TENSOR_FLAGS:
             record = flags.get(flag)
             if not record:
                 continue
@@ -116,7 +122,7 @@ def extra_bits(flags: Mapping[str, Any], info: LayerInfo) -> int:
     """Bits a layer's balance / low-rank tensors add to its stored size (counted in plan summaries and in the
     builder's weight budget)."""
     bits = BALANCE_BITS * info.shape[1] if flags.get(BALANCE) else 0
-    lowrank = flags.get(LOWRANK)
-    if lowrank:
-        bits += LOWRANK_BITS * int(lowrank["rank"]) * (info.in_features + info.shape[0])
+    for flag in (LOWRANK, ADAPTER):
+        if flags.get(flag):
+            bits += LOWRANK_BITS * int(flags[flag]["rank"]) * (info.in_features + info.shape[0])
     return bits
