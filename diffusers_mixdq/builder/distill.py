@@ -24,7 +24,7 @@ from ..apply.activations import ActivationScheme
 from ..plan import BitPlan
 from ..plan.layer_tensors import ADAPTER, lowrank_keys, tensors_sha256
 from .correct import lowrank_rank
-from .recording import Calibration, first_tensor
+from .recording import Calibration, Recording, first_tensor, map_tensors
 from .sensitivity import applied
 from .settings import BuildReport, BuildSettings
 
@@ -70,20 +70,25 @@ def _add_adapter(module: nn.Module, rank: int, generator: torch.Generator) -> li
     return [module.adapter_down, module.adapter_up]
 
 
-def _fp_features(denoiser: nn.Module, calib: Calibration) -> list[torch.Tensor]:
+def _fp_features(denoiser: nn.Module, rec: Recording) -> list[torch.Tensor]:
     feats: list[torch.Tensor] = []
     handle = last_block(denoiser).register_forward_hook(lambda m, a, out: feats.append(first_tensor(out).detach()))
     try:
         with torch.no_grad():
-            for args, kwargs in calib.recording.calls:
+            for args, kwargs in rec.calls:
                 denoiser(*args, **kwargs)
     finally:
         handle.remove()
     return feats
 
 
-def _train(denoiser, calib, params, fp_feats, s: BuildSettings) -> dict:
-    rec = calib.recording
+def _trainable(rec: Recording) -> Recording:
+    """The recording's calls and outputs as ordinary tensors (a build may run under ``torch.inference_mode()``,
+    whose tensors autograd cannot save)."""
+    return Recording(calls=[map_tensors(c, torch.clone) for c in rec.calls], outputs=[o.clone() for o in rec.outputs])
+
+
+def _train(denoiser, rec: Recording, params, fp_feats, s: BuildSettings) -> dict:
     opt = torch.optim.Adam(params, lr=s.distill_lr)
     held: dict[str, torch.Tensor] = {}
     handle = last_block(denoiser).register_forward_hook(lambda m, a, out: held.update(f=first_tensor(out)))
@@ -111,16 +116,21 @@ def distill(denoiser: nn.Module, calib: Calibration, plan: BitPlan, s: BuildSett
     """``plan`` with distilled adapters (see the module docstring); ``plan`` itself when ``distill_seconds`` is 0."""
     if s.distill_seconds <= 0:
         return plan
+    with torch.inference_mode(False), torch.enable_grad():
+        return _distill(denoiser, calib, plan, s, report)
+
+
+def _distill(denoiser, calib: Calibration, plan: BitPlan, s: BuildSettings, report: BuildReport | None) -> BitPlan:
     t0 = time.perf_counter()
     specs = plan.layer_specs()
     names = [n for n, sp in specs.items() if lowrank_rank(s, n, sp, s.distill_rank)]
-    fp_feats = _fp_features(denoiser, calib)
+    rec = _trainable(calib.recording)
+    fp_feats = _fp_features(denoiser, rec)
     generator = torch.Generator().manual_seed(0)
     layers, tensors = {n: dict(v) for n, v in plan.layers.items()}, dict(plan.tensors)
     with applied(denoiser, plan, calib.bos_state):
         params = [p for n in names for p in _add_adapter(denoiser.get_submodule(n), s.distill_rank, generator)]
-        with torch.enable_grad():
-            record = _train(denoiser, calib, params, fp_feats, s)
+        record = _train(denoiser, rec, params, fp_feats, s)
         for name in names:
             module = denoiser.get_submodule(name)
             down, up = (t.detach().to(torch.float16).contiguous() for t in (module.adapter_down, module.adapter_up))
@@ -133,6 +143,6 @@ def distill(denoiser: nn.Module, calib: Calibration, plan: BitPlan, s: BuildSett
                                   "relation_weight": s.distill_relation, "layers": len(names), **record}
     if report is not None:
         report.seconds["distill"] = time.perf_counter() - t0
-        rec = calib.recording  # the full-precision features (one replay), then the training steps
+        # the full-precision features (one replay), then the training steps
         report.count("distill", record["steps"] + rec.num_calls, record["samples"] + rec.num_samples)
     return BitPlan(target=plan.target, layers=layers, provenance=provenance, tensors=tensors)
