@@ -66,8 +66,15 @@ def _add_adapter(module: nn.Module, rank: int, generator: torch.Generator) -> li
     module.register_buffer("adapter_down", down.requires_grad_(True), persistent=False)
     module.register_buffer("adapter_up", up.requires_grad_(True), persistent=False)
     module.mixdq_corrected = True
-    module._act_scheme = _StraightThrough(module._act_scheme) if module._act_scheme is not None else None
     return [module.adapter_down, module.adapter_up]
+
+
+def _straight_through(denoiser: nn.Module) -> None:
+    """Every quantized input of the (temporarily quantized) denoiser passes gradients straight through: a rounding
+    anywhere on the way to the output (conv_out included) would otherwise stop them."""
+    for module in denoiser.modules():
+        if getattr(module, "_act_scheme", None) is not None:
+            module._act_scheme = _StraightThrough(module._act_scheme)
 
 
 def _fp_features(denoiser: nn.Module, rec: Recording) -> list[torch.Tensor]:
@@ -130,6 +137,7 @@ def _distill(denoiser, calib: Calibration, plan: BitPlan, s: BuildSettings, repo
     layers, tensors = {n: dict(v) for n, v in plan.layers.items()}, dict(plan.tensors)
     with applied(denoiser, plan, calib.bos_state):
         params = [p for n in names for p in _add_adapter(denoiser.get_submodule(n), s.distill_rank, generator)]
+        _straight_through(denoiser)
         record = _train(denoiser, rec, params, fp_feats, s)
         for name in names:
             module = denoiser.get_submodule(name)
