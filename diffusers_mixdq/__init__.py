@@ -1,6 +1,6 @@
 """diffusers-mixdq: mixed-precision post-training quantization of diffusion models, as a diffusers backend.
 
-``import diffusers_mixdq`` registers the ``mixdq`` quantization method with diffusers. Data flow of the package:
+``import diffusers_mixdq`` registers the ``mixdq`` quantization method with diffusers and transformers. Data flow of the package:
 ``plan`` (what each layer gets) -> ``apply`` (how: a weight backend, optimum-quanto by default) -> ``builder``
 (calibrate, measure, allocate, write) -> ``hub`` (share) -> ``cli``. See docs/architecture.md.
 
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ._import_hooks import is_initializing, when_imported
 from ._registration import register as _register
+from ._registration import register_transformers as _register_transformers
 from ._version import __version__
 from .errors import MixDQError, PlanFormatError, PlanMismatchError, PlanPushError, PlanSourceError
 
@@ -31,18 +32,28 @@ if TYPE_CHECKING:  # pragma: no cover
 _LAZY = {"MixDQConfig": ".config", "BitPlan": ".plan", "LayerSpec": ".plan", "PlanSummary": ".plan"}
 
 
-#: registering needs these three imported: diffusers' tables, our config and our quantizer
+#: registering needs these three imported: the library's tables, our config and our quantizer for that library
 _REGISTRATION_NEEDS = ("diffusers.quantizers", f"{__name__}.config", f"{__name__}.apply.quantizer")
+_TRANSFORMERS_NEEDS = ("transformers.quantizers.auto", f"{__name__}.config",
+                       f"{__name__}.apply.transformers_quantizer")
+
+
+def _when_ready(needs: tuple[str, ...], module, register) -> None:
+    """Register once the library's tables exist, unless one of the modules registering imports is still running
+    its code (an import cycle): the last of them to finish calls this again."""
+    if needs[0] not in sys.modules:
+        return
+    busy = [n for n in needs if n != getattr(module, "__name__", None) and is_initializing(n)]
+    if not busy:
+        register()
 
 
 def _register_with_diffusers(module) -> None:
-    """Register once diffusers' quantizer tables exist, unless one of the modules registering imports is still
-    running its code (an import cycle): the last of them to finish calls this again."""
-    if "diffusers.quantizers" not in sys.modules:
-        return
-    busy = [n for n in _REGISTRATION_NEEDS if n != getattr(module, "__name__", None) and is_initializing(n)]
-    if not busy:
-        _register()
+    _when_ready(_REGISTRATION_NEEDS, module, _register)
+
+
+def _register_with_transformers(module) -> None:
+    _when_ready(_TRANSFORMERS_NEEDS, module, _register_transformers)
 
 
 def _register_weight_backends(_module) -> None:
@@ -57,6 +68,8 @@ def _register_hub_source(_module) -> None:
 
 for _name in _REGISTRATION_NEEDS:
     when_imported(_name, _register_with_diffusers)
+for _name in _TRANSFORMERS_NEEDS:
+    when_imported(_name, _register_with_transformers)
 when_imported(f"{__name__}.registry", _register_weight_backends)
 when_imported(f"{__name__}.plan", _register_hub_source)
 

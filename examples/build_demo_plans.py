@@ -4,31 +4,30 @@ a W4A8 mixed plan; with ``--only``, any of those and three more used by the peer
 
     python examples/build_demo_plans.py                                   # w8a8 and w4a8-mixed (bundled)
     python examples/build_demo_plans.py --only w4a8-uniform w5a8-mixed w3a8-mixed   # extra plans (benchmarks)
-    python examples/build_demo_plans.py --only w4a8-mixed --held-out 16 --pick-objective tail --out _work/plans
+    python examples/build_demo_plans.py --only w4a8-mixed --pick-objective tail --out _work/plans
 
 W8A8: int8 weights, int8 static activations calibrated on 16 prompts, BOS-aware cross-attention K/V.
 W4A8 mixed: the builder (calibration -> metric-decoupled sensitivity -> HiGHS allocation, average weight bits at
-most 4.0, content widths {2, 4, 8}, quality {4, 8}) with the same activations. Calibration prompts are drawn with
-another seed than the prompts `mixdq demo` evaluates on.
+most 4.0, content widths {2, 4, 8}, quality {4, 8}) with the same activations.
 W4A8 uniform (extra): int4 weights everywhere with the same calibrated int8 activations as W8A8 (the
 uniform baseline of the mixed plan, same layers, same activation quantization).
 W5A8 mixed (extra): as W4A8 mixed with the average at most 5.0 bits.
 W3A8 mixed (extra, below 4 bits): average at most 3.0 bits; quality layers may go to 2 bits too ({2, 4, 8}),
 since {4, 8} cannot average below 4.
-The extra mixed plans are built with the naive sensitivity protocol (``NAIVE``: every candidate width measured on
-every calibration sample and prompt, as the bundled W4A8 plan was). They live outside plans/shapes/ so that
-`mixdq demo` keeps showing the two bundled plans.
+Every mixed plan uses the builder's default sensitivity protocol; ``--cache-dir`` (default ``_work/shapes_cache``)
+keeps the calibration and the sensitivities, so the plans after the first reuse them. The extra plans live outside
+plans/shapes/ so that `mixdq demo` keeps showing the two bundled plans.
 
-Allocator options (issue #14; the defaults rebuild the bundled plans as they are): ``--held-out N`` calibrates
-mixed plans on N prompts of the model's calibration set and picks ``k`` on N of its validation set
-(``pick_prompts``) instead of both on the same 8 prompts; ``--pick-objective tail`` picks by the worst 10% of
-images; ``--protect-first-last`` keeps conv_in / conv_out in 16 bit; ``--split-ratios`` sets the ``k`` sweep;
-``--out DIR`` writes every plan under DIR instead of the bundled folders.
+Prompts (issue #13 / #14): every plan is calibrated on the first 16 prompts of the model's **calibration** set
+(``demo.prompt_set("shapes", "calibration", 16)``) and mixed plans pick ``k`` on ``--pick-prompts`` (default 48)
+prompts of its **validation** set, so no prompt of the **test** set that `mixdq eval` and `mixdq demo` use is
+seen by the builder. Allocator options: ``--pick-objective tail`` picks by the worst 10% of images;
+``--protect-first-last`` keeps conv_in / conv_out in 16 bit; ``--split-ratios`` sets the ``k`` sweep (default:
+the builder's eleven ratios); ``--out DIR`` writes every plan under DIR instead of the bundled folders.
 
 Correct-stage options (issue #14, off by default): ``--balance`` (channel balancing), ``--lowrank-rank R`` (low-rank
 branches; a mixed plan's budget pays for them; ``--lowrank-layers PATTERN...`` limits them to some layers),
-``--distill-seconds S`` (adapters distilled against full precision), ``--cache-dir DIR`` (reuse calibration and
-sensitivities).
+``--distill-seconds S`` (adapters distilled against full precision).
 """
 
 from __future__ import annotations
@@ -49,46 +48,42 @@ EXTRA = Path(demo.plans_dir("shapes-extra"))
 BUNDLED = ("w8a8", "w4a8-mixed")
 #: calibrated uniform plans: name -> (directory, weight dtype)
 UNIFORM = {"w8a8": (OUT, "int8"), "w4a8-uniform": (EXTRA, "int4")}
-#: the naive sensitivity protocol: every candidate measured on every calibration sample and prompt
-NAIVE = {"sweep_fraction": 1.0, "content_fraction": 1.0, "extrapolate_widest": False}
 #: mixed plans: name -> (directory, builder settings on top of the common ones)
 MIXED = {
     "w4a8-mixed": (OUT, {"weight_bits": 4.0}),
-    "w5a8-mixed": (EXTRA, {"weight_bits": 5.0, **NAIVE}),
-    "w3a8-mixed": (EXTRA, {"weight_bits": 3.0, **NAIVE, "widths": {"content": [2, 4, 8], "quality": [2, 4, 8]}}),
+    "w5a8-mixed": (EXTRA, {"weight_bits": 5.0}),
+    "w3a8-mixed": (EXTRA, {"weight_bits": 3.0, "widths": {"content": [2, 4, 8], "quality": [2, 4, 8]}}),
 }
 PLANS = (*UNIFORM, *MIXED)
 
 
 def allocator_settings(args: argparse.Namespace) -> dict:
     """The builder settings of the allocator options (none of them: the bundled plans' settings)."""
-    extra: dict = {"pick_objective": args.pick_objective, "protect_first_last": args.protect_first_last}
-    if args.held_out:
-        extra["prompts"] = demo.prompt_set("shapes", "calibration", args.held_out)
-        extra["pick_prompts"] = demo.prompt_set("shapes", "validation", args.held_out)
+    extra: dict = {"pick_objective": args.pick_objective, "protect_first_last": args.protect_first_last,
+                   "pick_prompts": demo.prompt_set("shapes", "validation", args.pick_prompts),
+                   "cache_dir": str(args.cache_dir)}
     if args.split_ratios:
         extra["split_ratios"] = tuple(args.split_ratios)
     return extra
 
 
 def correction_settings(args: argparse.Namespace) -> dict:
-    """The builder settings of the correct stage (none: the bundled plans' settings) and the cache directory."""
-    extra: dict = {"balance": args.balance, "lowrank_rank": args.lowrank_rank,
-                   "lowrank_layers": tuple(args.lowrank_layers), "distill_seconds": args.distill_seconds}
-    if args.cache_dir:
-        extra["cache_dir"] = str(args.cache_dir)
-    return extra
+    """The builder settings of the correct and distill stages (none of them: the bundled plans' settings)."""
+    return {"balance": args.balance, "lowrank_rank": args.lowrank_rank, "lowrank_layers": tuple(args.lowrank_layers),
+            "distill_seconds": args.distill_seconds}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=PLANS, default=list(BUNDLED), metavar="PLAN",
                         help=f"plans to (re)build, of {', '.join(PLANS)} (default: {' '.join(BUNDLED)})")
-    parser.add_argument("--held-out", type=int, default=0, metavar="N",
-                        help="mixed plans: calibrate on N calibration-set prompts, pick on N validation-set prompts")
+    parser.add_argument("--pick-prompts", type=int, default=48, metavar="N",
+                        help="mixed plans: pick k on N prompts of the validation set (default 48)")
     parser.add_argument("--pick-objective", choices=("mse", "tail"), default="mse")
     parser.add_argument("--protect-first-last", action="store_true")
     parser.add_argument("--split-ratios", type=float, nargs="+", default=None, metavar="K")
+    parser.add_argument("--cache-dir", type=Path, default=Path("_work/shapes_cache"),
+                        help="calibration and sensitivity cache shared by the mixed plans")
     parser.add_argument("--out", type=Path, default=None, help="write the plans here (default: the bundled folders)")
     parser.add_argument("--balance", action="store_true", help="channel balancing (the correct stage)")
     parser.add_argument("--lowrank-rank", type=int, default=0, metavar="R",
@@ -97,12 +92,11 @@ def main() -> None:
                         help="only these layers get low-rank branches (default: every quantized one)")
     parser.add_argument("--distill-seconds", type=float, default=0.0, metavar="S",
                         help="train rank-4 adapters (on the --lowrank-layers) against full precision for S seconds")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="builder cache (calibration, sensitivities)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     pipe = demo.load_pipeline()
-    prompts = demo.eval_prompts(16, seed=1234)
+    prompts = demo.prompt_set("shapes", "calibration", 16)
     common = dict(prompts=prompts, steps=demo.NUM_INFERENCE_STEPS, guidance=demo.GUIDANCE_SCALE,
                   height=32, width=32, seed=1000)
     for name in (n for n in UNIFORM if n in args.only):
@@ -120,8 +114,7 @@ def main() -> None:
         out, extra = MIXED[name]
         out = args.out or out
         t0 = time.perf_counter()
-        settings = BuildSettings(**{**common, "prompts": prompts[:8], **extra, **allocator_settings(args),
-                                    **correction_settings(args)})
+        settings = BuildSettings(**{**common, **extra, **allocator_settings(args), **correction_settings(args)})
         plan, report = build_plan(pipe, settings)
         plan.target["base_model"] = "diffusers_mixdq/demo/pipeline"
         plan.save(out / name)

@@ -1,21 +1,32 @@
-"""Build the bundled plans of the `scenes` demo model (diffusers_mixdq/demo/plans/scenes/): W8A8 and W4A8 uniform.
+"""Build the bundled plans of the `scenes` demo model (diffusers_mixdq/demo/plans/scenes/).
 
-    python examples/build_scenes_plans.py
+    python examples/build_scenes_plans.py                      # all five
+    python examples/build_scenes_plans.py --only w4a8-mixed --out _work/plans
 
-Both are calibrated (static int8 input ranges) on the model's calibration prompt set, with the family's first and
-last layers (`pos_embed.proj`, `proj_out`) kept in floating point, and the pipeline arguments of its
-`defaults.json` (PixArt at 32 px: no resolution binning, 16-token captions). The text encoder is T5 (not causal),
-so no layer is BOS-aware. Mixed plans for scenes are still to be built (issue #13 / #14).
+Every plan keeps the family's first and last layers (`pos_embed.proj`, `proj_out`) in floating point, quantizes
+every other input to int8 with static ranges calibrated on the first 16 prompts of the model's **calibration**
+set, and runs the pipeline with the arguments of its `defaults.json` (PixArt at 32 px: no resolution binning,
+16-token captions). The text encoder is T5 (not causal), so no layer is BOS-aware.
+
+* `w8a8`, `w4a8-uniform`: int8 / int4 weights everywhere.
+* `w3a8-rule`: the same-size baseline of `w3a8-mixed`: int4 weights everywhere except the feed-forward layers
+  (`*.ff.*`), which get int2 (3.11 bits on average: no single width of {2, 4, 8} averages 3 bits).
+* `w4a8-mixed`, `w3a8-mixed`: the builder (metric-decoupled sensitivity -> HiGHS allocation over the default `k`
+  sweep), `k` picked on 48 prompts of the **validation** set; budgets: 4.0 bits, and exactly the average of
+  `w3a8-rule` (content and quality layers may both take {2, 4, 8} there, since {4, 8} cannot average below 4).
+
+No prompt of the **test** set, which `mixdq eval` and `mixdq demo` use, is seen here.
 
     python examples/build_scenes_plans.py --only w4a8-uniform --balance --lowrank-rank 4 --out _work/scenes-bal-lr4
 
 Correct-stage options (issue #14, off by default): ``--balance`` (channel balancing), ``--lowrank-rank R`` and
-``--lowrank-layers PATTERN...`` (low-rank branches), ``--out DIR`` (instead of the bundled folder).
+``--lowrank-layers PATTERN...`` (low-rank branches; a mixed plan's budget pays for them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -23,24 +34,42 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffusers_mixdq import BitPlan, demo
-from diffusers_mixdq.builder import BuildSettings, calibrated_plan
+from diffusers_mixdq.builder import BuildSettings, build_plan, calibrated_plan
 from diffusers_mixdq.families import family_of
 
-UNIFORM = {"w8a8": "int8", "w4a8-uniform": "int4"}
+#: calibrated plans: name -> (default weights, rules)
+CALIBRATED = {
+    "w8a8": ("int8", []),
+    "w4a8-uniform": ("int4", []),
+    "w3a8-rule": ("int4", [{"targets": ["*.ff.*"], "weights": "int2", "activations": "int8"}]),
+}
+#: mixed plans: name -> (budget: bits, or the name of the plan whose average it matches; extra settings)
+MIXED = {
+    "w4a8-mixed": (4.0, {}),
+    "w3a8-mixed": ("w3a8-rule", {"widths": {"content": [2, 4, 8], "quality": [2, 4, 8]}}),
+}
+PLANS = (*CALIBRATED, *MIXED)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=list(UNIFORM), default=list(UNIFORM), metavar="PLAN")
-    parser.add_argument("--balance", action="store_true", help="channel balancing (the correct stage)")
-    parser.add_argument("--lowrank-rank", type=int, default=0, metavar="R", help="low-rank branches of rank R")
-    parser.add_argument("--lowrank-layers", nargs="+", default=[], metavar="PATTERN")
-    parser.add_argument("--out", type=Path, default=None, help="write the plans here (default: the bundled folder)")
-    return parser.parse_args()
+def calibrated(pipe, name: str, settings: BuildSettings, keep: list[str]) -> BitPlan:
+    weights, rules = CALIBRATED[name]
+    plan = BitPlan(defaults={"weights": weights, "activations": "int8"}, rules=rules, ignore=keep,
+                   target={"base_model": "diffusers_mixdq/demo/scenes/pipeline"})
+    plan = calibrated_plan(pipe, plan, settings, progress=False)
+    return plan.resolve(pipe.transformer) if plan.rules else plan
 
 
 def main() -> None:
-    args = parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=PLANS, default=list(PLANS), metavar="PLAN")
+    parser.add_argument("--pick-prompts", type=int, default=48, metavar="N",
+                        help="mixed plans: pick k on N prompts of the validation set (default 48)")
+    parser.add_argument("--out", type=Path, default=None, help="write the plans here (default: the bundled folder)")
+    parser.add_argument("--balance", action="store_true", help="channel balancing (the correct stage)")
+    parser.add_argument("--lowrank-rank", type=int, default=0, metavar="R", help="low-rank branches of rank R")
+    parser.add_argument("--lowrank-layers", nargs="+", default=[], metavar="PATTERN")
+    args = parser.parse_args()
+
     torch.manual_seed(0)
     model = demo.get_model("scenes")
     pipe = DiffusionPipeline.from_pretrained(model.pipeline_path())
@@ -52,14 +81,27 @@ def main() -> None:
                              lowrank_layers=tuple(args.lowrank_layers))
     keep = list(family_of(pipe.transformer).first_last)
     out = args.out or Path(model.plans_dir())
-    for name, weights in ((n, w) for n, w in UNIFORM.items() if n in args.only):
+    averages: dict[str, float] = {}
+    for name in PLANS:
+        if name not in args.only and not any(MIXED[m][0] == name for m in args.only if m in MIXED):
+            continue
         t0 = time.perf_counter()
-        plan = BitPlan(defaults={"weights": weights, "activations": "int8"}, ignore=keep,
-                       target={"base_model": "diffusers_mixdq/demo/scenes/pipeline"})
-        plan = calibrated_plan(pipe, plan, settings, progress=False)
-        plan.save(out / name)
-        print(f"{name} calibrated in {time.perf_counter() - t0:.1f}s -> {out / name}")
-        print(plan.summary())
+        if name in CALIBRATED:
+            plan = calibrated(pipe, name, settings, keep)
+        else:
+            budget, extra = MIXED[name]
+            budget = averages[budget] if isinstance(budget, str) else budget
+            mixed = BuildSettings(**{**vars(settings), "weight_bits": budget, "protect_first_last": True,
+                                     "pick_prompts": demo.prompt_set("scenes", "validation", args.pick_prompts),
+                                     **extra})
+            plan, report = build_plan(pipe, mixed)
+            plan.target["base_model"] = "diffusers_mixdq/demo/scenes/pipeline"
+            print(json.dumps({"chosen_k": report.chosen_k, "denoiser_evaluations": report.denoiser_evaluations}))
+        averages[name] = plan.summary().avg_weight_bits
+        if name in args.only:
+            plan.save(out / name)
+            print(f"{name} in {time.perf_counter() - t0:.1f}s -> {out / name}")
+            print(plan.summary())
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ def test_bundled_plans_are_package_data():
     pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["diffusers_mixdq"]
     files = [f.relative_to(PACKAGE).as_posix() for f in (PACKAGE / "demo" / "plans").rglob("*") if f.is_file()]
-    assert len(files) == 12  # plan.json + plan.safetensors of 5 shapes plans; plan.json of 2 scenes plans (T5: no BOS)
+    # plan.json + plan.safetensors of 5 shapes plans; plan.json of 5 scenes plans (T5: no BOS); the text-encoder
+    # plan sets (issue #16): te-w8 (1 file each model), w8a8-te-w8 (shapes: 3 files, scenes: 2)
+    assert len(files) == 22
     unpackaged = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)]
     assert not unpackaged, f"not in the wheel (pyproject package-data): {unpackaged}"
     assert tuple(demo.plans_in(demo.plans_dir())) == BUNDLED
@@ -80,7 +82,7 @@ def test_demo_with_a_plans_directory(tmp_path):
 
 def test_both_bundled_models_have_pipelines_and_plans():
     assert demo.available_models() == ["shapes", "scenes"]
-    assert sorted(demo.plans_in(demo.get_model("scenes").plans_dir())) == ["w4a8-uniform", "w8a8"]
+    assert sorted(demo.plans_in(demo.get_model("scenes").plans_dir())) == ["w3a8-mixed", "w3a8-rule", "w4a8-mixed", "w4a8-uniform", "w8a8"]
 
 
 def test_eval_command_with_a_plan_file(tmp_path):
@@ -116,6 +118,25 @@ def test_eval_json_has_exactly_the_fields_and_compare_tests_two_variants(tmp_pat
     bad = CliRunner().invoke(app, ["eval", "--plan", str(plan.parent), "--num-prompts", "2", "--no-memory",
                                    "--compare", "u8", "nope"])
     assert bad.exit_code == 2 and "no variant 'nope'" in bad.output
+
+
+def test_eval_compares_every_pair_given_and_checks_names_before_generating(tmp_path, monkeypatch):
+    from diffusers_mixdq.cli import evaluation as cli_eval
+
+    plan = BitPlan.uniform("int8", activations="int8").save(tmp_path / "u8")
+    result = CliRunner().invoke(app, ["eval", "--plan", str(plan.parent), "--plan", "w4a8-mixed", "--num-prompts",
+                                      "2", "--no-memory", "--no-scorer", "--compare", "u8", "w4a8-mixed",
+                                      "--compare", "FP32", "u8", "--compare", "w4a8-mixed", "FP32"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert all(f"{a} vs {b}, 2 paired images" in out for a, b in
+               (("u8", "w4a8-mixed"), ("FP32", "u8"), ("w4a8-mixed", "FP32")))
+    monkeypatch.setattr(cli_eval, "_run", lambda *a, **k: pytest.fail("generated before checking --compare"))
+    bad = CliRunner().invoke(app, ["eval", "--plan", str(plan.parent), "--no-memory", "--compare", "u8", "FP32",
+                                   "--compare", "nope", "u8"])
+    assert bad.exit_code == 2 and "no variant 'nope'" in bad.output
+    short = CliRunner().invoke(app, ["eval", "--plan", str(plan.parent), "--compare", "u8"])
+    assert short.exit_code == 2 and "two variant names" in short.output
 
 
 def test_eval_command_with_other_prompts_skips_alignment(tmp_path):

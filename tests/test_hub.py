@@ -624,3 +624,17 @@ def test_bos_sidecar_of_a_hub_plan_is_hash_checked(hub, repo_id):
     hub.put_files(repo_id, {"plan.safetensors": save_bytes({BOS_STATE_KEY: torch.randn(32)})})
     with pytest.raises(PlanSourceError, match=r"(?s)sha256 .* is not the one the plan records.*broken plan"):
         MixDQConfig(plan=repo_id)
+
+
+def test_plan_set_on_the_hub_picks_per_component(hub, repo_id, resolved):
+    """A repo with plans only in component folders: MixDQConfig(plan=repo) reads them all (one commit) and each
+    model picks its own, so PipelineQuantizationConfig(quant_backend="mixdq", quant_kwargs={"plan": repo}) works."""
+    push_plan({"unet": resolved, "text_encoder": BitPlan.uniform("int8")}, repo_id)
+    config = MixDQConfig(plan=repo_id)
+    assert config.components == ["text_encoder", "unet"]
+    unet = config.for_component("unet", "UNet2DConditionModel")
+    assert unet.plan.target["class_name"] == "UNet2DConditionModel"
+    commits = {config.for_component(c, "").plan.provenance["source"]["commit"] for c in config.components}
+    assert len(commits) == 1
+    with pytest.raises(MixDQError, match="no plan for the pipeline component 'vae'"):
+        config.for_component("vae", "AutoencoderKL")

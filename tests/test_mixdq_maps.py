@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from diffusers_mixdq import BitPlan, MixDQError
@@ -146,3 +147,75 @@ def test_full_size_sdxl_map_gives_all_794_layers_their_widths():
     assert all(specs[n].weights == f"int{weights['model.' + n]}" for n in table)
     expected_bits = sum(weights["model." + n] * i.numel for n, i in table.items()) / sum(i.numel for i in table.values())
     assert BitPlan.from_mixdq(weights, acts).resolve(unet).summary().avg_weight_bits == pytest.approx(expected_bits)
+
+
+def test_keep_fp_list_keeps_layers_fully_fp_and_export_gives_the_files_back(tmp_path):
+    """MixDQ's W*A8 runs keep an "act protect" list (a saved list of names) fully in FP, weights included; the
+    weight map still gives those layers widths, which export writes back so the files round-trip byte for byte."""
+    unet = make_unet()
+    names = list(layer_table(unet))
+    weights, acts = _maps_for(unet, seed=7)  # acts leave out the first and last layer ...
+    protect = [f"model.{names[-1]}", f"model.{names[0]}"]  # ... which the protect list names (MixDQ's order)
+    torch.save(protect, tmp_path / "act_sensitivie_a8_1%.pt")
+    w_file = _write_yaml(tmp_path / "w.yaml", dict(sorted(weights.items())))
+    a_file = _write_yaml(tmp_path / "a.yaml", dict(sorted(acts.items())))
+    for keep in (tmp_path / "act_sensitivie_a8_1%.pt", _write_yaml_list(tmp_path / "p.yaml", protect), protect):
+        plan = BitPlan.from_mixdq(w_file, a_file, keep_fp=keep)
+        specs = plan.resolve(unet).layer_specs()
+        assert {n for n, s in specs.items() if not s.is_quantized} == {names[0], names[-1]}
+        assert all(specs[n].weights == f"int{weights['model.' + n]}" for n in names[1:-1])
+        assert plan.provenance["keep_fp"][names[0]] == {"weights": weights[f"model.{names[0]}"], "activations": None}
+    assert plan.to_mixdq() == ({k: v for k, v in weights.items() if k not in protect}, acts)  # no list: FP is FP
+    again = BitPlan.from_json(plan.resolve(unet).to_json())
+    again.to_mixdq(weights=tmp_path / "w2.yaml", activations=tmp_path / "a2.yaml", keep_fp=tmp_path / "p2.yaml")
+    assert (tmp_path / "w2.yaml").read_bytes() == w_file.read_bytes()
+    assert (tmp_path / "a2.yaml").read_bytes() == a_file.read_bytes()
+    assert yaml.safe_load((tmp_path / "p2.yaml").read_text()) == sorted(protect)
+
+
+def _write_yaml_list(path: Path, names: list[str]) -> Path:
+    path.write_text("".join(f"- {n}\n" for n in names))
+    return path
+
+
+def test_unreadable_keep_fp_lists_raise_one_clear_error(tmp_path):
+    weights = {"model.conv_in": 8}
+    torch.save({"a": torch.zeros(2)}, tmp_path / "dict.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    (tmp_path / "map.yaml").write_text("model.conv_in: 8\n")
+    for path, match in (("dict.pt", "list of layer names"), ("junk.pt", "Could not read the MixDQ keep-FP"),
+                        ("map.yaml", "list of layer names"), ("missing.pt", "No MixDQ keep-FP file")):
+        with pytest.raises(MixDQError, match=match):
+            BitPlan.from_mixdq(weights, keep_fp=tmp_path / path)
+
+
+def test_cli_import_keep_fp_provenance_and_base_model_then_export_round_trips(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffusers_mixdq.cli import app
+
+    unet = make_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    names = list(layer_table(unet))
+    weights, acts = _maps_for(unet, seed=9)
+    w_file = _write_yaml(tmp_path / "w.yaml", dict(sorted(weights.items())))
+    a_file = _write_yaml(tmp_path / "a.yaml", dict(sorted(acts.items())))
+    keep = _write_yaml_list(tmp_path / "keep.yaml", [f"model.{names[0]}"])
+    run = CliRunner().invoke
+    result = run(app, ["import", "mixdq", "--weights", str(w_file), "--acts", str(a_file), "--keep-fp", str(keep),
+                       "--out", str(tmp_path / "plan"), "--base", str(tmp_path / "unet"), "--base-model", "me/tiny",
+                       "--provenance", "commit=abc123", "--provenance", "url=https://x/y?a=b"])
+    assert result.exit_code == 0, result.output
+    plan = BitPlan.load(tmp_path / "plan")
+    assert plan.target["base_model"] == "me/tiny" and plan.provenance["commit"] == "abc123"
+    assert plan.provenance["url"] == "https://x/y?a=b" and plan.provenance["keep_fp_file"] == "keep.yaml"
+    assert not plan.layer_specs()[names[0]].is_quantized
+    result = run(app, ["export", "mixdq", str(tmp_path / "plan"), "--weights", str(tmp_path / "w2.yaml"), "--acts",
+                       str(tmp_path / "a2.yaml"), "--keep-fp", str(tmp_path / "k2.yaml")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "w2.yaml").read_bytes() == w_file.read_bytes()
+    assert (tmp_path / "a2.yaml").read_bytes() == a_file.read_bytes()
+    assert (tmp_path / "k2.yaml").read_text() == keep.read_text()
+    result = run(app, ["import", "mixdq", "--weights", str(w_file), "--out", str(tmp_path / "bad"),
+                       "--provenance", "no-equals-sign"])
+    assert result.exit_code == 2 and "KEY=VALUE" in result.output and not (tmp_path / "bad").exists()

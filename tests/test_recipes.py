@@ -183,3 +183,22 @@ def test_two_process_sharded_build_equals_single_process(tmp_path, pipeline_dir)
     assert sharded.layer_specs() == BitPlan.load(tmp_path / "single" / "unet").layer_specs()
     assert sharded.provenance["denoiser_evaluations"]["shards"] == 2
     assert {sp.activations for sp in sharded.layer_specs().values()} >= {"int4", "int8", "none"}
+
+
+def test_a_protected_pattern_matching_nothing_is_one_error_in_both_build_paths(tmp_path, pipeline_dir, monkeypatch):
+    """Calibrate-only and mixed builds both refuse a 'protected' typo with the same error, before calibrating."""
+    from diffusers_mixdq.builder import builder
+
+    monkeypatch.setattr(builder, "calibrate", lambda *a, **k: pytest.fail("calibrated before checking 'protected'"))
+    outputs = []
+    for name, weights in (("w8", {"budget_bits": 8.0, "candidates": {"content": [8], "quality": [8]}}),
+                          ("w4", {"budget_bits": 4.0})):
+        recipe = write_recipe(tmp_path, pipeline_dir, **weights)
+        data = yaml.safe_load(recipe.read_text())
+        recipe.write_text(yaml.safe_dump({**data, "protected": ["conv_in", "conv_outt", "re:nothing.*"]}))
+        result = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / name)])
+        assert result.exit_code == 2, result.output
+        assert not (tmp_path / name).exists()
+        outputs.append(" ".join(result.output.split()))
+    assert all("'protected' patterns match no layer of UNet2DConditionModel: 'conv_outt', 're:nothing.*'" in o
+               for o in outputs), outputs

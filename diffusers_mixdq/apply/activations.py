@@ -5,7 +5,12 @@ backend call the scheme picked for their :class:`~diffusers_mixdq.LayerSpec` by 
 
 * ``"static"``: per-tensor, the scale fixed from the plan's ``act_range`` (kept in the module's ``input_scale``
   buffer, so it is saved with the weights);
-* ``"dynamic"``: per-tensor, the scale taken from each input's absolute maximum (``act_range: "dynamic"``).
+* ``"dynamic"``: per-tensor, the scale taken from each input's absolute maximum (``act_range: "dynamic"``);
+* ``"dynamic-token"``: one run-time scale per token (ViDiT-Q): the absolute maximum over the features of each row
+  of a Linear input, over the channels of each spatial position of a Conv2d input (``act_range: "dynamic-token"``).
+
+A static layer with timestep groups (``act_groups``) keeps the static scheme; its module passes the scale of the
+current group (:mod:`diffusers_mixdq.apply.timestep_groups`).
 
 Both quantize in the model's float dtype (round to the grid, clamp, rescale: the values an int8 / int4 / float8
 kernel would see). To add a scheme (e.g. per-token), subclass :class:`ActivationScheme`, register it with
@@ -53,6 +58,10 @@ class ActivationScheme(ABC):
         """The value of the module's ``input_scale`` buffer for a layer of ``spec`` (1.0: unused)."""
         return 1.0
 
+    def bind(self, module) -> "ActivationScheme":
+        """The scheme as used by ``module`` (a Linear / Conv2d MixDQ module); the same object by default."""
+        return self
+
     @abstractmethod
     def quantize(self, x: torch.Tensor, dtype: str, input_scale: torch.Tensor) -> torch.Tensor:
         """``x`` fake-quantized to activation ``dtype``."""
@@ -80,14 +89,33 @@ class DynamicPerTensor(ActivationScheme):
         return fake_quantize(x, dtype, scale)
 
 
+class DynamicPerToken(ActivationScheme):
+    """One scale per token from its own absolute maximum at run time: reduced over the features (last dim) of a
+    Linear input, over the channels (dim 1) of a Conv2d input, so an outlier token widens only its own range."""
+
+    name = "dynamic-token"
+
+    def __init__(self, channel_dim: int = -1):
+        self.channel_dim = channel_dim
+
+    def bind(self, module) -> ActivationScheme:
+        return DynamicPerToken(1 if isinstance(module, torch.nn.Conv2d) else -1)
+
+    def quantize(self, x: torch.Tensor, dtype: str, input_scale: torch.Tensor) -> torch.Tensor:
+        dim = self.channel_dim if x.dim() > 1 else -1
+        scale = x.detach().abs().amax(dim=dim, keepdim=True).float().clamp_min(1e-12) / ACT_QMAX[dtype]
+        return fake_quantize(x, dtype, scale)
+
+
 ACTIVATION_SCHEMES: Registry[ActivationScheme] = Registry("activation scheme")
 ACTIVATION_SCHEMES.register("static", StaticPerTensor())
 ACTIVATION_SCHEMES.register("dynamic", DynamicPerTensor())
+ACTIVATION_SCHEMES.register("dynamic-token", DynamicPerToken())
 
 
 def scheme_for(spec: LayerSpec) -> ActivationScheme | None:
-    """The scheme of a layer: ``None`` when its input is not quantized, ``"dynamic"`` for ``act_range:
-    "dynamic"``, else ``"static"`` (a number)."""
+    """The scheme of a layer: ``None`` when its input is not quantized, the scheme named by a run-time
+    ``act_range`` (``"dynamic"``, ``"dynamic-token"``), else ``"static"`` (a number)."""
     if spec.activations == "none":
         return None
-    return ACTIVATION_SCHEMES.get("dynamic" if spec.dynamic else "static")
+    return ACTIVATION_SCHEMES.get(spec.act_range if spec.dynamic else "static")

@@ -15,6 +15,7 @@ from ..plan import LayerSpec
 from .backends import backend_of, default_backend
 from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
 from .corrections import attach_corrections, prepare_weight_
+from .outliers import compute_outlier_rows_, has_outliers
 
 
 def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor | None = None,
@@ -35,7 +36,9 @@ def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor 
         set_bos_state(qmodule, bos_state)
         compute_bos_row_(qmodule)
         finish_bos_(qmodule, dtype)
-    prepare_weight_(qmodule)
+    prepare_weight_(qmodule)  # balancing / low-rank first: outlier rows come from the weight that is quantized
+    if has_outliers(qmodule):
+        compute_outlier_rows_(qmodule)
     backend.quantize_weight_(qmodule)
     return qmodule
 

@@ -112,9 +112,10 @@ def balance_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def corrected_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The quantized path of a corrected module: balanced input, quantized op, plus the low-rank branch."""
+    """The quantized path of a corrected module: balanced input, quantized op (with its outlier rows and
+    timestep-group scales), plus the low-rank branch."""
     x = balance_input(module, x)
-    y = module._qforward(module.quantize_input(x))
+    y = module._quantized_op(module.quantize_input(x))
     for flag in (LOWRANK, ADAPTER):
         if getattr(module, f"{flag}_down", None) is not None:
             y = y + lowrank_branch(module, x, flag)

@@ -13,6 +13,8 @@ import torch
 from ..plan import BOS_MATCH_TOLERANCE, LayerSpec
 from .activations import scheme_for
 from .corrections import CORRECTION_BUFFERS, corrected_forward
+from .outliers import OUTLIER_BUFFERS, configure_outliers, has_outliers, outlier_forward
+from .timestep_groups import GROUP_BUFFERS, configure_groups, group_scale, has_groups
 
 
 class MixDQModuleMixin:
@@ -36,6 +38,7 @@ class MixDQModuleMixin:
         self.mixdq_flags = dict(spec.flags)
         self._act_scheme = scheme_for(spec)
         scale = 1.0 if self._act_scheme is None else self._act_scheme.initial_scale(spec)
+        self._act_scheme = None if self._act_scheme is None else self._act_scheme.bind(self)
         # small buffers are created for real (not on meta) so they exist even when the checkpoint lacks them
         self.input_scale = torch.tensor(scale, dtype=scale_dtype)
         self.output_scale = torch.ones((), dtype=scale_dtype)
@@ -44,6 +47,8 @@ class MixDQModuleMixin:
             # on meta until filled (from the plan and the full-precision weight, or from a saved checkpoint)
             self.register_buffer("bos_input", torch.empty(self.in_features, dtype=scale_dtype, device="meta"))
             self.register_buffer("bos_output", torch.empty(self.out_features, dtype=scale_dtype, device="meta"))
+        configure_groups(self, spec, scale_dtype)  # timestep groups (act_groups), from the plan
+        configure_outliers(self, spec, scale_dtype)  # outlier rows (outliers), on meta until filled
 
     @property
     def stores_quantized_weight(self) -> bool:
@@ -61,26 +66,29 @@ class MixDQModuleMixin:
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # the library's module writes only its own tensors; add ours (BOS rows)
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.bos_aware:
-            for name in ("bos_input", "bos_output"):
-                buf = getattr(self, name)
-                destination[prefix + name] = buf if keep_vars else buf.detach()
+        names = ("bos_input", "bos_output") if self.bos_aware else ()
+        names += GROUP_BUFFERS if has_groups(self) else ()
+        names += OUTLIER_BUFFERS if has_outliers(self) else ()
+        for name in names:
+            buf = getattr(self, name)
+            destination[prefix + name] = buf if keep_vars else buf.detach()
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self._act_scheme is None:
             return x
-        return self._act_scheme.quantize(x, self.act_dtype, self.input_scale)
+        scale = group_scale(self) if has_groups(self) else self.input_scale
+        return self._act_scheme.quantize(x, self.act_dtype, scale)
 
     def move_scales_to_weight_device(self) -> None:
         device = self.weight.device
-        for name in ("input_scale", "output_scale", *CORRECTION_BUFFERS):
+        for name in ("input_scale", "output_scale", *GROUP_BUFFERS, *OUTLIER_BUFFERS, *CORRECTION_BUFFERS):
             buf = getattr(self, name, None)
-            if buf is not None and buf.device != device:
+            if isinstance(buf, torch.Tensor) and buf.device.type != "meta" and buf.device != device:
                 setattr(self, name, buf.to(device))
 
     def cast_buffers_(self, dtype: torch.dtype) -> None:
         """Activation scales and BOS rows in ``dtype`` (a checkpoint saved in another dtype holds them in that one)."""
-        for name in ("input_scale", "output_scale", "bos_input", "bos_output"):
+        for name in ("input_scale", "output_scale", "bos_input", "bos_output", "act_group_scales", "outlier_scale"):
             buf = getattr(self, name, None)
             if isinstance(buf, torch.Tensor) and buf.is_floating_point() and buf.dtype != dtype:
                 setattr(self, name, buf.to(dtype))
@@ -99,7 +107,12 @@ class MixDQModuleMixin:
     def _quantized_path(self, x: torch.Tensor) -> torch.Tensor:
         if self.mixdq_corrected:
             return corrected_forward(self, x)
-        return self._qforward(self.quantize_input(x))
+        return self._quantized_op(self.quantize_input(x))
+
+    def _quantized_op(self, xq: torch.Tensor) -> torch.Tensor:
+        """The backend's weight-quantized op on a quantized input, outlier channels from their int8 rows."""
+        y = self._qforward(xq)
+        return outlier_forward(self, xq, y) if has_outliers(self) else y
 
     def _bos_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rows 1..n quantized; row 0 the stored full-precision row wherever input row 0 is the BOS state

@@ -25,25 +25,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 
-from ..errors import MixDQError, PlanMismatchError
-from ..plan import BOS_STATE_KEY
+from ..errors import PlanMismatchError
 from . import checkpoint, memory, saved_weights
 from .backends import default_backend
-from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
-from .corrections import attach_corrections, prepare_weight_
-from .qmodule import is_mixdq_module
+from .bos_rows import compute_bos_row_, finish_bos_
+from .corrections import prepare_weight_
+from .guards import guard_model
+from .outliers import OUTLIER_BUFFERS, compute_outlier_rows_, has_outliers
+from .swap import (check_device_map, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
+                   make_modules, refuse_quantized)
+from .timestep_groups import GROUP_BUFFERS, install_clock
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
-
-
-def _refuse_quantized(model) -> None:
-    for name, module in model.named_modules():
-        if is_mixdq_module(module):
-            raise MixDQError(
-                f"'{name}' is already quantized; a quantized module is never quantized again. Load the "
-                "original full-precision model instead."
-            )
 
 
 def _single_device(device_map) -> torch.device:
@@ -55,17 +49,6 @@ def _single_device(device_map) -> torch.device:
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)
     return torch.device(device_map) if device_map not in ("auto", "balanced", "sequential") else torch.device("cpu")
-
-
-def _check_loaded(model) -> None:
-    """No tensor of the loaded model is left on the meta device."""
-    on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
-    if on_meta:
-        raise PlanMismatchError(
-            "After loading, these tensors still have no values (the checkpoint does not hold them, or holds them "
-            f"under other names): {', '.join(on_meta[:8])}{' ...' if len(on_meta) > 8 else ''}. The checkpoint does "
-            "not match its config.json / plan; restore the files saved together, or re-save the model."
-        )
 
 
 class MixDQQuantizer(DiffusersQuantizer):
@@ -85,25 +68,15 @@ class MixDQQuantizer(DiffusersQuantizer):
         self._lock = threading.Lock()
         self._since_trim = 0
         self._header: saved_weights.Header | None = None
+        self._checkpoint_files: list[str] | None = None
         self.backend = default_backend()
 
     # ------------------------------------------------------------------ environment
     def validate_environment(self, *args, **kwargs):
-        device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) > 1:
-            raise MixDQError(
-                "MixDQ models load onto one device: device_map spreads this model over several "
-                f"({sorted(set(map(str, device_map.values())))}). Load without device_map and move the model "
-                "with .to(device)."
-            )
+        check_device_map(kwargs.get("device_map"))
 
     def update_torch_dtype(self, torch_dtype):
-        self.torch_dtype = torch_dtype or torch.float32
-        if self.torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise MixDQError(
-                f"torch_dtype={self.torch_dtype} is not supported by MixDQ; use torch.float32, torch.float16 or "
-                "torch.bfloat16 (the plan decides the stored precision of each layer)."
-            )
+        self.torch_dtype = load_dtype(torch_dtype, "torch_dtype")
         return self.torch_dtype
 
     def adjust_target_dtype(self, target_dtype):
@@ -111,8 +84,8 @@ class MixDQQuantizer(DiffusersQuantizer):
 
     # ------------------------------------------------------------------ before loading
     def _process_model_before_weight_loading(self, model: ModelMixin, device_map=None, keep_in_fp32_modules=(), **kw):
-        config = self.quantization_config
-        _refuse_quantized(model)
+        config = config_for(self.quantization_config, model, self._checkpoint_files)
+        refuse_quantized(model)
         extra_ignore = list(config.modules_to_not_convert or [])
         extra_ignore += [f"*{m}*" for m in (keep_in_fp32_modules or [])]
         resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
@@ -131,27 +104,11 @@ class MixDQQuantizer(DiffusersQuantizer):
         self.quantization_config = config.with_resolved_plan(resolved)
         model.register_to_config(quantization_config=self.quantization_config)
         checkpoint.bind_save_pretrained(model)
+        install_clock(model)  # layers with timestep groups read the timestep of each denoiser call
+        guard_model(model)
 
     def _make_modules(self, model, resolved) -> dict[str, torch.nn.Module]:
-        """A MixDQ module for every layer the plan quantizes (BOS-aware ones given the plan's BOS state)."""
-        self.backend.prepare()
-        bos_state = resolved.tensors.get(BOS_STATE_KEY)
-        replacements = {}
-        for name, spec in resolved.layer_specs().items():
-            if not spec.is_quantized:
-                continue
-            qmodule = self.backend.make_module(model.get_submodule(name), spec, scale_dtype=self.torch_dtype)
-            attach_corrections(qmodule, name, spec, resolved.tensors)
-            if qmodule.bos_aware and not self.pre_quantized:
-                if bos_state is None:
-                    raise MixDQError(
-                        f"Layer '{name}' is BOS-aware, but the plan carries no BOS hidden state to compute its "
-                        "BOS row from. Attach it with diffusers_mixdq.bos.attach_bos(plan, "
-                        "bos_hidden_state(pipe)), or set flags {\"bos_aware\": false} for these layers."
-                    )
-                set_bos_state(qmodule, bos_state)
-            replacements[name] = qmodule
-        return replacements
+        return make_modules(self.backend, model, resolved, self.torch_dtype, fill_bos=not self.pre_quantized)
 
     # ------------------------------------------------------------------ per tensor
     # Full-precision checkpoint: each planned weight is placed, then quantized at once (create_quantized_param).
@@ -162,6 +119,7 @@ class MixDQQuantizer(DiffusersQuantizer):
 
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files) -> list[str]:
         config = self.quantization_config
+        self._checkpoint_files = list(checkpoint_files or [])
         if config.awaits_plan_file:
             # a saved model: config.json refers to the plan file beside the weights (called before preprocessing)
             config.attach_plan_file(checkpoint.read_plan_file(config.plan_file, checkpoint_files))
@@ -188,18 +146,7 @@ class MixDQQuantizer(DiffusersQuantizer):
                     complete.append(owner[0])
             ready = [(name, self._pending.pop(name)) for name in complete]
         for name, tensors in ready:
-            tensors = saved_weights.cast_floating_pieces(tensors, self.torch_dtype)
-            bad = saved_weights.non_finite(tensors)
-            if bad:
-                raise MixDQError(f"The quantized weight of '{name}' in this checkpoint has NaN or infinite "
-                                 f"{', '.join(bad)}: the checkpoint is corrupted. Re-download or re-save the model.")
-            try:
-                self.backend.load_quantized_weight(self._modules[name], tensors, self._device)
-            except (KeyError, RuntimeError, ValueError) as e:
-                raise MixDQError(
-                    f"The quantized weight of '{name}' in this checkpoint does not match its plan ({e}). The "
-                    "checkpoint's config.json and weights disagree; re-save the model."
-                ) from None
+            install_saved_weight(self.backend, self._modules[name], name, tensors, self.torch_dtype, self._device)
         return kept
 
     def _owner(self, param_name: str) -> tuple[str, str] | None:
@@ -225,6 +172,8 @@ class MixDQQuantizer(DiffusersQuantizer):
         if module.bos_aware:
             compute_bos_row_(module)
         prepare_weight_(module)  # balancing / low-rank: the weight that is quantized (after the BOS row)
+        if has_outliers(module):
+            compute_outlier_rows_(module)  # from the corrected weight
         self.backend.quantize_weight_(module)
         self._since_trim += param_value.numel() * param_value.element_size()
         # every 32 MB read, keep the allocator from hoarding the quantization temporaries
@@ -234,9 +183,9 @@ class MixDQQuantizer(DiffusersQuantizer):
 
     def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
         # activation scales and BOS rows are made from the plan, so a full-precision checkpoint need not have them
-        made_here = (".input_scale", ".output_scale")
+        made_here = (".input_scale", ".output_scale", *(f".{b}" for b in GROUP_BUFFERS))
         if not self.pre_quantized:
-            made_here += (".bos_input", ".bos_output")
+            made_here += (".bos_input", ".bos_output", *(f".{b}" for b in OUTLIER_BUFFERS))
         return [k for k in missing_keys if not k.endswith(made_here)]
 
     # ------------------------------------------------------------------ after loading
@@ -258,21 +207,14 @@ class MixDQQuantizer(DiffusersQuantizer):
             quantized = {id(m.weight) for m in self._modules.values() if m.stores_quantized_weight}
             memory.detach_from_checkpoint(model, skip=quantized)
         memory.release_free_memory()
-        unloaded = [n for n, m in self._modules.items() if self.backend.has_meta_tensors(m)]
-        if unloaded:
-            raise PlanMismatchError(
-                "The checkpoint has no weights for these quantized layers: "
-                + ", ".join(unloaded[:8])
-                + (" ..." if len(unloaded) > 8 else "")
-                + ". The checkpoint does not match the model class."
-            )
+        check_unloaded(self.backend, self._modules)
         for module in self._modules.values():
             module.move_scales_to_weight_device()
             if self.pre_quantized:
                 module.cast_buffers_(self.torch_dtype)
         if self.pre_quantized:
             saved_weights.check_small_buffers(self._modules)
-        _check_loaded(model)
+        check_loaded(model)
         return model
 
     # ------------------------------------------------------------------ capabilities

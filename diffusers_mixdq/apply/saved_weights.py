@@ -154,7 +154,8 @@ def check_small_buffers(modules: Mapping[str, torch.nn.Module]) -> None:
     """Activation scales and BOS rows read from a checkpoint must be finite (else every output is NaN)."""
     bad = []
     for name, module in modules.items():
-        buffers = {k: getattr(module, k, None) for k in ("input_scale", "output_scale", "bos_input", "bos_output")}
+        buffers = {k: getattr(module, k, None) for k in ("input_scale", "output_scale", "bos_input", "bos_output",
+                                                          "act_group_scales", "outlier_scale")}
         bad += [f"{name}.{k}" for k in non_finite({k: v for k, v in buffers.items() if isinstance(v, torch.Tensor)})]
     if bad:
         raise MixDQError(f"This checkpoint holds NaN or infinite values in {', '.join(bad[:8])}: it is corrupted. "

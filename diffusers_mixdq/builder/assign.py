@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..plan import BitPlan
+from ..plan.spec import DYNAMIC_RANGES
 from .allocate import AllocationProblem, FixedLayer, LayerChoice, objective, pick, solve_groups, sweep
 from .allocate.result import Allocation
 from .context import BuildContext
@@ -45,8 +46,8 @@ BITS_TO_DTYPE = {8: "int8", 4: "int4", 2: "int2", 16: "none"}
 def _act_entry(s: BuildSettings, calib: Calibration, name: str, bits: int | None) -> dict[str, Any]:
     if bits is None:
         return {"activations": "none"}
-    if s.activations == "dynamic":
-        return {"activations": f"int{bits}", "act_range": "dynamic"}
+    if s.activations in DYNAMIC_RANGES:  # "dynamic" (per tensor) or "dynamic-token"
+        return {"activations": f"int{bits}", "act_range": s.activations}
     return {"activations": f"int{bits}", "act_range": max(calib.ranges.get(name, 1.0), 1e-6)}
 
 

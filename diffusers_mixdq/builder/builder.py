@@ -12,12 +12,12 @@
    MSE, its mean or its worst tail, on held-out pick prompts when given);
    activation widths under an element-weighted budget after keeping the most activation-sensitive inputs
    unquantized;
-4. **write** (:func:`~.write.write` -> :class:`~diffusers_mixdq.BitPlan`): the resolved plan with its provenance;
-5. **correct** (:func:`~.correct.correct`, only with ``balance`` / ``lowrank_rank``): channel balancing and low-rank
-   branches fitted per layer on the calibration inputs, in the plan's flags and sidecar (the allocator's budget is
-   lowered by the bits they add);
-6. **distill** (:func:`~.distill.distill`, only with ``distill_seconds`` > 0): adapters trained against the
-   full-precision run (MPQ-DM's relation distillation, simplified).
+4. **write** (:func:`~.write.write` -> :class:`~diffusers_mixdq.BitPlan`): the resolved plan with its provenance.
+5. optional method stages (:func:`~.plan_stages.method_stages`, each off by default): channel balancing and low-rank
+   branches fitted per layer on the calibration inputs (**correct**, :mod:`.correct`), adapters trained against the
+   full-precision run (**distill**, :mod:`.distill`, MPQ-DM's relation distillation, simplified), static ranges per
+   timestep group, int8 rows for the highest-kurtosis channels of int4 / int2 layers (budget reduced beforehand for
+   the factors and rows they add).
 
 :func:`build_plan` runs them in order; :func:`calibrated_plan` runs the first alone for a uniform plan. The report
 counts denoiser sample-evaluations against the naive protocol (see :mod:`.measure` for what is saved).
@@ -26,18 +26,15 @@ counts denoiser sample-evaluations against the naive protocol (see :mod:`.measur
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 from ..errors import MixDQError
 from ..plan import BitPlan
 from .assign import assign
 from .calibration import calibrate
 from .context import BuildContext
-from .correct import correct, overhead_bits
-from .correct import enabled as correct_enabled
-from .distill import distill
 from .distributed import is_main_process, prepare
 from .measure import measure
+from .plan_stages import allocator_budget, method_stages
 from .progress import quiet_pipeline
 from .settings import BuildReport, BuildSettings
 from .write import prompts_record, write
@@ -57,7 +54,7 @@ def _build_plan(pipe, settings: BuildSettings, progress: bool) -> tuple[BitPlan,
     state, denoiser = prepare(pipe, settings)
     if settings.cache_dir is None and state is not None:
         raise MixDQError("A sharded build (accelerate launch) needs a cache directory to merge the shards' scores.")
-    ctx = BuildContext(pipe, denoiser, settings.for_model(denoiser), state, progress)
+    ctx = BuildContext(pipe, denoiser, allocator_budget(settings, denoiser).for_model(denoiser), state, progress)
     report = ctx.report
 
     t0 = time.perf_counter()
@@ -69,27 +66,12 @@ def _build_plan(pipe, settings: BuildSettings, progress: bool) -> tuple[BitPlan,
     else:
         report.count("calibrate", rec.num_calls, rec.num_samples)
 
-    overhead = correction_overhead(ctx)
     sens = measure(ctx, calib)
     chosen = assign(ctx, calib, sens)
     # the naive protocol calibrates, measures every candidate on everything, and picks the same way
     picking = report.sample_evaluations["pick"] + report.sample_evaluations.get("pick_reference", 0)
     report.naive_sample_evaluations = rec.num_samples + sens.naive_samples + picking
-    plan = write(ctx, sens, chosen)
-    if correct_enabled(ctx.settings):
-        plan = correct(ctx.denoiser, calib, plan, ctx.settings, report)
-    plan = distill(ctx.denoiser, calib, plan, ctx.settings, report)
-    if overhead:
-        plan.provenance["budget_overhead_bits"] = overhead
-    return plan, report
-
-
-def correction_overhead(ctx: BuildContext) -> float:
-    """Lower the allocator's budget by the bits the correct stage's tensors will add (see :mod:`.correct`)."""
-    overhead = overhead_bits(ctx.settings, ctx.table, ctx.candidates)
-    if overhead:
-        ctx.settings = replace(ctx.settings, weight_bits=ctx.settings.weight_bits - overhead)
-    return overhead
+    return method_stages(write(ctx, sens, chosen), denoiser, calib, ctx.settings, report), report
 
 
 def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings, progress: bool = True) -> BitPlan:
@@ -102,12 +84,9 @@ def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings, progress: bool
         calib = calibrate(pipe, settings, progress=progress)
     if calib.bos_state is not None:
         plan = attach_bos(plan, calib.bos_state)
-    resolved = plan.resolve(denoiser, act_ranges=calib.ranges)
-    if correct_enabled(settings):
-        resolved = correct(denoiser, calib, resolved, settings)
-    resolved = distill(denoiser, calib, resolved, settings)
+    resolved = method_stages(plan.resolve(denoiser, act_ranges=calib.ranges), denoiser, calib, settings)
     resolved.provenance = {
-        **resolved.provenance,
+        **resolved.provenance,  # the plan's, and what the method stages record
         "tool": "diffusers-mixdq calibrate",
         **prompts_record(settings),
         "steps": settings.steps,

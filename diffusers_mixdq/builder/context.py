@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..families import matches
+from ..errors import PlanMismatchError
+from ..families import match_all
 from ..plan import layer_table
 from .sensitivity import layer_group
 from .settings import BuildReport, BuildSettings
@@ -28,10 +29,26 @@ class BuildContext:
         s = self.settings
         self.table = layer_table(self.denoiser)
         self.groups = {n: layer_group(n, s.content_patterns) for n in self.table}
-        self.protected = [n for n in self.table if any(matches(p, n) for p in s.protected)]
+        self.protected = protected_layers(s.protected, self.table, type(self.denoiser).__name__)
         self.candidates = [n for n in self.table if n not in self.protected]
 
     @property
     def shard(self) -> tuple[int, int]:
         """``(index, count)`` of this process among a sharded build's processes."""
         return (self.state.process_index, self.state.num_processes) if self.state is not None else (0, 1)
+
+
+def protected_layers(patterns, table, class_name: str) -> list[str]:
+    """The layers of ``table`` that the ``protected`` patterns keep in floating point, in table order. A pattern
+    that matches no layer is an error (a typo would otherwise quietly quantize the layer it meant), the same for
+    mixed and calibrate-only builds."""
+    hits = match_all(patterns, table)
+    unused = [p for p in dict.fromkeys(patterns) if not hits[p]]
+    if unused:
+        raise PlanMismatchError(
+            f"These 'protected' patterns match no layer of {class_name}: {', '.join(map(repr, unused))} (globs "
+            "match the full layer name, regexes need a 're:' prefix; `mixdq inspect PLAN --model MODEL --layers` "
+            "lists the names). Fix or remove them."
+        )
+    protected = set().union(*hits.values())
+    return [n for n in table if n in protected]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..plan import LayerSpec
+from ..plan.spec import DYNAMIC_RANGES
 from .calibration import calibration_key
 from .context import BuildContext
 from .published import file_records, seed_cache
@@ -121,7 +122,7 @@ def _activation_spec(s: BuildSettings, calib: Calibration):
     bos_layers = set(calib.bos_layers)
 
     def spec(name: str, bits: int) -> LayerSpec:
-        act_range = "dynamic" if s.activations == "dynamic" else max(calib.ranges.get(name, 1.0), 1e-6)
+        act_range = s.activations if s.activations in DYNAMIC_RANGES else max(calib.ranges.get(name, 1.0), 1e-6)
         return LayerSpec("none", f"int{bits}", act_range, {"bos_aware": True} if name in bos_layers else {})
 
     return spec

@@ -23,8 +23,11 @@ from .allocate import ALLOCATORS, DEFAULT_ALLOCATOR, PICK_OBJECTIVES
 
 WEIGHT_WIDTHS = (2, 4, 8)
 ACTIVATION_WIDTHS = (4, 8)
-ACTIVATION_MODES = ("int8", "dynamic", "none")
+ACTIVATION_MODES = ("int8", "dynamic", "dynamic-token", "none")
 DEFAULT_CANDIDATES = {"content": [2, 4, 8], "quality": [4, 8]}
+#: the content/quality split ratios ``k`` the builder sweeps by default: eleven (MixDQ's five, 0.5 to 2.0, measured
+#: 0.77 dB worse on shapes (p = 0.013) and 0.8 dB worse on scenes' validation prompts; BENCHMARKS.md, issue #14)
+DEFAULT_SPLIT_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0)
 
 
 def invalid(message: str) -> PydanticCustomError:
@@ -102,6 +105,12 @@ def not_held_out(prompts, pick_prompts) -> str | None:
             f"(first: {shared[0]!r}).")
 
 
+def _outlier_fraction(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 0.5:
+        raise invalid(f"<> must be a number in [0, 0.5] (0: off), got {value!r}.")
+    return float(value)
+
+
 Fraction = Annotated[float, BeforeValidator(_fraction)]
 Patterns = list[Annotated[str, Field(strict=True)]]
 
@@ -116,10 +125,12 @@ class ActivationOptions(Strict):
     """How layer inputs are quantized: the mode, the candidate widths, the element-weighted average over quantized
     inputs (default: the widest candidate) and how many of the most activation-sensitive layers stay unquantized."""
 
-    mode: Literal["int8", "dynamic", "none"] = "int8"
+    mode: Literal["int8", "dynamic", "dynamic-token", "none"] = "int8"
     candidates: Annotated[list[int], BeforeValidator(_widths(ACTIVATION_WIDTHS))] = [8]
     budget_bits: Optional[float] = None
     protect_most_sensitive: Annotated[int, BeforeValidator(_count(0))] = 0
+    #: static ranges per group of the sampler's timesteps (0 or 1: one range, as before; needs mode int8)
+    timestep_groups: Annotated[int, BeforeValidator(_count(0))] = 0
 
     @model_validator(mode="before")
     @classmethod
@@ -135,6 +146,9 @@ class ActivationOptions(Strict):
         if self.mode == "none" and (self.protect_most_sensitive or self.budget_bits is not None):
             raise invalid("<activations.budget_bits> / <activations.protect_most_sensitive> need quantized "
                           "activations; set <activations.mode> to int8 or dynamic.")
+        if self.timestep_groups > 1 and self.mode != "int8":
+            raise invalid(f"<activations.timestep_groups> are static ranges per timestep group; they need "
+                          f"<activations.mode> int8 (static, calibrated), not {self.mode}.")
         return self
 
 
@@ -145,6 +159,8 @@ class WeightOptions(Strict):
     """Candidate weight widths per group (a group left out keeps its default)."""
 
     candidates: dict[Literal["content", "quality"], WeightWidths] = DEFAULT_CANDIDATES
+    #: share of each int4 / int2 layer's output channels (highest kurtosis) kept at int8 too (0: off)
+    outlier_fraction: Annotated[float, BeforeValidator(_outlier_fraction)] = 0.0
 
     @model_validator(mode="after")
     def _with_defaults(self) -> "WeightOptions":
@@ -173,7 +189,7 @@ class BuildOptions(Strict):
     activations: ActivationOptions = ActivationOptions()
     protected: Patterns = []
     content_patterns: Optional[Patterns] = None
-    split_ratios: Annotated[list[float], BeforeValidator(_ratios)] = [0.5, 0.75, 1.0, 1.5, 2.0]
+    split_ratios: Annotated[list[float], BeforeValidator(_ratios)] = list(DEFAULT_SPLIT_RATIOS)
     budget_mode: Literal["at_most", "band"] = "at_most"
     sweep_fraction: Fraction = 0.25
     content_fraction: Fraction = 0.5

@@ -15,11 +15,12 @@ weights:
   budget_bits: 4.0                 # parameter-weighted average (protected layers count 16) ...
   # size_mb: 900                   # ... or a target size of the denoiser's quantizable weights in MiB (2**20 B)
   candidates: {content: [2, 4, 8], quality: [4, 8]}
-activations: int8                  # int8 (static, calibrated) | dynamic | none, or a mapping:
-# activations: {mode: int8, candidates: [4, 8], budget_bits: 7.0, protect_most_sensitive: 7}
-protected: [conv_in, conv_out]     # kept in floating point
+activations: int8                  # int8 (static, calibrated) | dynamic | dynamic-token | none, or a mapping:
+# activations: {mode: int8, candidates: [4, 8], budget_bits: 7.0, protect_most_sensitive: 7, timestep_groups: 4}
+# weights: {..., outlier_fraction: 0.05}   # int8 copy of the 5% highest-kurtosis rows of int4/int2 layers
+protected: [conv_in, conv_out]     # kept in floating point (each pattern must match a layer)
 content_patterns: ["*attn2.*", "*.ff.*"]   # default: the denoiser family's (diffusers_mixdq.families)
-split_ratios: [0.5, 0.75, 1.0, 1.5, 2.0]
+split_ratios: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0]   # k = content / quality width
 sweep_fraction: 0.25               # share of each recorded call's samples a quality-layer measurement replays
 content_fraction: 0.5              # share of the prompts a content-layer measurement generates (at least 4)
 device: null                       # cuda, cuda:1, cpu (default: cpu; sharded CUDA builds use one GPU per process)
@@ -58,7 +59,7 @@ from typing import Any
 
 from ..errors import MixDQError
 from .allocate import DEFAULT_ALLOCATOR
-from .options import DEFAULT_CANDIDATES, ActivationOptions
+from .options import DEFAULT_CANDIDATES, DEFAULT_SPLIT_RATIOS, ActivationOptions
 from .prompts import BUILTIN_PROMPTS
 from .recipe_options import RecipeOptions, calibrate_only, parse_recipe
 from .settings import BuildSettings
@@ -93,7 +94,7 @@ class Recipe:
     protected: list[str] = field(default_factory=list)
     #: ``None``: the denoiser family's content patterns (:func:`diffusers_mixdq.families.family_of`)
     content_patterns: list[str] | None = None
-    split_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 2.0])
+    split_ratios: list[float] = field(default_factory=lambda: list(DEFAULT_SPLIT_RATIOS))
     budget_mode: str = "at_most"
     allocator: str = DEFAULT_ALLOCATOR
     sensitivity_files: list = field(default_factory=list)
@@ -109,6 +110,8 @@ class Recipe:
     distill_rank: int = 4
     distill_lr: float = 1e-3
     distill_relation: float = 1.0
+    act_timestep_groups: int = 0
+    outlier_fraction: float = 0.0
     push: dict[str, Any] | None = None
     description: str | None = None
     source: str | None = None
@@ -130,7 +133,9 @@ class Recipe:
             pick_objective=o.pick_objective, protect_first_last=o.protect_first_last, balance=o.balance,
             balance_alphas=list(o.balance_alphas), lowrank_rank=o.lowrank_rank, lowrank_layers=list(o.lowrank_layers),
             distill_seconds=o.distill_seconds, distill_rank=o.distill_rank, distill_lr=o.distill_lr,
-            distill_relation=o.distill_relation, push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
+            distill_relation=o.distill_relation, act_timestep_groups=a.timestep_groups,
+            outlier_fraction=o.weights.outlier_fraction,
+            push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 
     @property
@@ -156,6 +161,7 @@ class Recipe:
             balance_alphas=list(self.balance_alphas), lowrank_rank=self.lowrank_rank,
             lowrank_layers=list(self.lowrank_layers), distill_seconds=self.distill_seconds,
             distill_rank=self.distill_rank, distill_lr=self.distill_lr, distill_relation=self.distill_relation,
+            act_timestep_groups=self.act_timestep_groups, outlier_fraction=self.outlier_fraction,
         )
 
 
@@ -191,6 +197,7 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, ca
     from ..families import denoiser_of
     from ..plan import layer_table
     from .builder import build_plan, calibrated_plan
+    from .context import protected_layers
     from .distributed import is_main_process
 
     pipe = _load_pipeline(recipe)
@@ -203,8 +210,9 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, ca
         settings.weight_bits = recipe.size_mb * 8 * 2**20 / total
     report = None
     if recipe.calibrate_only:
-        plan = calibrated_plan(pipe, _uniform_plan(recipe, settings.for_model(denoiser).protected), settings,
-                              progress=progress)
+        protected = settings.for_model(denoiser).protected
+        protected_layers(protected, layer_table(denoiser), type(denoiser).__name__)  # same check as a mixed build
+        plan = calibrated_plan(pipe, _uniform_plan(recipe, protected), settings, progress=progress)
     else:
         plan, report = build_plan(pipe, settings, progress=progress)
     plan.target["base_model"] = recipe.pipeline
@@ -252,6 +260,6 @@ def _uniform_plan(recipe: Recipe, protected):
     act_dtype = f"int{recipe.act_candidates[0]}"
     if recipe.activations == "int8":
         acts = {"activations": act_dtype}
-    elif recipe.activations == "dynamic":
-        acts = {"activations": act_dtype, "act_range": "dynamic"}
+    elif recipe.activations in ("dynamic", "dynamic-token"):
+        acts = {"activations": act_dtype, "act_range": recipe.activations}
     return BitPlan(defaults={"weights": f"int{width}", **acts}, ignore=list(protected))

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from ..errors import MixDQError
 from ..families import family_of
 from .allocate import DEFAULT_ALLOCATOR
-from .options import BuildOptions, Labels, error_from, not_held_out
+from .options import DEFAULT_SPLIT_RATIOS, BuildOptions, Labels, error_from, not_held_out
 
 #: how a settings field is spelled, for the option paths that differ (see :mod:`.options`)
 SETTINGS_LABELS = Labels(
@@ -21,6 +21,8 @@ SETTINGS_LABELS = Labels(
         ("activations", "budget_bits"): "act_bits",
         ("activations", "protect_most_sensitive"): "act_protect",
         ("weights", "candidates"): "widths",
+        ("activations", "timestep_groups"): "act_timestep_groups",
+        ("weights", "outlier_fraction"): "outlier_fraction",
     },
     lambda loc: ".".join(map(str, loc)),
 )
@@ -29,7 +31,8 @@ SETTINGS_LABELS = Labels(
 @dataclass
 class BuildSettings:
     """What to build. ``weight_bits`` is the parameter-weighted average weight width (protected layers count at
-    16 bits); ``activations`` is ``"int8"`` (static, calibrated), ``"dynamic"`` (run-time range) or ``"none"``.
+    16 bits); ``activations`` is ``"int8"`` (static, calibrated), ``"dynamic"`` (run-time range per tensor),
+    ``"dynamic-token"`` (run-time range per token) or ``"none"``.
 
     Activations: ``act_widths`` are the candidate activation widths (4 and/or 8), ``act_bits`` the
     element-weighted average over quantized inputs (default: the widest candidate), and the ``act_protect``
@@ -61,7 +64,7 @@ class BuildSettings:
     widths: dict[str, list[int]] = field(default_factory=lambda: {"content": [2, 4, 8], "quality": [4, 8]})
     content_patterns: Sequence[str] | None = None
     protected: Sequence[str] = ()
-    split_ratios: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0)
+    split_ratios: Sequence[float] = DEFAULT_SPLIT_RATIOS
     budget_mode: str = "at_most"
     tolerance: float = 0.02
     bos: bool = True
@@ -95,14 +98,20 @@ class BuildSettings:
     distill_rank: int = 4
     distill_lr: float = 1e-3
     distill_relation: float = 1.0
+    #: static activation ranges per this many groups of the sampler's timesteps (:mod:`.timestep_ranges`; 0: off)
+    act_timestep_groups: int = 0
+    #: share of each int4 / int2 layer's output channels kept at int8 too (:mod:`.outlier_channels`; 0: off)
+    outlier_fraction: float = 0.0
 
     def options(self) -> dict[str, Any]:
         """These settings laid out as :class:`~.options.BuildOptions` fields."""
         return {
             "component": self.component, "steps": self.steps, "guidance": self.guidance, "height": self.height,
-            "width": self.width, "seed": self.seed, "weights": {"candidates": dict(self.widths)},
+            "width": self.width, "seed": self.seed,
+            "weights": {"candidates": dict(self.widths), "outlier_fraction": self.outlier_fraction},
             "activations": {"mode": self.activations, "candidates": list(self.act_widths),
-                            "budget_bits": self.act_bits, "protect_most_sensitive": self.act_protect},
+                            "budget_bits": self.act_bits, "protect_most_sensitive": self.act_protect,
+                            "timestep_groups": self.act_timestep_groups},
             "protected": list(self.protected), "split_ratios": list(self.split_ratios),
             "content_patterns": None if self.content_patterns is None else list(self.content_patterns),
             "budget_mode": self.budget_mode, "sweep_fraction": self.sweep_fraction,

@@ -5,6 +5,7 @@
 * :mod:`.building`: ``mixdq build``
 * :mod:`.sharing`: ``mixdq push``
 * :mod:`.interop`: ``mixdq import mixdq`` and ``mixdq export mixdq``
+* :mod:`.bos_state`: ``mixdq attach-bos``
 
 A new command group is a module that decorates its commands with ``@app.command()`` (importing only
 :mod:`.app` at import time, the rest inside the commands) and is imported below.
@@ -12,7 +13,7 @@ A new command group is a module that decorates its commands with ``@app.command(
 
 from __future__ import annotations
 
-from . import plans, evaluation, building, sharing, interop  # noqa: F401,I001  (register the commands, in --help order)
+from . import plans, evaluation, building, sharing, interop, bos_state  # noqa: F401,I001  (register the commands, in --help order)
 from .app import app, console, fail
 from .skeleton import load_model_skeleton
 

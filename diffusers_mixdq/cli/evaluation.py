@@ -7,6 +7,7 @@ from typing import List, Optional, Tuple
 
 import typer
 from rich.table import Table
+from typer.core import TyperCommand
 
 from ..errors import MixDQError
 from .app import THREADS_HELP, app, console, prepare_run, user_errors
@@ -84,10 +85,15 @@ def _plan_sources(model, plans: list[str], subfolder: str | None = None) -> dict
     from .. import demo
     from .plan_paths import load_plan_argument
 
+    from ..plan.components import component_plans
+
     out = {}
     for p in plans:
         bundled = None if Path(p).exists() or subfolder else demo.bundled_plan(model.name, p)
         name = Path(p).name if Path(p).exists() else p
+        if bundled is None and not subfolder and component_plans(p, minimum=2):
+            out[name] = p  # a plan set: each component quantized with its own plan
+            continue
         out[name] = str(bundled) if bundled else load_plan_argument(p, subfolder)[0]
     return out
 
@@ -103,13 +109,38 @@ def _generation(model, own_pipeline: bool, seed: int, steps: int | None, guidanc
     return Generation(seed=seed, batch_size=batch_size, **d)
 
 
+class _PairsCommand(TyperCommand):
+    """A command whose ``--compare A B`` may be given several times (typer keeps only the last of a two-value
+    option): every pair is taken out of the arguments before parsing and left in ``ctx.meta["compare"]``."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        pairs, rest, i = [], [], 0
+        while i < len(args):
+            if args[i] != "--compare":
+                rest.append(args[i])
+                i += 1
+                continue
+            names = args[i + 1:i + 3]
+            if len(names) < 2 or any(n.startswith("--") for n in names):
+                raise typer.BadParameter("takes two variant names, e.g. --compare w4a8-mixed FP32.", ctx=ctx,
+                                         param_hint="'--compare'")
+            pairs.append((names[0], names[1]))
+            i += 3
+        ctx.meta["compare"] = pairs
+        return super().parse_args(ctx, rest)
+
+
+def _check_pairs(pairs: list[tuple[str, str]], variants: list[str]) -> None:
+    """Every ``--compare`` name is a variant that will be evaluated (checked before generating anything)."""
+    missing = sorted({n for pair in pairs for n in pair if n not in variants})
+    if missing:
+        raise MixDQError(f"--compare: no variant {', '.join(map(repr, missing))}; variants: {', '.join(variants)}.")
+
+
 def _print_comparison(results, names: tuple[str, str], resamples: int, seed: int) -> None:
     from ..evaluation import compare, describe
 
     by_name = {r.name: r for r in results}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise MixDQError(f"--compare: no variant {', '.join(map(repr, missing))}; variants: {', '.join(by_name)}.")
     for line in describe(compare(by_name[names[0]], by_name[names[1]], resamples=resamples, seed=seed)):
         console.print(line, highlight=False)
 
@@ -122,8 +153,9 @@ def _model_for(pipeline: str | None, model: str | None):
     return (demo.model_of_pipeline(pipeline) if pipeline else None) or demo.get_model("shapes")
 
 
-@app.command("eval")
+@app.command("eval", cls=_PairsCommand)
 def eval_command(
+    ctx: typer.Context,
     pipeline: Optional[str] = typer.Argument(None, help="Pipeline directory (default: the --model's bundled one)."),
     plan: List[str] = typer.Option(..., "--plan", help="Plan (repeatable): file, directory, repo id, or the name of "
                                    "a bundled plan of the model."),
@@ -139,7 +171,8 @@ def eval_command(
     scorer: bool = typer.Option(True, help="Score text alignment with the model's scorer (its captions only)."),
     memory: bool = typer.Option(True, help="Measure peak RSS of each variant in a fresh process."),
     compare: Optional[Tuple[str, str]] = typer.Option(None, help="Paired tests between two variants (e.g. --compare "
-                                                      "w4a8-mixed w4a8-uniform; FP32 is the reference)."),
+                                                      "w4a8-mixed w4a8-uniform; FP32 is the reference); repeat "
+                                                      "for more pairs."),
     resamples: int = typer.Option(2000, help="Bootstrap resamples of the alignment intervals."),
     json_path: Optional[Path] = typer.Option(None, "--json", help=JSON_HELP),
     out: Optional[Path] = typer.Option(None, help="Directory for grid.png and results.json."),
@@ -158,13 +191,16 @@ def eval_command(
         pipeline = pipeline or m.pipeline_path()
         prompts = _read_prompts(prompts_file, m.name, split, num_prompts, seed)
         gen = _generation(m, own, seed, steps, guidance, batch_size)
-        results, summaries = _run(pipeline, _plan_sources(m, plan, subfolder), prompts,
+        sources = _plan_sources(m, plan, subfolder)
+        pairs = ctx.meta.get("compare", [])
+        _check_pairs(pairs, ["FP32", *sources])
+        results, summaries = _run(pipeline, sources, prompts,
                                   _scoring(m, prompts, required=False) if scorer else (None, None), gen, memory,
                                   resamples)
         _print_results(results, summaries, f"{pipeline}: {len(prompts)} prompts"
                        + ("" if prompts_file else f" of the {m.name} {split} set, seed {seed}"))
-        if compare and all(compare):
-            _print_comparison(results, tuple(compare), resamples, seed)
+        for pair in pairs:
+            _print_comparison(results, pair, resamples, seed)
     if json_path is not None:
         console.print(f"wrote {write_json(json_path, summaries)}")
     if out is not None:

@@ -110,7 +110,7 @@ def bundled_plan(model: str, name: str) -> Path | None:
     None if there is none."""
     for plan_set in (model, f"{model}-extra"):
         path = Path(_HERE) / "plans" / plan_set / name
-        if (path / "plan.json").is_file():
+        if (path / "plan.json").is_file() or any(path.glob("*/plan.json")):  # a plan, or a plan per component
             return path
     return None
 

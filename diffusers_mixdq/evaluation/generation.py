@@ -46,25 +46,39 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 
 def load_pipeline(path: str | os.PathLike, plan=None, torch_dtype: torch.dtype = torch.float32):
-    """The pipeline at ``path``, its denoiser quantized with ``plan`` (None: full precision)."""
+    """The pipeline at ``path``, its denoiser quantized with ``plan`` (None: full precision), or each component
+    with its own plan for a plan directory with component folders (``unet/``, ``text_encoder/``, ...) or a mapping
+    ``{component: BitPlan}``."""
     from diffusers import DiffusionPipeline
-    from diffusers.quantizers import PipelineQuantizationConfig
 
     from ..bos import verify_text_encoder
-    from ..config import MixDQConfig
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if plan is not None:
-        index = json.loads((Path(path) / "model_index.json").read_text())
-        component = next((c for c in DENOISER_COMPONENTS if c in index), DENOISER_COMPONENTS[-1])
-        kwargs["quantization_config"] = PipelineQuantizationConfig(
-            quant_mapping={component: MixDQConfig(plan=plan)}
-        )
+        kwargs["quantization_config"] = _quantization_config(path, plan)
     pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     if plan is not None:
         verify_text_encoder(pipe)
     return pipe
+
+
+def _quantization_config(path, plan):
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    from ..config import MixDQConfig
+    from ..errors import MixDQError
+    from ..plan.components import component_plans
+
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    plans = component_plans(plan, minimum=1)
+    if not plans:
+        plans = {next((c for c in DENOISER_COMPONENTS if c in index), DENOISER_COMPONENTS[-1]): plan}
+    missing = sorted(set(plans) - set(index))
+    if missing:
+        raise MixDQError(f"The plan set has plans for {', '.join(missing)}, which the pipeline at {path} does not "
+                         f"have (it has {', '.join(sorted(k for k in index if not k.startswith('_')))}).")
+    return PipelineQuantizationConfig(quant_mapping={c: MixDQConfig(plan=p) for c, p in plans.items()})
 
 
 def generate_timed(pipe, prompts: Sequence[str], seed: int, steps: int, guidance: float, batch_size: int = 16,

@@ -16,21 +16,23 @@ import torch
 
 from ..families import denoiser_of
 from ..plan import BitPlan, resolve_plan_source
+from ..plan.components import component_plans
 from .generation import Generation, generate, load_pipeline, tensor_bytes
 from .images import image_metrics, per_image_psnr
 from .peak import measure_peak_rss
 from .results import VariantResult
 
 
-def _run_variant(path, name: str, plan: BitPlan | None, prompts: Sequence[str], gen: Generation) -> VariantResult:
+def _run_variant(path, name: str, plan, prompts: Sequence[str], gen: Generation) -> VariantResult:
     """Load the pipeline with ``plan``, generate ``prompts``: the images, size, speed and average weight bits."""
     pipe = load_pipeline(path, plan)
     _, denoiser = denoiser_of(pipe)
     images, seconds = generate(pipe, prompts, gen.seed, gen.steps, gen.guidance, gen.batch_size, gen.height,
                                gen.width, gen.pipe_kwargs)
     bits = 8.0 * next(denoiser.parameters()).element_size()
-    if plan is not None:
-        bits = denoiser.config.quantization_config.plan.summary().avg_weight_bits
+    config = getattr(denoiser.config, "quantization_config", None)
+    if config is not None:  # (a plan set may quantize only other components)
+        bits = config.plan.summary().avg_weight_bits
     return VariantResult(name=name, denoiser_bytes=tensor_bytes(denoiser), seconds_per_image=seconds,
                          avg_weight_bits=bits, images=images)
 
@@ -74,15 +76,24 @@ def evaluate(
 
     gen = generation or Generation(**settings)
     diffusers_logging.disable_progress_bar()
-    variants: list[tuple[str, BitPlan | None]] = [("FP32", None)]
-    variants += [(name, resolve_plan_source(p)) for name, p in plans.items()]
+    variants: list[tuple[str, Any]] = [("FP32", None)]
+    variants += [(name, component_plans(p, minimum=1) or resolve_plan_source(p)) for name, p in plans.items()]
     results: list[VariantResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, plan in tqdm(variants, desc="variants", disable=not progress):
             res = _run_variant(path, name, plan, prompts, gen)
             score_variant(res, results[0] if results else None, prompts, scorer, real_features)
             if measure_memory:
-                saved = None if plan is None else str(plan.save(Path(tmp) / name.replace("/", "_")))
+                saved = None if plan is None else _save(plan, Path(tmp) / name.replace("/", "_"))
                 res.peak_rss_bytes = measure_peak_rss(str(path), saved, prompts[: gen.batch_size], gen)
             results.append(res)
     return results
+
+
+def _save(plan, folder: Path) -> str:
+    """Save a plan (or ``{component: plan}`` into component folders) for a fresh process to load."""
+    if isinstance(plan, BitPlan):
+        return str(plan.save(folder))
+    for component, p in plan.items():
+        p.save(folder / component)
+    return str(folder)

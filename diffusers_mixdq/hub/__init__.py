@@ -16,14 +16,16 @@ The repository layout is documented in ``docs/hub.md``. Inside: ``layout`` (repo
 """
 
 from ..plan import register_source
+from ..plan.components import register_set_source
 from .card import plan_card
 from .download import download_plan, hub_plan_source, looks_like_repo_id
 from .failures import list_plans
 from .layout import collect_plans, component_for_class
-from .pipeline import pipeline_quantization_config, plan_components
+from .pipeline import hub_plan_set, pipeline_quantization_config, plan_components
 from .push import PlanPushError, push_plan
 
 register_source(hub_plan_source)
+register_set_source(hub_plan_set)
 
 __all__ = [
     "PlanPushError",

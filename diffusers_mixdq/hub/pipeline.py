@@ -44,6 +44,25 @@ def plan_components(
     return commit, found
 
 
+def hub_plan_set(source: str, options) -> dict | None:
+    """Plan-set reader (see :func:`diffusers_mixdq.plan.components.register_set_source`): ``{component: plan}`` of
+    a repo whose plans are all in component folders, all read from one commit; ``None`` for anything else (a repo
+    with a root-level plan, or no such repo: the single-plan path then reads it, or reports why it cannot)."""
+    from ..plan import resolve_plan_source
+    from .download import looks_like_repo_id
+
+    if not looks_like_repo_id(source):
+        return None
+    revision, token = options.get("revision"), options.get("token")
+    try:
+        commit, found = plan_components(source, revision, token)
+    except PlanSourceError:
+        return None
+    if any(sub is None for sub in found.values()):
+        return None
+    return {c: resolve_plan_source(source, revision=commit, subfolder=sub, token=token) for c, sub in found.items()}
+
+
 def _plan_snapshot(repo_id: str, revision: str | None, token: str | bool | None) -> str:
     """The cache snapshot folder holding the repo's plan files (root and one folder deep) at ``revision``."""
     from huggingface_hub import snapshot_download

@@ -111,23 +111,29 @@ class BitPlan:
         return plan
 
     @classmethod
-    def from_mixdq(cls, weights, activations=None, act_range: float | str = "dynamic", prefix: str = "model.") -> BitPlan:
+    def from_mixdq(cls, weights, activations=None, act_range: float | str = "dynamic", prefix: str = "model.",
+                   keep_fp=None, provenance: Mapping[str, Any] | None = None) -> BitPlan:
         """A plan from the MixDQ authors' published ``{layer: bits}`` YAML maps (each a path, an http(s) URL or a
-        dict); layers in neither map stay in floating point. See docs/plan-format.md, "MixDQ's published maps"."""
+        dict); layers in neither map stay in floating point, and so do those of ``keep_fp`` (their "act protect"
+        list). See docs/plan-format.md, "MixDQ's published maps"."""
         from .mixdq_maps import plan_dict_from_mixdq
 
-        return cls.from_dict(plan_dict_from_mixdq(weights, activations, act_range=act_range, prefix=prefix))
+        return cls.from_dict(plan_dict_from_mixdq(weights, activations, act_range=act_range, prefix=prefix,
+                                                  provenance=provenance, keep_fp=keep_fp))
 
-    def to_mixdq(self, model=None, weights=None, activations=None, prefix: str = "model.") -> tuple[dict, dict]:
+    def to_mixdq(self, model=None, weights=None, activations=None, prefix: str = "model.",
+                 keep_fp=None) -> tuple[dict, dict]:
         """This plan as MixDQ's ``(weight map, activation map)``, also written as YAML files when ``weights`` /
-        ``activations`` paths are given. A plan with rules needs ``model`` to resolve against."""
+        ``activations`` paths are given; ``keep_fp`` (a path) also writes the layers kept fully in floating point
+        as their "act protect" list, with their published widths back in the maps. A plan with rules needs
+        ``model`` to resolve against."""
         from .mixdq_maps import plan_to_mixdq, write_map
 
-        maps = plan_to_mixdq(self, model=model, prefix=prefix)
-        for data, path in zip(maps, (weights, activations)):
+        *maps, fp = plan_to_mixdq(self, model=model, prefix=prefix, keep_fp=keep_fp is not None)
+        for data, path in zip((*maps, fp), (weights, activations, keep_fp)):
             if path is not None:
                 write_map(data, path)
-        return maps
+        return maps[0], maps[1]
 
     def copy(self) -> BitPlan:
         new = BitPlan.from_dict(self.to_dict())

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import PlanFormatError, PlanMismatchError
 from ..families import family_of, match_all
+from .extras import outlier_problem
 from .limits import MAX_ACT_RANGE
 from .layers import LayerInfo, fingerprint, layer_table, module_types, table_differences
 from .spec import NOT_QUANTIZED, SPEC_KEYS, LayerSpec
@@ -198,17 +199,21 @@ def finalise_specs(
     final: dict[str, dict[str, Any]] = {}
     bad_bos: list[str] = []
     no_range: list[str] = []
+    misfit: list[str | None] = []
     for name, spec in raw.items():
         info = table[name]
         flags = bos_flags(dict(spec.get("flags") or {}), info, bos_dim, name in text_kv)
         if flags.get("bos_aware") and not _bos_capable(info, bos_dim):
             bad_bos.append(f"'{name}' ({info.type}, {info.in_features} inputs; plan BOS state: {bos_dim or 'none'})")
         layer = _layer_from(spec, flags, act_ranges.get(name))
+        misfit.append(outlier_problem(name, layer, info))
         if layer.activations != "none" and layer.act_range is None:
             no_range.append(name)
         final[name] = layer.to_dict()
     _check_bos(bad_bos)
     _check_ranges(no_range)
+    if any(misfit):
+        raise PlanMismatchError(listing("These layers' outlier channels do not fit them", [m for m in misfit if m]))
     return final
 
 

@@ -22,8 +22,13 @@ WEIGHT_DTYPES: dict[str, int | None] = {"int8": 8, "int4": 4, "int2": 2, "float8
 #: activation dtype -> bits (``None``: not quantized)
 ACTIVATION_DTYPES: dict[str, int | None] = {"int8": 8, "int4": 4, "float8": 8, "none": None}
 DYNAMIC = "dynamic"
-#: the keys of a layer spec (a rule also has ``targets`` and ``note``)
-SPEC_KEYS = ("weights", "activations", "act_range", "flags")
+#: ``act_range`` of a layer whose input is quantized with one run-time scale per token (ViDiT-Q)
+DYNAMIC_TOKEN = "dynamic-token"
+#: the ``act_range`` values computed at run time (each the name of its activation scheme)
+DYNAMIC_RANGES = (DYNAMIC, DYNAMIC_TOKEN)
+#: the keys of a layer spec (a rule also has ``targets`` and ``note``); ``act_groups``: static ranges per timestep
+#: group, ``outliers``: output channels kept in a wider weight format (see docs/plan-format.md)
+SPEC_KEYS = ("weights", "activations", "act_range", "flags", "act_groups", "outliers")
 #: the spec of a layer kept in floating point
 NOT_QUANTIZED: Mapping[str, str] = {"weights": "none", "activations": "none"}
 
@@ -44,16 +49,28 @@ class LayerSpec:
     activations: str = "none"
     act_range: float | str | None = None
     flags: Mapping[str, Any] = field(default_factory=dict)
+    #: ``((t_lo, t_hi, absmax), ...)``: static input ranges per timestep group (``act_range`` outside them)
+    act_groups: tuple[tuple[float, float, float], ...] | None = None
+    #: ``{"weights": "int8", "channels": [...]}``: output channels stored in a wider format than the layer
+    outliers: Mapping[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> LayerSpec:
         """A spec from a plan entry (missing keys: not quantized; ``act_range`` only with quantized inputs)."""
-        activations = raw.get("activations", "none")
+        activations, weights = raw.get("activations", "none"), raw.get("weights", "none")
+        groups = raw.get("act_groups") if activations != "none" else None
+        groups = tuple(tuple(float(v) for v in g) for g in groups) if groups else None
+        act_range = raw.get("act_range") if activations != "none" else None
+        if act_range is None and groups:  # outside every group: the widest group's range
+            act_range = max(g[2] for g in groups)
+        outliers = raw.get("outliers") if weights != "none" else None
         return cls(
-            weights=raw.get("weights", "none"),
+            weights=weights,
             activations=activations,
-            act_range=raw.get("act_range") if activations != "none" else None,
+            act_range=act_range,
             flags=dict(raw.get("flags") or {}),
+            act_groups=groups,
+            outliers=dict(outliers) if outliers else None,
         )
 
     @property
@@ -70,7 +87,12 @@ class LayerSpec:
 
     @property
     def dynamic(self) -> bool:
-        return self.act_range == DYNAMIC
+        """Whether the input range is computed at run time (per tensor or per token)."""
+        return self.act_range in DYNAMIC_RANGES
+
+    @property
+    def outlier_channels(self) -> list[int]:
+        return list(self.outliers["channels"]) if self.outliers else []
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"weights": self.weights, "activations": self.activations}
@@ -78,4 +100,8 @@ class LayerSpec:
             out["act_range"] = self.act_range
         if self.flags:
             out["flags"] = dict(self.flags)
+        if self.act_groups:
+            out["act_groups"] = [list(g) for g in self.act_groups]
+        if self.outliers:
+            out["outliers"] = {**self.outliers, "channels": list(self.outliers["channels"])}
         return out

@@ -14,6 +14,7 @@ from typing import Mapping
 from torch import nn
 
 from .. import registry
+from .extras import outlier_bits
 from .layer_tensors import extra_bits
 from .layers import LayerInfo
 from .spec import WEIGHT_DTYPES, LayerSpec
@@ -121,6 +122,8 @@ def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo],
     for name, spec in specs.items():
         info = manifest[name]
         extra = extra_bits(spec.flags, info)  # balancing factors and low-rank factors, stored with the weight
+        if spec.outliers:  # rows kept a second time at int8 (plan.extras): counted in bits and size
+            extra += outlier_bits(spec, info.in_features)
         weight_bits += (spec.weight_bits or FLOAT_BITS) * info.numel + extra
         size_bits += storage_bits_per_weight(spec.weights, info) * info.numel + extra
         if spec.activation_bits:
@@ -141,10 +144,13 @@ def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo],
 
 
 def params_outside(model: nn.Module, quantizable: set[str]) -> int:
-    """Parameters of ``model`` other than the weights of the ``quantizable`` layers (biases included)."""
+    """Parameters of ``model`` other than the weights of the ``quantizable`` layers (biases included); a tensor
+    shared by several modules (tied embeddings) counts once."""
     other = 0
+    seen: set[int] = set()
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if not (mname in quantizable and pname == "weight"):
+            if not (mname in quantizable and pname == "weight") and id(p) not in seen:
+                seen.add(id(p))
                 other += p.numel()
     return other

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from ..errors import PlanFormatError
 from ..families import check_pattern
+from .extras import check_extras
 from .layers import LayerInfo
 from .limits import MAX_ACT_RANGE, check_counts, plain_json
 from .spec import ACTIVATION_DTYPES, FORMAT_NAME, FORMAT_VERSION, WEIGHT_DTYPES
@@ -47,6 +48,7 @@ def validate_plan_data(data: Any) -> dict[str, Any]:
     data = plain_json(data)
     check_header(data)
     _check_schema(data)
+    check_extras(data)
     _check_patterns(data)
     _check_manifest(data.get("target") or {})
     return data
@@ -158,7 +160,7 @@ def _explain(err) -> str:
         return f"unknown activation dtype {err.instance!r}; use one of {', '.join(ACTIVATION_DTYPES)}"
     if key == "act_range":
         return (f"act_range must be a positive number (the absolute max of the layer input, finite and at most "
-                f"{MAX_ACT_RANGE:g}) or \"dynamic\", got {_short(err.instance)}")
+                f"{MAX_ACT_RANGE:g}), \"dynamic\" or \"dynamic-token\", got {_short(err.instance)}")
     if err.validator in ("maximum", "minimum", "exclusiveMinimum", "type", "enum", "const"):
         return f"{_short(err.instance)} is not allowed here ({err.validator} {_short(err.validator_value)})"
     if err.validator in ("unevaluatedProperties", "additionalProperties"):

@@ -1,0 +1,64 @@
+"""Methods of diffusers' models that a quantized model answers with a clear :class:`~diffusers_mixdq.MixDQError`
+(bound on each model instance the quantizer loads, before anything is changed).
+
+* ``fuse_lora``: loading, switching and unloading LoRA adapters work on a quantized denoiser (peft wraps each MixDQ
+  module, a ``torch.nn.Linear`` subclass, and keeps the LoRA matrices in floating point beside the quantized
+  weight), but fusing does not: peft adds the LoRA delta to ``weight.data``, which for a quantized weight is lost
+  without an error. ``pipe.fuse_lora()`` calls the denoiser's ``fuse_lora`` first, so it is refused too.
+* ``enable_group_offload`` onto a device this machine does not have (e.g. CUDA on a CPU-only machine) would fail
+  only at the first forward, deep inside a hook; it is refused at once. Group offloading itself works with
+  quantized modules (tested CPU -> CPU here, CUDA in ``tests/test_offload.py`` where CUDA exists).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+from ..errors import MixDQError
+
+
+def guard_model(model) -> None:
+    """Bind the guarded methods on a quantized diffusers ``model`` (those its class has)."""
+    cls = type(model)
+    if hasattr(cls, "fuse_lora"):
+        model.fuse_lora = types.MethodType(_refuse_fuse_lora, model)
+    if hasattr(cls, "enable_group_offload"):
+        model.enable_group_offload = types.MethodType(_checked_group_offload(cls.enable_group_offload), model)
+
+
+def _refuse_fuse_lora(self, *args, **kwargs):
+    raise MixDQError(
+        f"fuse_lora is not supported on this MixDQ-quantized {type(self).__name__}: the LoRA would have to be "
+        "added to quantized weights. Keep the LoRA unfused (load_lora_weights / set_adapters work: it runs in "
+        "floating point beside the quantized layers), or fuse it into the full-precision model, save that, and "
+        "quantize the result."
+    )
+
+
+def _checked_group_offload(original):
+    @functools.wraps(original)
+    def enable_group_offload(self, onload_device, *args, **kwargs):
+        check_device_available(onload_device, "group offloading (onload_device)")
+        return original(self, onload_device, *args, **kwargs)
+
+    return enable_group_offload
+
+
+def check_device_available(device, purpose: str) -> None:
+    """Raise :class:`MixDQError` unless ``device`` exists on this machine."""
+    device = torch.device(device)
+    if device.type == "cpu" or device.type == "meta":
+        return
+    module = getattr(torch, device.type, None)
+    available = module is not None and getattr(module, "is_available", lambda: False)()
+    if available and device.index is not None:
+        available = device.index < module.device_count()
+    if not available:
+        raise MixDQError(
+            f"{purpose} needs the device '{device}', which this machine does not have. On a CPU-only machine run "
+            "the quantized model on the CPU (no offloading is needed: quantized weights already save memory), or "
+            "pass a device that exists."
+        )

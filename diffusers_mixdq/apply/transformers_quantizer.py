@@ -1,0 +1,201 @@
+"""The transformers quantizer for ``quant_method="mixdq"``: applies a plan to a text encoder (``CLIPTextModel``,
+``CLIPTextModelWithProjection``, ``T5EncoderModel``, ...) while transformers loads it.
+
+Flow inside ``PreTrainedModel.from_pretrained`` (transformers 5 loads through weight "conversions"):
+
+1. ``_process_model_before_weight_loading`` (model on meta): for a saved quantized model read the plan file
+   beside its weights; pick the component's plan (:mod:`diffusers_mixdq.plan.components`); resolve it, check a
+   pre-quantized checkpoint's tensors against it, and swap each planned Linear for a MixDQ module made by the weight
+   backend (the same modules, backend and checks as the diffusers quantizer: :mod:`.swap`).
+2. Full-precision checkpoint: each planned ``weight`` is routed to :class:`_Quantize` (``param_needs_quantization``
+   / ``get_quantize_ops``), which places and quantizes it at once. Pre-quantized checkpoint: a converter
+   (``get_weight_conversions``) gathers the pieces of each saved quantized weight (``weight._data``,
+   ``weight._scale``, ...) into :class:`_Deserialize`, which installs them.
+3. ``_process_model_after_weight_loading``: re-raise any error transformers turned into a log line, put back the
+   activation scales transformers re-created as "missing", check nothing is left on meta, and drop our converter
+   from the model's list (transformers would try to reverse it on save; the quantized modules save themselves).
+
+``save_pretrained`` writes the plan file beside the weights (the same wrapper as for diffusers models) and a
+``quantization_config`` that refers to it; ``from_pretrained`` of that folder needs no plan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.core_model_loading import ConversionOps, WeightConverter
+from transformers.quantizers.base import HfQuantizer
+
+from ..errors import MixDQError
+from . import checkpoint, saved_weights
+from .backends import default_backend
+from .corrections import prepare_weight_
+from .swap import (check_device_map, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
+                   make_modules, refuse_quantized)
+
+class _MixDQOp(ConversionOps):
+    """A conversion op that hands one planned layer's tensors to the quantizer (never raising inside transformers'
+    loop, which would turn the error into a log line: the quantizer keeps it and raises after loading)."""
+
+    def __init__(self, quantizer: MixDQTransformersQuantizer):
+        self.hf_quantizer = quantizer
+
+    def __deepcopy__(self, memo):  # transformers copies its converter per layer: keep one quantizer, not copies
+        return self
+
+    def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
+                missing_keys=None, **kwargs) -> dict[str, Any]:
+        name = full_layer_name[: -len(".weight")]
+        tensors = {key: value[0] if isinstance(value, list) else value for key, value in input_dict.items()}
+        try:
+            self.apply(name, tensors)
+        except (MixDQError, RuntimeError, KeyError, ValueError) as e:
+            self.hf_quantizer.errors.append(e if isinstance(e, MixDQError) else MixDQError(f"'{name}': {e}"))
+            return {}
+        module = self.hf_quantizer.modules[name]
+        module._is_hf_initialized = True  # transformers must not re-initialise the (quantized) weight
+        if missing_keys is not None:  # the activation scales come from the plan (or the checkpoint)
+            for key in ("weight", "input_scale", "output_scale"):
+                missing_keys.discard(f"{name}.{key}")
+        return {}
+
+    def apply(self, name: str, tensors: dict[str, torch.Tensor]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _Quantize(_MixDQOp):
+    """A full-precision weight: placed, then quantized at once."""
+
+    def apply(self, name, tensors):
+        quantizer = self.hf_quantizer
+        module = quantizer.modules[name]
+        (value,) = tensors.values()
+        module.weight = torch.nn.Parameter(value.to(quantizer.torch_dtype), requires_grad=False)
+        prepare_weight_(module)  # balancing / low-rank: the weight that is quantized
+        quantizer.backend.quantize_weight_(module)
+
+
+class _Deserialize(_MixDQOp):
+    """The saved pieces of a quantized weight, gathered by the converter, installed together."""
+
+    def apply(self, name, tensors):
+        quantizer = self.hf_quantizer
+        device = next(iter(tensors.values())).device
+        install_saved_weight(quantizer.backend, quantizer.modules[name], name, tensors, quantizer.torch_dtype,
+                             device)
+
+
+class MixDQTransformersQuantizer(HfQuantizer):
+    """Applies a :class:`~diffusers_mixdq.BitPlan` through transformers' loading machinery."""
+
+    requires_calibration = False
+    required_packages = ["optimum-quanto", "accelerate"]
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.torch_dtype: torch.dtype = torch.float32
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.errors: list[MixDQError] = []
+        self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.backend = default_backend()
+
+    def validate_environment(self, *args, **kwargs):
+        check_device_map(kwargs.get("device_map"))
+
+    def update_dtype(self, dtype):
+        self.torch_dtype = load_dtype(dtype, "dtype")
+        return self.torch_dtype
+
+    # ------------------------------------------------------------------ before loading
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        config = self.quantization_config
+        if config.awaits_plan_file:  # a saved quantized model: its plan file lies beside the weights
+            config.attach_plan_file(checkpoint.read_plan_file(config.plan_file, checkpoint_files or []))
+        config = config_for(config, model, checkpoint_files)
+        refuse_quantized(model)
+        keep = _kept_in_fp32(model, self.torch_dtype)
+        extra_ignore = list(config.modules_to_not_convert or []) + [f"*{m}*" for m in keep]
+        resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
+        with torch.device("cpu"):  # transformers builds the model under a meta-device context
+            self.modules = make_modules(self.backend, model, resolved, self.torch_dtype, fill_bos=False)
+        if self.pre_quantized:
+            shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            saved_weights.check_checkpoint(saved_weights.read_headers(checkpoint_files or []),
+                                           resolved.layer_specs(), resolved.manifest(),
+                                           lambda name, spec, info: self.backend.expected_pieces(self.modules[name]),
+                                           shapes)
+        for name, qmodule in self.modules.items():
+            model.set_submodule(name, qmodule)
+            self._scales[name] = (qmodule.input_scale.clone(), qmodule.output_scale.clone())
+        self.quantization_config = config.with_resolved_plan(resolved)
+        checkpoint.bind_save_pretrained(model)
+        return model
+
+    # ------------------------------------------------------------------ per tensor
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized or not param_name.endswith(".weight"):
+            return False
+        module = self.modules.get(param_name[: -len(".weight")])
+        return module is not None and module.stores_quantized_weight
+
+    def get_quantize_ops(self):
+        return _Quantize(self)
+
+    def get_weight_conversions(self):
+        """For a pre-quantized checkpoint: one converter gathering the saved pieces of each quantized weight."""
+        if not self.pre_quantized:
+            return []
+        pieces = set()
+        for module in self.modules.values():
+            if module.stores_quantized_weight:
+                pieces |= set(self.backend.quantized_weight_keys(module))
+        if not pieces:
+            return []
+        return [WeightConverter(sorted(pieces, key=len, reverse=True), "weight", [_Deserialize(self)])]
+
+    # ------------------------------------------------------------------ after loading
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.errors:
+            raise self.errors[0]
+        check_unloaded(self.backend, self.modules)
+        for name, module in self.modules.items():
+            if not self.pre_quantized:  # transformers re-made them as "missing" keys
+                module.input_scale, module.output_scale = (s.to(module.weight.device) for s in self._scales[name])
+                if not module.stores_quantized_weight:
+                    prepare_weight_(module)  # a floating-point weight is balanced / corrected once, here
+            module.move_scales_to_weight_device()
+            if self.pre_quantized:
+                module.cast_buffers_(self.torch_dtype)
+        if self.pre_quantized:
+            saved_weights.check_small_buffers(self.modules)
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [c for c in conversions if not _is_ours(c)]
+        check_loaded(model)
+        return model
+
+    # ------------------------------------------------------------------ capabilities
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def _kept_in_fp32(model, dtype: torch.dtype) -> list[str]:
+    """The modules transformers keeps in float32 at this load dtype (``_keep_in_fp32_modules`` for fp16 loads,
+    ``_keep_in_fp32_modules_strict`` for fp16 / bf16 loads): the plan leaves them in floating point."""
+    keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or []) if dtype != torch.float32 else []
+    if dtype == torch.float16:
+        keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return keep
+
+
+def _is_ours(conversion) -> bool:
+    return any(isinstance(op, _MixDQOp) for op in getattr(conversion, "operations", ()))
