@@ -24,6 +24,10 @@ prompts of its **validation** set, so no prompt of the **test** set that `mixdq 
 seen by the builder. Allocator options: ``--pick-objective tail`` picks by the worst 10% of images;
 ``--protect-first-last`` keeps conv_in / conv_out in 16 bit; ``--split-ratios`` sets the ``k`` sweep (default:
 the builder's eleven ratios); ``--out DIR`` writes every plan under DIR instead of the bundled folders.
+
+Correct-stage options (issue #14, off by default): ``--balance`` (channel balancing), ``--lowrank-rank R`` (low-rank
+branches; a mixed plan's budget pays for them; ``--lowrank-layers PATTERN...`` limits them to some layers),
+``--distill-seconds S`` (adapters distilled against full precision).
 """
 
 from __future__ import annotations
@@ -63,6 +67,12 @@ def allocator_settings(args: argparse.Namespace) -> dict:
     return extra
 
 
+def correction_settings(args: argparse.Namespace) -> dict:
+    """The builder settings of the correct and distill stages (none of them: the bundled plans' settings)."""
+    return {"balance": args.balance, "lowrank_rank": args.lowrank_rank, "lowrank_layers": tuple(args.lowrank_layers),
+            "distill_seconds": args.distill_seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=PLANS, default=list(BUNDLED), metavar="PLAN",
@@ -75,6 +85,13 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path("_work/shapes_cache"),
                         help="calibration and sensitivity cache shared by the mixed plans")
     parser.add_argument("--out", type=Path, default=None, help="write the plans here (default: the bundled folders)")
+    parser.add_argument("--balance", action="store_true", help="channel balancing (the correct stage)")
+    parser.add_argument("--lowrank-rank", type=int, default=0, metavar="R",
+                        help="low-rank branches of rank R (mixed plans: the budget pays for them)")
+    parser.add_argument("--lowrank-layers", nargs="+", default=[], metavar="PATTERN",
+                        help="only these layers get low-rank branches (default: every quantized one)")
+    parser.add_argument("--distill-seconds", type=float, default=0.0, metavar="S",
+                        help="train rank-4 adapters (on the --lowrank-layers) against full precision for S seconds")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -88,7 +105,7 @@ def main() -> None:
         t0 = time.perf_counter()
         plan = calibrated_plan(pipe, BitPlan(defaults={"weights": weights, "activations": "int8"},
                                              target={"base_model": "diffusers_mixdq/demo/pipeline"}),
-                               BuildSettings(**common))
+                               BuildSettings(**common, **correction_settings(args)))
         plan.save(out / name)
         print(f"{name} calibrated in {time.perf_counter() - t0:.1f}s -> {out / name}")
         print(plan.summary())
@@ -97,7 +114,7 @@ def main() -> None:
         out, extra = MIXED[name]
         out = args.out or out
         t0 = time.perf_counter()
-        settings = BuildSettings(**{**common, **extra, **allocator_settings(args)})
+        settings = BuildSettings(**{**common, **extra, **allocator_settings(args), **correction_settings(args)})
         plan, report = build_plan(pipe, settings)
         plan.target["base_model"] = "diffusers_mixdq/demo/pipeline"
         plan.save(out / name)

@@ -16,6 +16,11 @@ set, and runs the pipeline with the arguments of its `defaults.json` (PixArt at 
   `w3a8-rule` (content and quality layers may both take {2, 4, 8} there, since {4, 8} cannot average below 4).
 
 No prompt of the **test** set, which `mixdq eval` and `mixdq demo` use, is seen here.
+
+    python examples/build_scenes_plans.py --only w4a8-uniform --balance --lowrank-rank 4 --out _work/scenes-bal-lr4
+
+Correct-stage options (issue #14, off by default): ``--balance`` (channel balancing), ``--lowrank-rank R`` and
+``--lowrank-layers PATTERN...`` (low-rank branches; a mixed plan's budget pays for them).
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ def main() -> None:
     parser.add_argument("--pick-prompts", type=int, default=48, metavar="N",
                         help="mixed plans: pick k on N prompts of the validation set (default 48)")
     parser.add_argument("--out", type=Path, default=None, help="write the plans here (default: the bundled folder)")
+    parser.add_argument("--balance", action="store_true", help="channel balancing (the correct stage)")
+    parser.add_argument("--lowrank-rank", type=int, default=0, metavar="R", help="low-rank branches of rank R")
+    parser.add_argument("--lowrank-layers", nargs="+", default=[], metavar="PATTERN")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -69,7 +77,8 @@ def main() -> None:
     gen = model.generation_settings()
     settings = BuildSettings(prompts=demo.prompt_set("scenes", "calibration", 16), steps=gen["steps"],
                              guidance=gen["guidance"], height=gen["height"], width=gen["width"], seed=1000,
-                             pipe_kwargs=gen["pipe_kwargs"])
+                             pipe_kwargs=gen["pipe_kwargs"], balance=args.balance, lowrank_rank=args.lowrank_rank,
+                             lowrank_layers=tuple(args.lowrank_layers))
     keep = list(family_of(pipe.transformer).first_last)
     out = args.out or Path(model.plans_dir())
     averages: dict[str, float] = {}

@@ -6,22 +6,28 @@ the default weight backend.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 
 from ..plan import LayerSpec
 from .backends import backend_named, backend_of
 from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
+from .corrections import attach_corrections, prepare_weight_
 from .outliers import compute_outlier_rows_, has_outliers
 
 
 def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor | None = None,
+                    tensors: Mapping[str, torch.Tensor] | None = None, name: str = "",
                     backend: str | None = None) -> nn.Module:
     """A quantized copy of an in-memory Linear / Conv2d (the original is left untouched), made by weight backend
-    ``backend`` (``None``: the default, or the one :func:`~.backends.use_weight_backend` imposes)."""
+    ``backend`` (``None``: the default, or the one :func:`~.backends.use_weight_backend` imposes); ``tensors`` (a
+    plan's sidecar) and the layer's ``name`` give it the balance / low-rank tensors its spec's flags name."""
     backend = backend_named(backend)
     dtype = module.weight.dtype
     qmodule = backend.make_module(module, spec, scale_dtype=dtype)
+    attach_corrections(qmodule, name, spec, tensors or {})
     qmodule.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
     if module.bias is not None:
         qmodule.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
@@ -32,6 +38,7 @@ def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor 
         set_bos_state(qmodule, bos_state)
         compute_bos_row_(qmodule)
         finish_bos_(qmodule, dtype)
+    prepare_weight_(qmodule)  # balancing / low-rank first: outlier rows come from the weight that is quantized
     if has_outliers(qmodule):
         compute_outlier_rows_(qmodule)
     backend.quantize_weight_(qmodule)

@@ -12,6 +12,7 @@ import torch
 
 from ..plan import BOS_MATCH_TOLERANCE, LayerSpec
 from .activations import scheme_for
+from .corrections import CORRECTION_BUFFERS, corrected_forward
 from .outliers import OUTLIER_BUFFERS, configure_outliers, has_outliers, outlier_forward
 from .timestep_groups import GROUP_BUFFERS, configure_groups, group_scale, has_groups
 
@@ -26,6 +27,8 @@ class MixDQModuleMixin:
     bos_aware: bool = False
     #: name of the weight backend that made the module (``WEIGHT_BACKENDS``)
     mixdq_backend: str = ""
+    #: channel balancing and/or a low-rank branch (:mod:`diffusers_mixdq.apply.corrections`)
+    mixdq_corrected: bool = False
 
     def _configure(self, spec: LayerSpec, scale_dtype: torch.dtype, backend: str) -> None:
         self.mixdq_spec = spec
@@ -78,7 +81,7 @@ class MixDQModuleMixin:
 
     def move_scales_to_weight_device(self) -> None:
         device = self.weight.device
-        for name in ("input_scale", "output_scale", *GROUP_BUFFERS, *OUTLIER_BUFFERS):
+        for name in ("input_scale", "output_scale", *GROUP_BUFFERS, *OUTLIER_BUFFERS, *CORRECTION_BUFFERS):
             buf = getattr(self, name, None)
             if isinstance(buf, torch.Tensor) and buf.device.type != "meta" and buf.device != device:
                 setattr(self, name, buf.to(device))
@@ -100,6 +103,11 @@ class MixDQModuleMixin:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bos_aware and x.dim() == 3 and x.shape[1] >= 2:
             return self._bos_forward(x)
+        return self._quantized_path(x)
+
+    def _quantized_path(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixdq_corrected:
+            return corrected_forward(self, x)
         return self._quantized_op(self.quantize_input(x))
 
     def _quantized_op(self, xq: torch.Tensor) -> torch.Tensor:
@@ -110,8 +118,8 @@ class MixDQModuleMixin:
     def _bos_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rows 1..n quantized; row 0 the stored full-precision row wherever input row 0 is the BOS state
         (per sample, without a host sync: e.g. zeroed negative prompts keep the quantized path)."""
-        rest = self._quantized_op(self.quantize_input(x[:, 1:]))
-        first = self._quantized_op(self.quantize_input(x[:, :1]))
+        rest = self._quantized_path(x[:, 1:])
+        first = self._quantized_path(x[:, :1])
         h = self.bos_input.float()
         is_bos = (x[:, 0].float() - h).norm(dim=-1) <= BOS_MATCH_TOLERANCE * h.norm()
         stored = self.bos_output.to(first.dtype).expand_as(first)

@@ -29,6 +29,7 @@ from ..errors import PlanMismatchError
 from . import checkpoint, memory, saved_weights
 from .backends import backend_named
 from .bos_rows import compute_bos_row_, finish_bos_
+from .corrections import prepare_weight_
 from .guards import guard_model
 from .outliers import OUTLIER_BUFFERS, compute_outlier_rows_, has_outliers
 from .swap import (check_device_map, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
@@ -170,8 +171,9 @@ class MixDQQuantizer(DiffusersQuantizer):
         set_module_tensor_to_device(model, param_name, target_device, value=param_value, dtype=dtype)
         if module.bos_aware:
             compute_bos_row_(module)
+        prepare_weight_(module)  # balancing / low-rank: the weight that is quantized (after the BOS row)
         if has_outliers(module):
-            compute_outlier_rows_(module)
+            compute_outlier_rows_(module)  # from the corrected weight
         self.backend.quantize_weight_(module)
         self._since_trim += param_value.numel() * param_value.element_size()
         # every 32 MB read, keep the allocator from hoarding the quantization temporaries
@@ -198,6 +200,8 @@ class MixDQQuantizer(DiffusersQuantizer):
             for module in self._modules.values():
                 if module.bos_aware:
                     finish_bos_(module, self.torch_dtype)
+                if not module.stores_quantized_weight:
+                    prepare_weight_(module)  # a floating-point weight is balanced / corrected once, here
             # quantized weights have their own storage; copy the rest out of the full-precision checkpoint's
             # memory map so the file is unmapped, then hand freed heap pages back
             quantized = {id(m.weight) for m in self._modules.values() if m.stores_quantized_weight}

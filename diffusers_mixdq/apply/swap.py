@@ -13,6 +13,7 @@ from ..plan import BOS_STATE_KEY
 from ..plan.components import folder_of
 from . import saved_weights
 from .bos_rows import set_bos_state
+from .corrections import attach_corrections
 from .qmodule import is_mixdq_module
 
 
@@ -65,6 +66,7 @@ def make_modules(backend, model, resolved, scale_dtype: torch.dtype, fill_bos: b
         if not spec.is_quantized:
             continue
         qmodule = backend.make_module(model.get_submodule(name), spec, scale_dtype=scale_dtype)
+        attach_corrections(qmodule, name, spec, resolved.tensors)
         if qmodule.bos_aware and fill_bos:
             if bos_state is None:
                 raise MixDQError(

@@ -30,6 +30,7 @@ from transformers.quantizers.base import HfQuantizer
 from ..errors import MixDQError
 from . import checkpoint, saved_weights
 from .backends import backend_named
+from .corrections import prepare_weight_
 from .swap import (check_device_map, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
                    make_modules, refuse_quantized)
 
@@ -71,6 +72,7 @@ class _Quantize(_MixDQOp):
         module = quantizer.modules[name]
         (value,) = tensors.values()
         module.weight = torch.nn.Parameter(value.to(quantizer.torch_dtype), requires_grad=False)
+        prepare_weight_(module)  # balancing / low-rank: the weight that is quantized
         quantizer.backend.quantize_weight_(module)
 
 
@@ -160,6 +162,8 @@ class MixDQTransformersQuantizer(HfQuantizer):
         for name, module in self.modules.items():
             if not self.pre_quantized:  # transformers re-made them as "missing" keys
                 module.input_scale, module.output_scale = (s.to(module.weight.device) for s in self._scales[name])
+                if not module.stores_quantized_weight:
+                    prepare_weight_(module)  # a floating-point weight is balanced / corrected once, here
             module.move_scales_to_weight_device()
             if self.pre_quantized:
                 module.cast_buffers_(self.torch_dtype)

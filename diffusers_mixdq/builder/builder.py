@@ -13,8 +13,11 @@
    activation widths under an element-weighted budget after keeping the most activation-sensitive inputs
    unquantized;
 4. **write** (:func:`~.write.write` -> :class:`~diffusers_mixdq.BitPlan`): the resolved plan with its provenance.
-5. optional method stages (:func:`~.plan_stages.method_stages`, each off by default): static ranges per timestep
-   group, int8 rows for the highest-kurtosis channels of int4 / int2 layers (budget reduced for them beforehand).
+5. optional method stages (:func:`~.plan_stages.method_stages`, each off by default): channel balancing and low-rank
+   branches fitted per layer on the calibration inputs (**correct**, :mod:`.correct`), adapters trained against the
+   full-precision run (**distill**, :mod:`.distill`, MPQ-DM's relation distillation, simplified), static ranges per
+   timestep group, int8 rows for the highest-kurtosis channels of int4 / int2 layers (budget reduced beforehand for
+   the factors and rows they add).
 
 :func:`build_plan` runs them in order; :func:`calibrated_plan` runs the first alone for a uniform plan. The report
 counts denoiser sample-evaluations against the naive protocol (see :mod:`.measure` for what is saved).

@@ -69,6 +69,26 @@ def _ratios(value: Any) -> list[float]:
     return [float(k) for k in value]
 
 
+def _alphas(value: Any) -> list[float]:
+    if not isinstance(value, (list, tuple)) or not value or not all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1 for a in value
+    ):
+        raise invalid(f"<> must be a non-empty list of numbers in [0, 1], got {value!r}.")
+    return [float(a) for a in value]
+
+
+def _non_negative(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+        raise invalid(f"<> must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def _positive(value: Any) -> float:
+    if _non_negative(value) == 0:
+        raise invalid(f"<> must be a positive number, got {value!r}.")
+    return float(value)
+
+
 def _allocator(value: Any) -> str:
     if value not in ALLOCATORS:
         raise invalid(f"<> must name a registered allocator ({', '.join(ALLOCATORS)}), got {value!r}; add one "
@@ -181,6 +201,16 @@ class BuildOptions(Strict):
     pick_prompts: list[Annotated[str, Field(strict=True)]] = []
     pick_objective: Literal[PICK_OBJECTIVES] = "mse"
     protect_first_last: Annotated[bool, Field(strict=True)] = False
+    #: the correct stage (:mod:`.correct`): channel balancing and low-rank branches
+    balance: Annotated[bool, Field(strict=True)] = False
+    balance_alphas: Annotated[list[float], BeforeValidator(_alphas)] = [0.0, 0.25, 0.5, 0.75]
+    lowrank_rank: Annotated[int, BeforeValidator(_count(0))] = 0
+    lowrank_layers: Patterns = []
+    #: the distill stage (:mod:`.distill`)
+    distill_seconds: Annotated[float, BeforeValidator(_non_negative)] = 0.0
+    distill_rank: Annotated[int, BeforeValidator(_count(1))] = 4
+    distill_lr: Annotated[float, BeforeValidator(_positive)] = 1e-3
+    distill_relation: Annotated[float, BeforeValidator(_non_negative)] = 1.0
 
 
 Loc = tuple

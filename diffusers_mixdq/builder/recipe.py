@@ -32,6 +32,14 @@ pick_prompts: validation.txt       # held-out prompts the final pick of k genera
                                    # prompts); a .txt file or a list, none of them among the calibration prompts
 pick_objective: mse                # mse (mean per-image MSE to FP) | tail (mean of the worst 10% of images)
 protect_first_last: false          # also keep the family's first/last layers (e.g. conv_in, conv_out) in 16 bit
+balance: false                     # channel balancing (ViDiT-Q), alpha per layer from balance_alphas
+balance_alphas: [0.0, 0.25, 0.5, 0.75]
+lowrank_rank: 0                    # low-rank branch (SVDQuant) of this rank per layer with quantized weights
+lowrank_layers: []                 # patterns of the layers that get one (default: all)
+distill_seconds: 0                 # > 0: train adapters (rank distill_rank) against FP for this long (MPQ-DM TRD)
+distill_rank: 4
+distill_lr: 0.001
+distill_relation: 1.0              # weight of the last block's relation KL beside the output MSE
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
 
@@ -94,6 +102,14 @@ class Recipe:
     pick_prompts: list[str] = field(default_factory=list)
     pick_objective: str = "mse"
     protect_first_last: bool = False
+    balance: bool = False
+    balance_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+    lowrank_rank: int = 0
+    lowrank_layers: list[str] = field(default_factory=list)
+    distill_seconds: float = 0.0
+    distill_rank: int = 4
+    distill_lr: float = 1e-3
+    distill_relation: float = 1.0
     act_timestep_groups: int = 0
     outlier_fraction: float = 0.0
     push: dict[str, Any] | None = None
@@ -114,8 +130,11 @@ class Recipe:
             split_ratios=list(o.split_ratios), budget_mode=o.budget_mode, allocator=o.allocator,
             sensitivity_files=[f.model_dump() for f in o.sensitivity_files], pick_prompts=list(o.pick_prompts),
             pipe_kwargs=dict(o.pipe_kwargs),
-            pick_objective=o.pick_objective, protect_first_last=o.protect_first_last,
-            act_timestep_groups=a.timestep_groups, outlier_fraction=o.weights.outlier_fraction,
+            pick_objective=o.pick_objective, protect_first_last=o.protect_first_last, balance=o.balance,
+            balance_alphas=list(o.balance_alphas), lowrank_rank=o.lowrank_rank, lowrank_layers=list(o.lowrank_layers),
+            distill_seconds=o.distill_seconds, distill_rank=o.distill_rank, distill_lr=o.distill_lr,
+            distill_relation=o.distill_relation, act_timestep_groups=a.timestep_groups,
+            outlier_fraction=o.weights.outlier_fraction,
             push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 
@@ -138,7 +157,10 @@ class Recipe:
             device=self.device, allocator=self.allocator, sensitivity_files=[dict(f) for f in self.sensitivity_files],
             pipe_kwargs=dict(self.pipe_kwargs),
             pick_prompts=list(self.pick_prompts), pick_objective=self.pick_objective,
-            protect_first_last=self.protect_first_last,
+            protect_first_last=self.protect_first_last, balance=self.balance,
+            balance_alphas=list(self.balance_alphas), lowrank_rank=self.lowrank_rank,
+            lowrank_layers=list(self.lowrank_layers), distill_seconds=self.distill_seconds,
+            distill_rank=self.distill_rank, distill_lr=self.distill_lr, distill_relation=self.distill_relation,
             act_timestep_groups=self.act_timestep_groups, outlier_fraction=self.outlier_fraction,
         )
 

@@ -71,7 +71,8 @@ def applied(denoiser: nn.Module, plan, bos_state: torch.Tensor | None = None):
     with ExitStack() as stack:
         for name, spec in plan.layer_specs().items():
             if spec.is_quantized:
-                qmodule = quantize_module(denoiser.get_submodule(name), spec, bos_state=bos_state)
+                qmodule = quantize_module(denoiser.get_submodule(name), spec, bos_state=bos_state,
+                                          tensors=plan.tensors, name=name)
                 stack.enter_context(swapped(denoiser, name, qmodule))
         yield denoiser
 

@@ -86,6 +86,18 @@ class BuildSettings:
     pick_prompts: Sequence[str] = ()
     pick_objective: str = "mse"
     protect_first_last: bool = False
+    #: the correct stage (:mod:`.correct`, off by default): channel balancing over the ``balance_alphas`` grid,
+    #: low-rank branches of ``lowrank_rank`` on the layers matching ``lowrank_layers`` (empty: all)
+    balance: bool = False
+    balance_alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75)
+    lowrank_rank: int = 0
+    lowrank_layers: Sequence[str] = ()
+    #: the distill stage (:mod:`.distill`, off while ``distill_seconds`` is 0): adapters of ``distill_rank`` trained
+    #: with Adam (``distill_lr``) on output MSE + ``distill_relation`` x the last block's relation KL
+    distill_seconds: float = 0.0
+    distill_rank: int = 4
+    distill_lr: float = 1e-3
+    distill_relation: float = 1.0
     #: static activation ranges per this many groups of the sampler's timesteps (:mod:`.timestep_ranges`; 0: off)
     act_timestep_groups: int = 0
     #: share of each int4 / int2 layer's output channels kept at int8 too (:mod:`.outlier_channels`; 0: off)
@@ -106,7 +118,10 @@ class BuildSettings:
             "content_fraction": self.content_fraction, "device": self.device, "allocator": self.allocator,
             "sensitivity_files": [dict(e) for e in self.sensitivity_files], "pipe_kwargs": self.pipe_kwargs,
             "pick_prompts": _as_list(self.pick_prompts), "pick_objective": self.pick_objective,
-            "protect_first_last": self.protect_first_last,
+            "protect_first_last": self.protect_first_last, "balance": self.balance,
+            "balance_alphas": _as_list(self.balance_alphas), "lowrank_rank": self.lowrank_rank,
+            "lowrank_layers": _as_list(self.lowrank_layers), "distill_seconds": self.distill_seconds,
+            "distill_rank": self.distill_rank, "distill_lr": self.distill_lr, "distill_relation": self.distill_relation,
         }
 
     def validate(self) -> None:

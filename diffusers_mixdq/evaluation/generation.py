@@ -38,8 +38,11 @@ def denoiser_name(pipe) -> str:
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every tensor in the module's state dict (quantized weights as stored)."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    """Bytes of every tensor in the module's state dict (quantized weights as stored), and of the buffers kept out
+    of it (a plan's balancing and low-rank factors, which travel in the plan's sidecar)."""
+    state = module.state_dict()
+    outside = [b for n, b in module.named_buffers() if n not in state]
+    return sum(t.numel() * t.element_size() for t in [*state.values(), *outside])
 
 
 def load_pipeline(path: str | os.PathLike, plan=None, torch_dtype: torch.dtype = torch.float32):

@@ -79,7 +79,7 @@ def download_plan(
     if sidecar:
         tensors = _sidecar(repo_id, _sidecar_path(sidecar, subfolder, where), revision, commit, token, where)
         try:
-            plan.tensors = check_tensors(plan.target, tensors, f"of {where}")
+            plan.tensors = check_tensors(plan.target, tensors, f"of {where}", plan.layers)
         except PlanFormatError as e:
             raise PlanSourceError(f"{e}\nThe repository holds a broken plan; ask its owner to publish it again with "
                                   "`mixdq push`, or pin an earlier good commit with revision=.") from None

@@ -47,7 +47,7 @@ class BitPlan:
         data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **{k: v for k, v in given.items() if v is not None}}
         data = validation.validate_plan_data(data)
         self._assign(*(data.get(key) for key in _FIELDS), tensors=None)
-        self.tensors = check_tensors(self.target, dict(tensors or {}))
+        self.tensors = check_tensors(self.target, dict(tensors or {}), layers=self.layers)
 
     def _assign(self, target, defaults, rules, ignore, layers, provenance, tensors) -> None:
         self.target: dict[str, Any] = dict(target or {})
@@ -107,7 +107,7 @@ class BitPlan:
         path = files.plan_file(source)
         data = files.read_plan_file(path)
         plan = cls.from_dict(data)
-        plan.tensors = check_tensors(plan.target, files.read_sidecar(path, data), f"beside {path}")
+        plan.tensors = check_tensors(plan.target, files.read_sidecar(path, data), f"beside {path}", plan.layers)
         return plan
 
     @classmethod
@@ -187,7 +187,7 @@ class BitPlan:
         """Check the plan against the format (schema, dtype vocabulary, patterns) and its tensors against the
         hashes the plan records. Raises PlanFormatError."""
         validation.validate_plan_data(self.to_dict())
-        check_tensors(self.target, self.tensors)
+        check_tensors(self.target, self.tensors, layers=self.layers)
 
     # ------------------------------------------------------------------ resolution
     @property

@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import registry
 from .extras import outlier_bits
+from .layer_tensors import extra_bits
 from .layers import LayerInfo
 from .spec import WEIGHT_DTYPES, LayerSpec
 
@@ -46,7 +47,8 @@ class PlanSummary:
     ``avg_activation_bits_by_inputs`` averages the activation bits of the layers whose inputs are quantized,
     weighted by each layer's input features (``in_features``; ``in/groups * kh * kw`` for Conv2d), not by the
     number of activation elements at run time (which depends on the resolution; the builder reports that one).
-    ``size_bytes``, ``fp16_bytes`` and ``fp32_bytes`` are byte counts.
+    ``size_bytes``, ``fp16_bytes`` and ``fp32_bytes`` are byte counts. ``avg_weight_bits`` and ``size_bytes``
+    include the layers' channel-balancing and low-rank factors (:func:`~.layer_tensors.extra_bits`).
     """
 
     num_layers: int
@@ -119,11 +121,11 @@ def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo],
     act_inputs: Counter = Counter()
     for name, spec in specs.items():
         info = manifest[name]
-        weight_bits += (spec.weight_bits or FLOAT_BITS) * info.numel
-        size_bits += storage_bits_per_weight(spec.weights, info) * info.numel
+        extra = extra_bits(spec.flags, info)  # balancing factors and low-rank factors, stored with the weight
         if spec.outliers:  # rows kept a second time at int8 (plan.extras): counted in bits and size
-            weight_bits += outlier_bits(spec, info.in_features)
-            size_bits += outlier_bits(spec, info.in_features)
+            extra += outlier_bits(spec, info.in_features)
+        weight_bits += (spec.weight_bits or FLOAT_BITS) * info.numel + extra
+        size_bits += storage_bits_per_weight(spec.weights, info) * info.numel + extra
         if spec.activation_bits:
             act_inputs[spec.activation_bits] += info.in_features
     act_total = sum(act_inputs.values())

@@ -1,8 +1,9 @@
 """The tensors a plan carries (its safetensors sidecar), checked against what the plan's JSON records about them.
 
-Today that is the text encoder's BOS hidden state (``bos.hidden_state``): ``target.bos`` records its ``sha256``
+The text encoder's BOS hidden state (``bos.hidden_state``): ``target.bos`` records its ``sha256``
 (of its fp32 bytes) and ``dim``. Every recorded hash is verified, the size must be ``dim`` and every value finite,
 so a corrupted or swapped sidecar is one clear error when the plan is loaded, never NaN output or a crash mid-load.
+Per-layer tensors (channel balancing, low-rank factors) are checked by :mod:`.layer_tensors`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import PlanFormatError
+from .layer_tensors import check_layer_tensors
 from .spec import BOS_STATE_KEY
 
 
@@ -21,13 +23,16 @@ def state_sha256(state: torch.Tensor) -> str:
     return hashlib.sha256(state.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def check_tensors(target: Mapping[str, Any], tensors: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """``tensors``, after checking each against the plan's records; raises :class:`PlanFormatError`."""
+def check_tensors(target: Mapping[str, Any], tensors: dict[str, Any], where: str = "",
+                  layers: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``tensors``, after checking each against the plan's records (``layers``: the plan's per-layer table, whose
+    balance / low-rank flags name sidecar tensors, :mod:`.layer_tensors`); raises :class:`PlanFormatError`."""
     sidecar = f"The plan's tensor sidecar{' ' + where if where else ''}"
     for key, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             raise PlanFormatError(f"{sidecar} holds {key!r} as a {type(value).__name__}; plan tensors are torch "
                                   "tensors.")
+    check_layer_tensors(layers or {}, target.get("layers"), tensors, sidecar)
     state = tensors.get(BOS_STATE_KEY)
     bos = target.get("bos")
     if state is None or not bos:

@@ -128,7 +128,7 @@ def _plainly_valid(spec: Any) -> bool:
     if not (r is None or r == "dynamic" or (type(r) in (int, float) and 0 < r <= MAX_ACT_RANGE)):
         return False
     flags = spec.get("flags", {})
-    return type(flags) is dict and type(flags.get("bos_aware", False)) is bool
+    return type(flags) is dict and type(flags.get("bos_aware", False)) is bool and flags.keys() <= {"bos_aware"}
 
 
 _SPEC_KEYS = frozenset(("weights", "activations", "act_range", "flags"))
