@@ -168,6 +168,19 @@ class BuildOptions(Strict):
     pick_prompts: list[Annotated[str, Field(strict=True)]] = []
     pick_objective: Literal[PICK_OBJECTIVES] = "mse"
     protect_first_last: Annotated[bool, Field(strict=True)] = False
+    #: where sensitivities are measured and whether the uniform plan joins the pick (:mod:`.uniform_context`)
+    context: Literal["fp", "uniform"] = "fp"
+    pick_uniform: Annotated[bool, Field(strict=True)] = False
+    #: what scores content layers: SSIM (MixDQ) or minus the mean per-image MSE to full precision
+    content_metric: Literal["ssim", "mse"] = "ssim"
+
+    @model_validator(mode="after")
+    def _uniform_width(self) -> "BuildOptions":
+        if (self.context == "uniform" or self.pick_uniform) and not set.intersection(
+                *(set(w) for w in self.weights.candidates.values())):
+            raise invalid("<context> 'uniform' and <pick_uniform> need a width every group of "
+                          f"<weights.candidates> has (the uniform plan's); got {self.weights.candidates}.")
+        return self
 
 
 Loc = tuple

@@ -29,8 +29,13 @@ sensitivity_files: []              # weight scores measured elsewhere, not measu
 # - {path: sensitivity_log/weight/ssim/sensitivity.yaml, widths: [2, 4, 8], prefix: "model."}   # MixDQ's logs
 pick_prompts: validation.txt       # held-out prompts the final pick of k generates on (default: the calibration
                                    # prompts); a .txt file or a list, none of them among the calibration prompts
-pick_objective: mse                # mse (mean per-image MSE to FP) | tail (mean of the worst 10% of images)
+pick_objective: mse                # mse (mean per-image MSE to FP) | tail (mean of the worst 10% of images) |
+                                   # psnr (mean per-image PSNR)
 protect_first_last: false          # also keep the family's first/last layers (e.g. conv_in, conv_out) in 16 bit
+context: fp                        # measure each layer with the rest in full precision (fp, MixDQ) or at the
+                                   # uniform base width, e.g. int4 (uniform: sees how errors compound)
+pick_uniform: false                # the same-size uniform plan joins the final pick (never worse than it there)
+content_metric: ssim               # scores content layers: ssim (MixDQ) | mse (minus the mean per-image MSE to FP)
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
 
@@ -93,6 +98,9 @@ class Recipe:
     pick_prompts: list[str] = field(default_factory=list)
     pick_objective: str = "mse"
     protect_first_last: bool = False
+    context: str = "fp"
+    pick_uniform: bool = False
+    content_metric: str = "ssim"
     push: dict[str, Any] | None = None
     description: str | None = None
     source: str | None = None
@@ -111,7 +119,8 @@ class Recipe:
             split_ratios=list(o.split_ratios), budget_mode=o.budget_mode, allocator=o.allocator,
             sensitivity_files=[f.model_dump() for f in o.sensitivity_files], pick_prompts=list(o.pick_prompts),
             pipe_kwargs=dict(o.pipe_kwargs),
-            pick_objective=o.pick_objective, protect_first_last=o.protect_first_last,
+            pick_objective=o.pick_objective, protect_first_last=o.protect_first_last, context=o.context,
+            pick_uniform=o.pick_uniform, content_metric=o.content_metric,
             push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 
@@ -134,7 +143,8 @@ class Recipe:
             device=self.device, allocator=self.allocator, sensitivity_files=[dict(f) for f in self.sensitivity_files],
             pipe_kwargs=dict(self.pipe_kwargs),
             pick_prompts=list(self.pick_prompts), pick_objective=self.pick_objective,
-            protect_first_last=self.protect_first_last,
+            protect_first_last=self.protect_first_last, context=self.context, pick_uniform=self.pick_uniform,
+            content_metric=self.content_metric,
         )
 
 

@@ -83,6 +83,12 @@ class BuildSettings:
     pick_prompts: Sequence[str] = ()
     pick_objective: str = "mse"
     protect_first_last: bool = False
+    #: sensitivities measured with everything else in full precision (``"fp"``, MixDQ) or at the uniform base
+    #: width (``"uniform"``); ``pick_uniform`` adds the same-size uniform plan to the pick (:mod:`.uniform_context`)
+    context: str = "fp"
+    pick_uniform: bool = False
+    #: what scores content layers: SSIM of the images (MixDQ) or ``"mse"``, minus their mean per-image MSE
+    content_metric: str = "ssim"
 
     def options(self) -> dict[str, Any]:
         """These settings laid out as :class:`~.options.BuildOptions` fields."""
@@ -97,7 +103,8 @@ class BuildSettings:
             "content_fraction": self.content_fraction, "device": self.device, "allocator": self.allocator,
             "sensitivity_files": [dict(e) for e in self.sensitivity_files], "pipe_kwargs": self.pipe_kwargs,
             "pick_prompts": _as_list(self.pick_prompts), "pick_objective": self.pick_objective,
-            "protect_first_last": self.protect_first_last,
+            "protect_first_last": self.protect_first_last, "context": self.context,
+            "pick_uniform": self.pick_uniform, "content_metric": self.content_metric,
         }
 
     def validate(self) -> None:
