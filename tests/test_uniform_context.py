@@ -10,6 +10,7 @@ import pytest
 from conftest import make_pipeline
 
 from diffusers_mixdq.builder import BuildSettings, build_plan
+from diffusers_mixdq.builder.allocate import objective
 from diffusers_mixdq.builder.recipe import load_recipe
 from diffusers_mixdq.builder.uniform_context import BASE_KEY, base_width, complete
 from diffusers_mixdq.errors import MixDQError
@@ -92,6 +93,8 @@ def test_pick_uniform_leaves_out_a_uniform_plan_over_the_budget(tmp_path):
 @pytest.mark.parametrize("extra, words", [
     ({"context": "int4"}, "context"),
     ({"pick_uniform": "yes"}, "pick_uniform"),
+    ({"content_metric": "psnr"}, "content_metric"),
+    ({"pick_objective": "median"}, "pick_objective"),
     ({"context": "uniform", "widths": {"content": [2], "quality": [4, 8]}}, "widths"),
 ])
 def test_bad_settings_name_the_field(extra, words):
@@ -107,3 +110,19 @@ def test_recipe_keys_reach_the_settings():
     s.validate()
     with pytest.raises(MixDQError, match="'context'"):
         load_recipe({**recipe, "context": "int8"})
+
+
+def test_psnr_objective_is_minus_the_mean_per_image_psnr():
+    assert objective([1e-2, 1e-4], "psnr") == pytest.approx(-30.0)  # 20 dB and 40 dB
+    assert objective([0.0], "psnr") == pytest.approx(-120.0)  # identical: clamped, not -inf
+    # one broken image weighs less than under the mean MSE
+    assert objective([1e-1, 1e-5, 1e-5], "psnr") < objective([1e-3] * 3, "psnr")
+    assert objective([1e-1, 1e-5, 1e-5], "mse") > objective([1e-3] * 3, "mse")
+
+
+def test_content_metric_mse_scores_content_layers_by_minus_the_image_mse(tmp_path):
+    plan, _, cache = _build(tmp_path, content_metric="mse", split_ratios=(1.0,))
+    content = [k for k in cache if k.endswith("|2")]
+    assert content and all(-1.0 <= cache[k] <= 0.0 for k in content)
+    assert plan.provenance["sensitivity_metric"]["weights"]["content"] == "mse"
+    assert plan.provenance["settings"]["content_metric"] == "mse"

@@ -46,7 +46,10 @@ class BuildSettings:
     The final pick among the ``k`` sweep's candidates (:mod:`.assign`): ``pick_prompts`` are held-out (validation)
     prompts it generates on (default, empty: the calibration prompts, as before; they may not share a prompt with
     ``prompts``), ``pick_objective`` what it minimises over the per-image MSE to full precision (``"mse"``: the
-    mean, as before; ``"tail"``: the mean of the worst :data:`~.allocate.TAIL_FRACTION` of images).
+    mean, as before; ``"tail"``: the mean of the worst :data:`~.allocate.TAIL_FRACTION` of images;
+    ``"psnr"``: minus the mean per-image PSNR). ``pick_uniform`` adds the uniform plan at the base width to the
+    candidates; ``context="uniform"`` measures sensitivities inside that uniform model (:mod:`.uniform_context`);
+    ``content_metric="mse"`` scores content layers by minus the mean per-image MSE instead of SSIM.
     ``protect_first_last`` adds the denoiser family's ``first_last`` layers (:mod:`diffusers_mixdq.families`) to
     ``protected`` (kept in 16 bit)."""
 

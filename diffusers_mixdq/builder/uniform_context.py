@@ -9,7 +9,7 @@ of the final pick.
   power falls 4x per extra bit: the layer's damage at the base width is ``(s_base - s_lo) / (4**(base - lo) - 1)``,
   and the widest width removes almost all of it). MixDQ measures in full precision (``context="fp"``).
 * ``pick_uniform`` (:func:`uniform_allocation`): the uniform plan at the base width joins the pick's candidates
-  when its size is within the budget (plus ``tolerance``), so a build never returns a plan that is worse than it
+  when its size is within the budget plus ``tolerance``, so a build never returns a plan that is worse than it
   on the pick prompts.
 """
 
@@ -125,12 +125,13 @@ def complete(ctx: BuildContext, sens: SensitivityResult, cache) -> None:
 
 
 def uniform_allocation(ctx: BuildContext) -> Allocation | None:
-    """The uniform plan at the base width as an allocation (``None`` when it does not fit the budget)."""
+    """The uniform plan at the base width as an allocation (``None`` when it is over the budget plus ``tolerance``:
+    int4 everywhere but 16-bit first/last layers averages a little over 4 bits)."""
     s, table, groups = ctx.settings, ctx.table, ctx.groups
     bits = base_width(s.widths, s.weight_bits)
     problem = AllocationProblem(
         layers=[LayerChoice(n, table[n].numel, groups[n], {bits: 0.0}) for n in ctx.candidates],
-        budget_bits=s.weight_bits, tolerance=s.tolerance, mode="at_most",
+        budget_bits=s.weight_bits + s.tolerance, tolerance=s.tolerance, mode="at_most",
         fixed=[FixedLayer(n, table[n].numel, 16, groups[n]) for n in ctx.protected],
     )
     try:
