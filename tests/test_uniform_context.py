@@ -24,7 +24,7 @@ SETTINGS = dict(prompts=CALIBRATION, steps=2, guidance=3.0, height=32, width=32,
 def _build(tmp_path, **extra):
     pipe = make_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    plan, report = build_plan(pipe, BuildSettings(**SETTINGS, cache_dir=str(tmp_path), **extra), progress=False)
+    plan, report = build_plan(pipe, BuildSettings(**{**SETTINGS, "cache_dir": str(tmp_path), **extra}), progress=False)
     (cache,) = [json.loads(p.read_text()) for p in tmp_path.glob("sensitivity-*.json")]
     return plan, report, cache
 
@@ -86,8 +86,9 @@ def test_pick_uniform_adds_the_uniform_plan_as_the_last_candidate(uniform_build)
 
 
 def test_pick_uniform_leaves_out_a_uniform_plan_over_the_budget(tmp_path):
-    _, report, _ = _build(tmp_path, weight_bits=3.0, pick_uniform=True, split_ratios=(1.0,))
-    assert all(r["k"] is not None for r in report.solver)  # int4 everywhere is 4 bits: over a 3-bit budget
+    plan, report, _ = _build(tmp_path, pick_uniform=True, protect_first_last=True, split_ratios=(0.5,), tolerance=0.0)
+    # int4 everywhere but conv_in / conv_out in 16 bit is over a 4-bit budget: only the mixed candidate is left
+    assert [r["k"] for r in report.solver] == [0.5] and plan.provenance["allocation"]["uniform_picked"] is False
 
 
 @pytest.mark.parametrize("extra, words", [
