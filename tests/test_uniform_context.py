@@ -96,6 +96,7 @@ def test_pick_uniform_leaves_out_a_uniform_plan_over_the_budget(tmp_path):
     ({"pick_uniform": "yes"}, "pick_uniform"),
     ({"content_metric": "psnr"}, "content_metric"),
     ({"pick_objective": "median"}, "pick_objective"),
+    ({"context": "uniform", "sensitivity_files": [{"path": "scores.json"}]}, "sensitivity_files"),
     ({"context": "uniform", "widths": {"content": [2], "quality": [4, 8]}}, "widths"),
 ])
 def test_bad_settings_name_the_field(extra, words):

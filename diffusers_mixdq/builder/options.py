@@ -180,6 +180,9 @@ class BuildOptions(Strict):
                 *(set(w) for w in self.weights.candidates.values())):
             raise invalid("<context> 'uniform' and <pick_uniform> need a width every group of "
                           f"<weights.candidates> has (the uniform plan's); got {self.weights.candidates}.")
+        if self.context == "uniform" and self.sensitivity_files:
+            raise invalid("<sensitivity_files> were measured in full precision; leave them out with <context> "
+                          "'uniform' (or use context 'fp').")
         return self
 
 
