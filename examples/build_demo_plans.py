@@ -23,7 +23,9 @@ Prompts (issue #13 / #14): every plan is calibrated on the first 16 prompts of t
 prompts of its **validation** set, so no prompt of the **test** set that `mixdq eval` and `mixdq demo` use is
 seen by the builder. Allocator options: ``--pick-objective tail`` picks by the worst 10% of images;
 ``--protect-first-last`` keeps conv_in / conv_out in 16 bit; ``--split-ratios`` sets the ``k`` sweep (default:
-the builder's eleven ratios); ``--out DIR`` writes every plan under DIR instead of the bundled folders.
+the builder's eleven ratios); ``--context uniform``, ``--pick-uniform``, ``--content-metric mse`` and
+``--pick-objective psnr`` are the builder options of the same names (BENCHMARKS.md, issue #14); ``--out DIR``
+writes every plan under DIR instead of the bundled folders.
 
 Correct-stage options (issue #14, off by default): ``--balance`` (channel balancing), ``--lowrank-rank R`` (low-rank
 branches; a mixed plan's budget pays for them; ``--lowrank-layers PATTERN...`` limits them to some layers),
@@ -61,7 +63,8 @@ def allocator_settings(args: argparse.Namespace) -> dict:
     """The builder settings of the allocator options (none of them: the bundled plans' settings)."""
     extra: dict = {"pick_objective": args.pick_objective, "protect_first_last": args.protect_first_last,
                    "pick_prompts": demo.prompt_set("shapes", "validation", args.pick_prompts),
-                   "cache_dir": str(args.cache_dir)}
+                   "cache_dir": str(args.cache_dir), "context": args.context, "pick_uniform": args.pick_uniform,
+                   "content_metric": args.content_metric}
     if args.split_ratios:
         extra["split_ratios"] = tuple(args.split_ratios)
     return extra
@@ -79,7 +82,10 @@ def main() -> None:
                         help=f"plans to (re)build, of {', '.join(PLANS)} (default: {' '.join(BUNDLED)})")
     parser.add_argument("--pick-prompts", type=int, default=48, metavar="N",
                         help="mixed plans: pick k on N prompts of the validation set (default 48)")
-    parser.add_argument("--pick-objective", choices=("mse", "tail"), default="mse")
+    parser.add_argument("--pick-objective", choices=("mse", "tail", "psnr"), default="mse")
+    parser.add_argument("--context", choices=("fp", "uniform"), default="fp")
+    parser.add_argument("--pick-uniform", action="store_true")
+    parser.add_argument("--content-metric", choices=("ssim", "mse"), default="ssim")
     parser.add_argument("--protect-first-last", action="store_true")
     parser.add_argument("--split-ratios", type=float, nargs="+", default=None, metavar="K")
     parser.add_argument("--cache-dir", type=Path, default=Path("_work/shapes_cache"),

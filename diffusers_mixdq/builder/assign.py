@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from ..plan import BitPlan
-from ..plan.spec import DYNAMIC_RANGES
 from .allocate import AllocationProblem, FixedLayer, LayerChoice, objective, pick, solve_groups, sweep
 from .allocate.result import Allocation
 from .context import BuildContext
@@ -25,6 +23,7 @@ from .measure import Sensitivities
 from .recording import Calibration
 from .sensitivity import applied
 from .settings import BuildSettings, run_pipeline
+from .uniform_context import act_entry, uniform_allocation
 
 
 @dataclass
@@ -43,20 +42,12 @@ class Assignment:
 BITS_TO_DTYPE = {8: "int8", 4: "int4", 2: "int2", 16: "none"}
 
 
-def _act_entry(s: BuildSettings, calib: Calibration, name: str, bits: int | None) -> dict[str, Any]:
-    if bits is None:
-        return {"activations": "none"}
-    if s.activations in DYNAMIC_RANGES:  # "dynamic" (per tensor) or "dynamic-token"
-        return {"activations": f"int{bits}", "act_range": s.activations}
-    return {"activations": f"int{bits}", "act_range": max(calib.ranges.get(name, 1.0), 1e-6)}
-
-
 def to_plan(ctx: BuildContext, calib: Calibration, allocation: Allocation, acts: dict[str, int | None]) -> BitPlan:
     """The resolved plan of a weight ``allocation`` and activation widths ``acts`` (protected layers at 16 bits)."""
     from ..bos import attach_bos
 
     layers = {n: {"weights": BITS_TO_DTYPE[int(allocation.choice.get(n, 16))],
-                  **_act_entry(ctx.settings, calib, n, acts[n])} for n in ctx.table}
+                  **act_entry(ctx.settings, calib, n, acts[n])} for n in ctx.table}
     plan = BitPlan(layers=layers)
     if calib.bos_state is not None:
         plan = attach_bos(plan, calib.bos_state)
@@ -68,8 +59,11 @@ def _solver_record(a: Allocation, *keys: str) -> dict:
 
 
 def _damage(score: float, metric: str) -> float:
-    """How much a score says the layer hurts: noise power relative to the signal for SQNR (dB), 1 - SSIM."""
-    return 10 ** (-score / 10) if metric == "sqnr_db" else max(1.0 - score, 0.0)
+    """How much a score says the layer hurts: noise power relative to the signal for SQNR (dB), 1 - SSIM, the MSE
+    (scored as minus the MSE)."""
+    if metric == "sqnr_db":
+        return 10 ** (-score / 10)
+    return max(-score, 0.0) if metric == "mse" else max(1.0 - score, 0.0)
 
 
 def most_sensitive(scores: dict[str, float], groups: dict[str, str], metric: dict[str, str], count: int) -> list[str]:
@@ -95,6 +89,9 @@ def weight_candidates(ctx: BuildContext, sens: Sensitivities) -> list[Allocation
         fixed=[FixedLayer(n, table[n].numel, 16, groups[n]) for n in ctx.protected],
     )
     allocations = sweep(problem, ks=s.split_ratios, allocator=s.allocator)
+    uniform = uniform_allocation(ctx) if s.pick_uniform else None
+    if uniform is not None and all(a.choice != uniform.choice for a in allocations):
+        allocations.append(uniform)  # last: a tie goes to a mixed candidate
     ctx.report.solver = [_solver_record(a, "k", "status", "objective", "avg_bits", "seconds", "mip_gap")
                          for a in allocations]
     return allocations

@@ -4,12 +4,15 @@
    the prompts, recording the denoiser's calls and outputs, the reference images, every layer's input range (token
    0 left out for BOS-aware layers) and the text encoder's BOS state when it is causal; cached on disk;
 2. **measure** (:func:`~.measure.measure` -> :class:`~.measure.Sensitivities`): every layer at every candidate
-   width, one layer quantized at a time: content layers by SSIM of the final images, quality layers by SQNR of
-   the denoiser output, and activations alone when there is an activation decision; scores cached as measured;
+   width, one layer quantized at a time: content layers by SSIM of the final images (or their MSE), quality layers
+   by SQNR of the denoiser output, and activations alone when there is an activation decision; the rest of the
+   model in full precision, or at the uniform base width (``context="uniform"``, :mod:`.uniform_context`); scores
+   cached as measured;
 3. **allocate** (:func:`~.assign.assign` -> :class:`~.assign.Assignment`): weight widths per group under the
    average-bits budget with a registered allocator (HiGHS by default, :mod:`.allocate`), sweeping the
    content/quality split ``k`` and keeping the candidate whose images are closest to full precision (per-image
-   MSE, its mean or its worst tail, on held-out pick prompts when given);
+   MSE, its mean, its worst tail or its mean in dB, on held-out pick prompts when given; with ``pick_uniform``
+   the same-size uniform plan is a candidate too);
    activation widths under an element-weighted budget after keeping the most activation-sensitive inputs
    unquantized;
 4. **write** (:func:`~.write.write` -> :class:`~diffusers_mixdq.BitPlan`): the resolved plan with its provenance.

@@ -32,10 +32,13 @@ from .recording import Calibration, Recording, subset_is_exact
 from .scores import ScoreCache, merged
 from .sensitivity import ContentScorer, SensitivityResult, layer_sensitivity
 from .settings import BuildSettings, run_pipeline
+from .uniform_context import base_width, complete, uniform_sensitivity
 
 #: content-layer measurements generate at least this many prompts (on the demo model, SSIM on 2 of 8 prompts chose
 #: int2 layers that cost 11 dB of PSNR; 4 of 8 matched the naive protocol: benchmarks/builder_cost.py)
 MIN_CONTENT_PROMPTS = 4
+#: a content metric's value for images identical to full precision (SSIM 1, minus the MSE 0)
+PERFECT = {"ssim": 1.0, "mse": 0.0}
 
 
 @dataclass
@@ -59,16 +62,22 @@ def sweep_key(denoiser: nn.Module, s: BuildSettings) -> str:
     samples measured). A cache file is reused only for the same key; candidate widths may change freely."""
     h = hashlib.sha256(calibration_key(denoiser, s).encode())
     h.update(json.dumps([list(s.content_patterns), s.sweep_fraction, s.content_fraction]).encode())
+    if s.content_metric != "ssim":  # SSIM keys unchanged
+        h.update(json.dumps(["content_metric", s.content_metric]).encode())
+    if s.context != "fp":  # scores in the uniform model depend on its width and activations (fp keys unchanged)
+        h.update(json.dumps([s.context, base_width(s.widths, s.weight_bits), s.activations,
+                             max(s.act_widths)]).encode())
     if s.sensitivity_files:  # a cache seeded from files is only reused with the same files
         h.update(json.dumps(file_records(s.sensitivity_files)).encode())
     return h.hexdigest()[:16]
 
 
-def extrapolate_ssim(score: float, bits: int, wider: int) -> float:
+def extrapolate_ssim(score: float, bits: int, wider: int, perfect: float = 1.0) -> float:
     """SSIM at ``wider`` bits from SSIM at ``bits``: quantization noise power falls 4x per extra bit, and for small
     noise the SSIM loss is proportional to it, so ``1 - s_wider = (1 - s_bits) / 4**(wider - bits)`` (an 8-bit
-    layer keeps 1/256 of its 4-bit loss: whatever its true value, it can hardly change the allocation)."""
-    return 1.0 - (1.0 - score) / 4 ** (wider - bits)
+    layer keeps 1/256 of its 4-bit loss: whatever its true value, it can hardly change the allocation). The same
+    for minus the image MSE (``perfect=0``), which is proportional to the noise power."""
+    return perfect - (perfect - score) / 4 ** (wider - bits)
 
 
 def sweep_widths(s: BuildSettings) -> tuple[dict[str, list[int]], dict[str, tuple[int, int]]]:
@@ -97,7 +106,8 @@ def _quality_recording(ctx: BuildContext, rec: Recording) -> Recording:
 
 
 def _content_scorer(ctx: BuildContext, rec: Recording) -> ContentScorer:
-    """SSIM of the images of a share of the prompts against full precision."""
+    """SSIM (or minus the mean per-image MSE, ``content_metric="mse"``) of the images of a share of the prompts
+    against full precision."""
     s = ctx.settings
     prompts = prompt_subset(len(s.prompts), s.content_fraction, MIN_CONTENT_PROMPTS)
 
@@ -106,9 +116,12 @@ def _content_scorer(ctx: BuildContext, rec: Recording) -> ContentScorer:
 
         with torch.no_grad():
             images = run_pipeline(ctx.pipe, s, prompts)
+        if s.content_metric == "mse":
+            return -float((images.double() - rec.images[prompts].double()).pow(2).flatten(1).mean(1).mean())
         return float(structural_similarity_index_measure(images, rec.images[prompts], data_range=1.0))
 
-    return ContentScorer(score, (rec.num_calls, rec.num_samples * len(prompts) // len(s.prompts)))
+    return ContentScorer(score, (rec.num_calls, rec.num_samples * len(prompts) // len(s.prompts)),
+                         metric=s.content_metric)
 
 
 def _score_cache(ctx: BuildContext) -> ScoreCache:
@@ -141,8 +154,11 @@ def measure(ctx: BuildContext, calib: Calibration) -> Sensitivities:
     if s.sensitivity_files:  # scores measured elsewhere: nothing is extrapolated over them
         seed_cache(cache, s.sensitivity_files, ctx.candidates)
         widths, extrapolated = {g: list(w) for g, w in s.widths.items()}, {}
-    sens = layer_sensitivity(ctx.denoiser, ctx.candidates, widths, ctx.groups, lambda n, b: LayerSpec(f"int{b}"),
-                             kind="weights", **common)
+    if s.context == "uniform":
+        sens, extrapolated = uniform_sensitivity(ctx, calib, common), {}
+    else:
+        sens = layer_sensitivity(ctx.denoiser, ctx.candidates, widths, ctx.groups,
+                                 lambda n, b: LayerSpec(f"int{b}"), kind="weights", **common)
     act_sens = None
     if s.activation_sweep:
         t_act = time.perf_counter()
@@ -155,10 +171,13 @@ def measure(ctx: BuildContext, calib: Calibration) -> Sensitivities:
             if result is not None:
                 result.fill_from(every)
         report.denoiser_evaluations["shards"] = ctx.state.num_processes
+    if s.context == "uniform":
+        complete(ctx, sens, every if ctx.state is not None else cache)
     for name in ctx.candidates:  # after the shards' scores are merged
         if ctx.groups[name] in extrapolated:
             widest, below = extrapolated[ctx.groups[name]]
-            sens.scores[name][widest] = extrapolate_ssim(sens.scores[name][below], below, widest)
+            sens.scores[name][widest] = extrapolate_ssim(sens.scores[name][below], below, widest,
+                                                         PERFECT[s.content_metric])
     report.seconds["sensitivity"] = time.perf_counter() - t0 - report.seconds.get("activation_sensitivity", 0.0)
     return _account(ctx, rec, sens, act_sens)
 

@@ -211,6 +211,22 @@ class BuildOptions(Strict):
     distill_rank: Annotated[int, BeforeValidator(_count(1))] = 4
     distill_lr: Annotated[float, BeforeValidator(_positive)] = 1e-3
     distill_relation: Annotated[float, BeforeValidator(_non_negative)] = 1.0
+    #: where sensitivities are measured and whether the uniform plan joins the pick (:mod:`.uniform_context`)
+    context: Literal["fp", "uniform"] = "fp"
+    pick_uniform: Annotated[bool, Field(strict=True)] = False
+    #: what scores content layers: SSIM (MixDQ) or minus the mean per-image MSE to full precision
+    content_metric: Literal["ssim", "mse"] = "ssim"
+
+    @model_validator(mode="after")
+    def _uniform_width(self) -> "BuildOptions":
+        if (self.context == "uniform" or self.pick_uniform) and not set.intersection(
+                *(set(w) for w in self.weights.candidates.values())):
+            raise invalid("<context> 'uniform' and <pick_uniform> need a width every group of "
+                          f"<weights.candidates> has (the uniform plan's); got {self.weights.candidates}.")
+        if self.context == "uniform" and self.sensitivity_files:
+            raise invalid("<sensitivity_files> were measured in full precision; leave them out with <context> "
+                          "'uniform' (or use context 'fp').")
+        return self
 
 
 Loc = tuple

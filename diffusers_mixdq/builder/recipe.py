@@ -30,7 +30,8 @@ sensitivity_files: []              # weight scores measured elsewhere, not measu
 # - {path: sensitivity_log/weight/ssim/sensitivity.yaml, widths: [2, 4, 8], prefix: "model."}   # MixDQ's logs
 pick_prompts: validation.txt       # held-out prompts the final pick of k generates on (default: the calibration
                                    # prompts); a .txt file or a list, none of them among the calibration prompts
-pick_objective: mse                # mse (mean per-image MSE to FP) | tail (mean of the worst 10% of images)
+pick_objective: mse                # mse (mean per-image MSE to FP) | tail (mean of the worst 10% of images) |
+                                   # psnr (mean per-image PSNR)
 protect_first_last: false          # also keep the family's first/last layers (e.g. conv_in, conv_out) in 16 bit
 balance: false                     # channel balancing (ViDiT-Q), alpha per layer from balance_alphas
 balance_alphas: [0.0, 0.25, 0.5, 0.75]
@@ -40,6 +41,10 @@ distill_seconds: 0                 # > 0: train adapters (rank distill_rank) aga
 distill_rank: 4
 distill_lr: 0.001
 distill_relation: 1.0              # weight of the last block's relation KL beside the output MSE
+context: fp                        # measure each layer with the rest in full precision (fp, MixDQ) or at the
+                                   # uniform base width, e.g. int4 (uniform: sees how errors compound)
+pick_uniform: false                # the same-size uniform plan joins the final pick (never worse than it there)
+content_metric: ssim               # scores content layers: ssim (MixDQ) | mse (minus the mean per-image MSE to FP)
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
 
@@ -112,6 +117,9 @@ class Recipe:
     distill_relation: float = 1.0
     act_timestep_groups: int = 0
     outlier_fraction: float = 0.0
+    context: str = "fp"
+    pick_uniform: bool = False
+    content_metric: str = "ssim"
     push: dict[str, Any] | None = None
     description: str | None = None
     source: str | None = None
@@ -135,6 +143,8 @@ class Recipe:
             distill_seconds=o.distill_seconds, distill_rank=o.distill_rank, distill_lr=o.distill_lr,
             distill_relation=o.distill_relation, act_timestep_groups=a.timestep_groups,
             outlier_fraction=o.weights.outlier_fraction,
+            context=o.context,
+            pick_uniform=o.pick_uniform, content_metric=o.content_metric,
             push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 
@@ -162,6 +172,8 @@ class Recipe:
             lowrank_layers=list(self.lowrank_layers), distill_seconds=self.distill_seconds,
             distill_rank=self.distill_rank, distill_lr=self.distill_lr, distill_relation=self.distill_relation,
             act_timestep_groups=self.act_timestep_groups, outlier_fraction=self.outlier_fraction,
+            context=self.context, pick_uniform=self.pick_uniform,
+            content_metric=self.content_metric,
         )
 
 

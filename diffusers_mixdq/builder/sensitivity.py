@@ -136,6 +136,7 @@ def layer_sensitivity(
     progress: bool = True,
     cache: ScoreCache | None = None,
     shard: tuple[int, int] = (0, 1),
+    module_of: Callable[[str], nn.Module] | None = None,
 ) -> SensitivityResult:
     """Score every layer at every candidate width, one layer quantized at a time, everything else full precision.
 
@@ -149,8 +150,8 @@ def layer_sensitivity(
         naive_cost: ``(calls, samples)`` one job costs under the naive protocol (for the report).
         kind: ``"weights"`` or ``"activations"`` (names the progress bar and the cache keys).
         cache: scores already measured are taken from it and new ones written to it (resumable sweeps).
-        shard: ``(index, count)``: measure only every ``count``-th job starting at ``index`` (the others are left
-            to other processes; their scores are missing from the result until the parts are merged).
+        shard: ``(index, count)``: only every ``count``-th job from ``index`` (the rest: other processes' parts).
+        module_of: a layer's full-precision module (default: the denoiser's; measuring in a quantized model).
     """
     from ..apply import quantize_module
     from .progress import sweep_bar
@@ -161,8 +162,7 @@ def layer_sensitivity(
     cost, naive, reused = Cost(), Cost(), Cost()
     naive.add(naive_cost[0] * len(all_jobs), naive_cost[1] * len(all_jobs))
     cache = cache or ScoreCache(None)
-    index, count = shard
-    mine, todo = all_jobs[index::count], []
+    mine, todo = all_jobs[shard[0]::shard[1]], []
     for name, bits in mine:
         cached = cache.get(score_key(name, bits, kind))
         if cached is None:
@@ -172,7 +172,8 @@ def layer_sensitivity(
             reused.add(*_job_cost(groups[name], quality_rec, content))
     with sweep_bar(f"{kind} sensitivity", len(mine), len(mine) - len(todo), progress) as bar:
         for name, bits in todo:
-            qmodule = quantize_module(denoiser.get_submodule(name), spec_for(name, bits), bos_state=bos_state)
+            qmodule = quantize_module((module_of or denoiser.get_submodule)(name), spec_for(name, bits),
+                                      bos_state=bos_state)
             with swapped(denoiser, name, qmodule):
                 scores[name][bits] = _score(denoiser, groups[name], quality_rec, content)
             cost.add(*_job_cost(groups[name], quality_rec, content))

@@ -49,7 +49,10 @@ class BuildSettings:
     The final pick among the ``k`` sweep's candidates (:mod:`.assign`): ``pick_prompts`` are held-out (validation)
     prompts it generates on (default, empty: the calibration prompts, as before; they may not share a prompt with
     ``prompts``), ``pick_objective`` what it minimises over the per-image MSE to full precision (``"mse"``: the
-    mean, as before; ``"tail"``: the mean of the worst :data:`~.allocate.TAIL_FRACTION` of images).
+    mean, as before; ``"tail"``: the mean of the worst :data:`~.allocate.TAIL_FRACTION` of images;
+    ``"psnr"``: minus the mean per-image PSNR). ``pick_uniform`` adds the uniform plan at the base width to the
+    candidates; ``context="uniform"`` measures sensitivities inside that uniform model (:mod:`.uniform_context`);
+    ``content_metric="mse"`` scores content layers by minus the mean per-image MSE instead of SSIM.
     ``protect_first_last`` adds the denoiser family's ``first_last`` layers (:mod:`diffusers_mixdq.families`) to
     ``protected`` (kept in 16 bit)."""
 
@@ -102,6 +105,12 @@ class BuildSettings:
     act_timestep_groups: int = 0
     #: share of each int4 / int2 layer's output channels kept at int8 too (:mod:`.outlier_channels`; 0: off)
     outlier_fraction: float = 0.0
+    #: sensitivities measured with everything else in full precision (``"fp"``, MixDQ) or at the uniform base
+    #: width (``"uniform"``); ``pick_uniform`` adds the same-size uniform plan to the pick (:mod:`.uniform_context`)
+    context: str = "fp"
+    pick_uniform: bool = False
+    #: what scores content layers: SSIM of the images (MixDQ) or ``"mse"``, minus their mean per-image MSE
+    content_metric: str = "ssim"
 
     def options(self) -> dict[str, Any]:
         """These settings laid out as :class:`~.options.BuildOptions` fields."""
@@ -122,6 +131,8 @@ class BuildSettings:
             "balance_alphas": _as_list(self.balance_alphas), "lowrank_rank": self.lowrank_rank,
             "lowrank_layers": _as_list(self.lowrank_layers), "distill_seconds": self.distill_seconds,
             "distill_rank": self.distill_rank, "distill_lr": self.distill_lr, "distill_relation": self.distill_relation,
+            "context": self.context,
+            "pick_uniform": self.pick_uniform, "content_metric": self.content_metric,
         }
 
     def validate(self) -> None:

@@ -44,7 +44,9 @@ def write(ctx: BuildContext, sens: Sensitivities, chosen: Assignment) -> BitPlan
         "allocation": {"k": best.k, "avg_bits": best.avg_bits, "status": best.status, "mip_gap": best.mip_gap,
                        "candidates": report.solver, "candidate_mse": report.candidate_mse,
                        "pick_objective": s.pick_objective, "candidate_score": report.candidate_score,
-                       "activations": report.activation_solver, "activations_kept_unquantized": kept},
+                       "activations": report.activation_solver, "activations_kept_unquantized": kept,
+                       # with pick_uniform: whether the same-size uniform plan won the pick (it has no k)
+                       "uniform_picked": bool(s.pick_uniform and best.k is None and not best.ratios)},
         "denoiser_evaluations": report.denoiser_evaluations,
         "sample_evaluations": {**report.sample_evaluations, "naive_total": report.naive_sample_evaluations},
         # results this run took from its cache, at what they cost when measured (not spent by this run)

@@ -76,15 +76,19 @@ def _none_reachable(failures: list[BudgetInfeasibleError]) -> BudgetInfeasibleEr
     )
 
 
-#: what the final pick may minimise over per-image errors: their mean, or the mean of the worst ones
-PICK_OBJECTIVES = ("mse", "tail")
+#: what the final pick may minimise over per-image errors: their mean, the mean of the worst ones, or the mean of
+#: their logarithm (``"psnr"``: the mean per-image PSNR, negated; a typical image counts as much as a broken one)
+PICK_OBJECTIVES = ("mse", "tail", "psnr")
+#: per-image MSE below this counts as this in ``"psnr"`` (an identical image would otherwise be -inf dB)
+MIN_MSE = 1e-12
 #: the share of images the ``"tail"`` objective averages (the worst ones; at least one image)
 TAIL_FRACTION = 0.1
 
 
 def objective(errors: Sequence[float], kind: str = "mse") -> float:
     """One number from per-image errors (e.g. each image's MSE to full precision): ``"mse"`` their mean,
-    ``"tail"`` the mean of the worst ``ceil(TAIL_FRACTION * n)`` of them. NaN when any error is NaN.
+    ``"tail"`` the mean of the worst ``ceil(TAIL_FRACTION * n)`` of them, ``"psnr"`` the mean of
+    ``10·log10(error)`` (minus the mean PSNR of images in [0, 1]). NaN when any error is NaN.
 
     Raises:
         AllocationError: no errors, or an unknown ``kind``.
@@ -96,6 +100,8 @@ def objective(errors: Sequence[float], kind: str = "mse") -> float:
         raise AllocationError("a pick objective needs at least one per-image error.")
     if any(math.isnan(v) for v in values):
         return math.nan
+    if kind == "psnr":
+        return sum(10 * math.log10(max(v, MIN_MSE)) for v in values) / len(values)
     if kind == "tail":
         values = sorted(values, reverse=True)[: max(1, math.ceil(TAIL_FRACTION * len(values) - 1e-9))]
     return sum(values) / len(values)
