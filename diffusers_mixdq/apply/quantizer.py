@@ -27,12 +27,11 @@ from diffusers.quantizers.base import DiffusersQuantizer
 
 from ..errors import PlanMismatchError
 from . import checkpoint, memory, saved_weights
-from .backends import backend_named
 from .bos_rows import compute_bos_row_, finish_bos_
 from .corrections import prepare_weight_
 from .guards import guard_model
 from .outliers import OUTLIER_BUFFERS, compute_outlier_rows_, has_outliers
-from .swap import (check_device_map, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
+from .swap import (OneDeviceLoad, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
                    make_modules, refuse_quantized)
 from .timestep_groups import GROUP_BUFFERS, install_clock
 
@@ -51,12 +50,10 @@ def _single_device(device_map) -> torch.device:
     return torch.device(device_map) if device_map not in ("auto", "balanced", "sequential") else torch.device("cpu")
 
 
-class MixDQQuantizer(DiffusersQuantizer):
+class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
     """Applies a :class:`~diffusers_mixdq.BitPlan` through diffusers' loading machinery."""
 
     use_keep_in_fp32_modules = True
-    requires_calibration = False
-    required_packages = ["optimum-quanto", "accelerate"]
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
@@ -69,11 +66,8 @@ class MixDQQuantizer(DiffusersQuantizer):
         self._since_trim = 0
         self._header: saved_weights.Header | None = None
         self._checkpoint_files: list[str] | None = None
-        self.backend = backend_named(getattr(quantization_config, "weight_backend", None))
+        self._pick_backend(quantization_config)
 
-    # ------------------------------------------------------------------ environment
-    def validate_environment(self, *args, **kwargs):
-        check_device_map(kwargs.get("device_map"))
 
     def update_torch_dtype(self, torch_dtype):
         self.torch_dtype = load_dtype(torch_dtype, "torch_dtype")

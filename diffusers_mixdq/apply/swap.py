@@ -12,6 +12,7 @@ from ..errors import MixDQError, PlanMismatchError
 from ..plan import BOS_STATE_KEY
 from ..plan.components import folder_of
 from . import saved_weights
+from .backends import backend_named
 from .bos_rows import set_bos_state
 from .corrections import attach_corrections
 from .qmodule import is_mixdq_module
@@ -29,6 +30,20 @@ def check_device_map(device_map) -> None:
             f"({sorted(set(map(str, device_map.values())))}). Load without device_map and move the model "
             "with .to(device)."
         )
+
+
+class OneDeviceLoad:
+    """Mixed into both quantizers: what they declare to their library, the weight backend the config names, and
+    the one-device check before loading."""
+
+    requires_calibration = False
+    required_packages = ["optimum-quanto", "accelerate"]
+
+    def _pick_backend(self, quantization_config) -> None:
+        self.backend = backend_named(getattr(quantization_config, "weight_backend", None))
+
+    def validate_environment(self, *args, **kwargs):
+        check_device_map(kwargs.get("device_map"))
 
 
 def load_dtype(dtype, argument: str) -> torch.dtype:

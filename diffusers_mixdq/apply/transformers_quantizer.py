@@ -29,9 +29,8 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..errors import MixDQError
 from . import checkpoint, saved_weights
-from .backends import backend_named
 from .corrections import prepare_weight_
-from .swap import (check_device_map, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
+from .swap import (OneDeviceLoad, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
                    make_modules, refuse_quantized)
 
 class _MixDQOp(ConversionOps):
@@ -86,11 +85,9 @@ class _Deserialize(_MixDQOp):
                              device)
 
 
-class MixDQTransformersQuantizer(HfQuantizer):
+class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
     """Applies a :class:`~diffusers_mixdq.BitPlan` through transformers' loading machinery."""
 
-    requires_calibration = False
-    required_packages = ["optimum-quanto", "accelerate"]
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
@@ -98,10 +95,8 @@ class MixDQTransformersQuantizer(HfQuantizer):
         self.modules: dict[str, torch.nn.Module] = {}
         self.errors: list[MixDQError] = []
         self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.backend = backend_named(getattr(quantization_config, "weight_backend", None))
+        self._pick_backend(quantization_config)
 
-    def validate_environment(self, *args, **kwargs):
-        check_device_map(kwargs.get("device_map"))
 
     def update_dtype(self, dtype):
         self.torch_dtype = load_dtype(dtype, "dtype")

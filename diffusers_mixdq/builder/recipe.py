@@ -68,12 +68,13 @@ from .options import DEFAULT_CANDIDATES, DEFAULT_SPLIT_RATIOS, ActivationOptions
 from .prompts import BUILTIN_PROMPTS
 from .recipe_options import RecipeOptions, calibrate_only, parse_recipe
 from .settings import BuildSettings
+from .stage_settings import StageSettings
 
 __all__ = ["BUILTIN_PROMPTS", "Recipe", "load_recipe", "run_recipe"]
 
 
 @dataclass
-class Recipe:
+class Recipe(StageSettings):
     """A validated recipe (see the module docstring for the YAML layout)."""
 
     pipeline: str
@@ -107,19 +108,6 @@ class Recipe:
     pick_prompts: list[str] = field(default_factory=list)
     pick_objective: str = "mse"
     protect_first_last: bool = False
-    balance: bool = False
-    balance_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
-    lowrank_rank: int = 0
-    lowrank_layers: list[str] = field(default_factory=list)
-    distill_seconds: float = 0.0
-    distill_rank: int = 4
-    distill_lr: float = 1e-3
-    distill_relation: float = 1.0
-    act_timestep_groups: int = 0
-    outlier_fraction: float = 0.0
-    context: str = "fp"
-    pick_uniform: bool = False
-    content_metric: str = "ssim"
     push: dict[str, Any] | None = None
     description: str | None = None
     source: str | None = None
@@ -167,13 +155,7 @@ class Recipe:
             device=self.device, allocator=self.allocator, sensitivity_files=[dict(f) for f in self.sensitivity_files],
             pipe_kwargs=dict(self.pipe_kwargs),
             pick_prompts=list(self.pick_prompts), pick_objective=self.pick_objective,
-            protect_first_last=self.protect_first_last, balance=self.balance,
-            balance_alphas=list(self.balance_alphas), lowrank_rank=self.lowrank_rank,
-            lowrank_layers=list(self.lowrank_layers), distill_seconds=self.distill_seconds,
-            distill_rank=self.distill_rank, distill_lr=self.distill_lr, distill_relation=self.distill_relation,
-            act_timestep_groups=self.act_timestep_groups, outlier_fraction=self.outlier_fraction,
-            context=self.context, pick_uniform=self.pick_uniform,
-            content_metric=self.content_metric,
+            protect_first_last=self.protect_first_last, **self.stage_values(),
         )
 
 

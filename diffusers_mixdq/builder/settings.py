@@ -12,6 +12,7 @@ from ..errors import MixDQError
 from ..families import family_of
 from .allocate import DEFAULT_ALLOCATOR
 from .options import DEFAULT_SPLIT_RATIOS, BuildOptions, Labels, error_from, not_held_out
+from .stage_settings import StageSettings
 
 #: how a settings field is spelled, for the option paths that differ (see :mod:`.options`)
 SETTINGS_LABELS = Labels(
@@ -29,7 +30,7 @@ SETTINGS_LABELS = Labels(
 
 
 @dataclass
-class BuildSettings:
+class BuildSettings(StageSettings):
     """What to build. ``weight_bits`` is the parameter-weighted average weight width (protected layers count at
     16 bits); ``activations`` is ``"int8"`` (static, calibrated), ``"dynamic"`` (run-time range per tensor),
     ``"dynamic-token"`` (run-time range per token) or ``"none"``.
@@ -89,28 +90,6 @@ class BuildSettings:
     pick_prompts: Sequence[str] = ()
     pick_objective: str = "mse"
     protect_first_last: bool = False
-    #: the correct stage (:mod:`.correct`, off by default): channel balancing over the ``balance_alphas`` grid,
-    #: low-rank branches of ``lowrank_rank`` on the layers matching ``lowrank_layers`` (empty: all)
-    balance: bool = False
-    balance_alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75)
-    lowrank_rank: int = 0
-    lowrank_layers: Sequence[str] = ()
-    #: the distill stage (:mod:`.distill`, off while ``distill_seconds`` is 0): adapters of ``distill_rank`` trained
-    #: with Adam (``distill_lr``) on output MSE + ``distill_relation`` x the last block's relation KL
-    distill_seconds: float = 0.0
-    distill_rank: int = 4
-    distill_lr: float = 1e-3
-    distill_relation: float = 1.0
-    #: static activation ranges per this many groups of the sampler's timesteps (:mod:`.timestep_ranges`; 0: off)
-    act_timestep_groups: int = 0
-    #: share of each int4 / int2 layer's output channels kept at int8 too (:mod:`.outlier_channels`; 0: off)
-    outlier_fraction: float = 0.0
-    #: sensitivities measured with everything else in full precision (``"fp"``, MixDQ) or at the uniform base
-    #: width (``"uniform"``); ``pick_uniform`` adds the same-size uniform plan to the pick (:mod:`.uniform_context`)
-    context: str = "fp"
-    pick_uniform: bool = False
-    #: what scores content layers: SSIM of the images (MixDQ) or ``"mse"``, minus their mean per-image MSE
-    content_metric: str = "ssim"
 
     def options(self) -> dict[str, Any]:
         """These settings laid out as :class:`~.options.BuildOptions` fields."""

@@ -1,0 +1,40 @@
+"""The settings of the builder's stages beyond MixDQ's own (issue #14), shared by :class:`~.settings.BuildSettings`
+and :class:`~.recipe.Recipe` so that both spell them once. Every stage is off by default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+
+@dataclass(kw_only=True)
+class StageSettings:
+    """Channel balancing and low-rank branches (the correct stage, :mod:`.correct`): balancing over the
+    ``balance_alphas`` grid, branches of ``lowrank_rank`` on the layers matching ``lowrank_layers`` (empty: all).
+    Distillation (:mod:`.distill`, off while ``distill_seconds`` is 0): adapters of ``distill_rank`` trained with
+    Adam (``distill_lr``) on output MSE + ``distill_relation`` x the last block's relation KL. Static activation
+    ranges per ``act_timestep_groups`` groups of the sampler's timesteps (:mod:`.timestep_ranges`; 0: off);
+    ``outlier_fraction`` of each int4 / int2 layer's output channels kept at int8 too (:mod:`.outlier_channels`).
+    Sensitivities measured with everything else in full precision (``context="fp"``, MixDQ) or at the uniform base
+    width (``"uniform"``); ``pick_uniform`` adds the same-size uniform plan to the pick (:mod:`.uniform_context`);
+    ``content_metric`` scores content layers by SSIM of the images (MixDQ) or ``"mse"`` (minus their mean
+    per-image MSE)."""
+
+    balance: bool = False
+    balance_alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75)
+    lowrank_rank: int = 0
+    lowrank_layers: Sequence[str] = ()
+    distill_seconds: float = 0.0
+    distill_rank: int = 4
+    distill_lr: float = 1e-3
+    distill_relation: float = 1.0
+    act_timestep_groups: int = 0
+    outlier_fraction: float = 0.0
+    context: str = "fp"
+    pick_uniform: bool = False
+    content_metric: str = "ssim"
+
+    def stage_values(self) -> dict[str, Any]:
+        """These settings by name (sequences as lists)."""
+        values = {f.name: getattr(self, f.name) for f in fields(StageSettings)}
+        return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
