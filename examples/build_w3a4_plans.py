@@ -19,7 +19,8 @@ floating point in every plan (as in examples/build_scenes_plans.py).
 * ``-omq5``: + outlier-aware widths (``outlier_fraction=0.05``: int8 rows for the 5% highest-kurtosis output
   channels of every int4 / int2 layer; the budget pays for them); ``-distill``: + ``distill_seconds=120``
   (rank-4 adapters on the content layers ``*attn2.*``, ``*.ff.*`` trained against full precision); ``-bal``: + channel balancing (``balance=True``). Each variant
-  adds one stage to the one before it.
+  adds one stage to the one before it. Outside that chain, ``w3a4-mixed-bal`` and ``w3a4-mixed-distill-bal``: the
+  same stages without the outlier rows.
 
 The mixed builds share one ``--cache-dir`` (calibration and sensitivities).
 """
@@ -50,6 +51,9 @@ MIXED = {
     "w3a4-mixed-omq5": {"outlier_fraction": 0.05},
     "w3a4-mixed-omq5-distill": {"outlier_fraction": 0.05, **DISTILL},
     "w3a4-mixed-omq5-distill-bal": {"outlier_fraction": 0.05, **DISTILL, "balance": True},
+    # outside the chain: the stages without the outlier rows
+    "w3a4-mixed-bal": {"balance": True},
+    "w3a4-mixed-distill-bal": {**DISTILL, "balance": True},
 }
 PLANS = ("w8a4-token", "w3a4-rule", *MIXED)
 
