@@ -11,7 +11,9 @@ unquantized, the rest share an element-weighted budget (one per-group solve, ``k
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -37,6 +39,8 @@ class Assignment:
     candidates: list[Allocation]
     candidate_mse: list[float]
     activations: dict[str, int | None] = field(default_factory=dict)
+    #: the chosen allocation's plans of other components (text encoders, :mod:`.plan_set`), by component
+    components: dict[str, BitPlan] = field(default_factory=dict)
 
 
 BITS_TO_DTYPE = {8: "int8", 4: "int4", 2: "int2", 16: "none"}
@@ -76,13 +80,14 @@ def most_sensitive(scores: dict[str, float], groups: dict[str, str], metric: dic
     return sorted(relative, key=lambda n: (-relative[n], n))[:count]
 
 
-def weight_candidates(ctx: BuildContext, sens: Sensitivities) -> list[Allocation]:
-    """Per-group weight allocations over the split ratios (solver statistics into the report)."""
+def weight_candidates(ctx: BuildContext, sens: Sensitivities, extra: Sequence[LayerChoice] = ()) -> list[Allocation]:
+    """Per-group weight allocations over the split ratios (solver statistics into the report); ``extra``: layers
+    of other components allocated under the same budget (a joint plan set, :mod:`.plan_set`)."""
     s, table, groups = ctx.settings, ctx.table, ctx.groups
     scores = sens.weights.scores
     problem = AllocationProblem(
         layers=[LayerChoice(n, table[n].numel, groups[n], scores[n] or {w: 0.0 for w in s.widths[groups[n]]})
-                for n in ctx.candidates],
+                for n in ctx.candidates] + list(extra),
         budget_bits=s.weight_bits,
         tolerance=s.tolerance,
         mode=s.budget_mode,
@@ -143,21 +148,25 @@ def pick_cost(calib: Calibration, s: BuildSettings) -> tuple[int, int]:
     return rec.num_calls, rec.num_samples * len(s.pick_settings.prompts) // len(s.prompts)
 
 
-def assign(ctx: BuildContext, calib: Calibration, sens: Sensitivities) -> Assignment:
+def assign(ctx: BuildContext, calib: Calibration, sens: Sensitivities, others=None) -> Assignment:
     """Allocate weights and activations, then keep the weight candidate the pick objective likes best (see the
     module docstring). Records times, costs, each candidate's mean MSE and objective, and solver statistics in
-    ``ctx.report``."""
+    ``ctx.report``. ``others`` (:class:`~.plan_set.OtherComponents`): layers of other components, allocated
+    with the denoiser's (``others.layers``), their plans per allocation (``others.plans``) applied during the pick
+    (``others.applied``)."""
     t0 = time.perf_counter()
     s, report = ctx.settings, ctx.report
-    allocations = weight_candidates(ctx, sens)
+    allocations = weight_candidates(ctx, sens, others.layers if others is not None else ())
     acts = activation_widths(ctx, calib, sens)
     plans = {id(a): to_plan(ctx, calib, a, acts) for a in allocations}
+    other_plans = {id(a): others.plans(a) if others is not None else {} for a in allocations}
     reference = pick_reference(ctx, calib)
     mse_of: dict[int, float] = {}
     score_of: dict[int, float] = {}
 
     def score(allocation: Allocation) -> float:
-        with applied(ctx.denoiser, plans[id(allocation)], calib.bos_state), torch.no_grad():
+        with applied(ctx.denoiser, plans[id(allocation)], calib.bos_state), torch.no_grad(), \
+                (others.applied(other_plans[id(allocation)]) if others is not None else nullcontext()):
             images = run_pipeline(ctx.pipe, s.pick_settings)
         per_image = (images - reference).pow(2).flatten(1).mean(1).tolist()
         mse_of[id(allocation)] = objective(per_image, "mse")
@@ -171,4 +180,4 @@ def assign(ctx: BuildContext, calib: Calibration, sens: Sensitivities) -> Assign
     report.seconds["allocate"] = time.perf_counter() - t0
     calls, samples = pick_cost(calib, s)
     report.count("pick", calls * len(allocations), samples * len(allocations))
-    return Assignment(best, plans[id(best)], allocations, report.candidate_mse, acts)
+    return Assignment(best, plans[id(best)], allocations, report.candidate_mse, acts, other_plans[id(best)])

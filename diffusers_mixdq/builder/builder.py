@@ -49,10 +49,14 @@ __all__ = ["BuildReport", "BuildSettings", "build_plan", "calibrate", "calibrate
 def build_plan(pipe, settings: BuildSettings, progress: bool = True) -> tuple[BitPlan, BuildReport]:
     """Build a plan for ``pipe``'s denoiser (see the module docstring). Returns the plan and a report."""
     with quiet_pipeline(pipe):
-        return _build_plan(pipe, settings, progress)
+        plan, report, _ = build_stages(pipe, settings, progress)
+        return plan, report
 
 
-def _build_plan(pipe, settings: BuildSettings, progress: bool) -> tuple[BitPlan, BuildReport]:
+def build_stages(pipe, settings: BuildSettings, progress: bool, others_for=None):
+    """The stages of :func:`build_plan`; returns the plan, the report and the allocate stage's
+    :class:`~.assign.Assignment`. ``others_for(ctx, calib)`` gives the layers of other components allocated with
+    the denoiser's (:mod:`.plan_set`), after the denoiser's are measured."""
     settings.validate()
     state, denoiser = prepare(pipe, settings)
     if settings.cache_dir is None and state is not None:
@@ -70,11 +74,12 @@ def _build_plan(pipe, settings: BuildSettings, progress: bool) -> tuple[BitPlan,
         report.count("calibrate", rec.num_calls, rec.num_samples)
 
     sens = measure(ctx, calib)
-    chosen = assign(ctx, calib, sens)
+    others = others_for(ctx, calib) if others_for is not None else None
+    chosen = assign(ctx, calib, sens, others)
     # the naive protocol calibrates, measures every candidate on everything, and picks the same way
     picking = report.sample_evaluations["pick"] + report.sample_evaluations.get("pick_reference", 0)
-    report.naive_sample_evaluations = rec.num_samples + sens.naive_samples + picking
-    return method_stages(write(ctx, sens, chosen), denoiser, calib, ctx.settings, report), report
+    report.naive_sample_evaluations = rec.num_samples + sens.naive_samples + picking + getattr(others, "naive", 0)
+    return method_stages(write(ctx, sens, chosen), denoiser, calib, ctx.settings, report), report, chosen
 
 
 def calibrated_plan(pipe, plan: BitPlan, settings: BuildSettings, progress: bool = True) -> BitPlan:

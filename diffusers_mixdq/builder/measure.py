@@ -105,7 +105,7 @@ def _quality_recording(ctx: BuildContext, rec: Recording) -> Recording:
     return rec
 
 
-def _content_scorer(ctx: BuildContext, rec: Recording) -> ContentScorer:
+def content_scorer(ctx: BuildContext, rec: Recording) -> ContentScorer:
     """SSIM (or minus the mean per-image MSE, ``content_metric="mse"``) of the images of a share of the prompts
     against full precision."""
     s = ctx.settings
@@ -147,7 +147,7 @@ def measure(ctx: BuildContext, calib: Calibration) -> Sensitivities:
     s, rec, report = ctx.settings, calib.recording, ctx.report
     t0 = time.perf_counter()
     cache = _score_cache(ctx)
-    common = dict(quality_rec=_quality_recording(ctx, rec), content=_content_scorer(ctx, rec),
+    common = dict(quality_rec=_quality_recording(ctx, rec), content=content_scorer(ctx, rec),
                   naive_cost=(rec.num_calls, rec.num_samples), bos_state=calib.bos_state, progress=ctx.progress,
                   cache=cache, shard=ctx.shard)
     widths, extrapolated = sweep_widths(s)

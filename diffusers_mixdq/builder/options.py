@@ -111,6 +111,32 @@ def _outlier_fraction(value: Any) -> float:
     return float(value)
 
 
+def components_problem(o: Any) -> str | None:
+    """What is wrong with the components / budget-scope options of ``o`` (a :class:`BuildOptions`), or ``None``."""
+    if len(set(o.components)) != len(o.components):
+        return f"<components> lists a component twice: {o.components}."
+    if o.component_budgets and o.budget_scope != "per_component":
+        return ("<component_budgets> are budgets per component; set <budget_scope> to per_component (a joint build "
+                "has one budget for every component, the weight budget).")
+    for name, bits in o.component_budgets.items():
+        if name not in o.components:
+            return f"<component_budgets> names {name!r}, which is not among <components> {o.components}."
+        if not 1 <= bits <= 16:
+            return f"<component_budgets>.{name} must be between 1 and 16 average bits, got {bits:g}."
+    if len(o.components) < 2:
+        return None
+    if o.context == "uniform" or o.pick_uniform:
+        return ("<context> 'uniform' and <pick_uniform> measure and pick the denoiser alone; with text-encoder "
+                "<components> use context 'fp' and no pick_uniform.")
+    stages = [n for n, on in (("balance", o.balance), ("lowrank_rank", o.lowrank_rank),
+                              ("distill_seconds", o.distill_seconds), ("weights.outlier_fraction",
+                                                                       o.weights.outlier_fraction)) if on]
+    if stages and o.budget_scope == "joint":
+        return (f"<{stages[0]}> adds bits the denoiser's budget pays for; in a joint budget over several "
+                "<components> that is not supported: set <budget_scope> to per_component.")
+    return None
+
+
 Fraction = Annotated[float, BeforeValidator(_fraction)]
 Patterns = list[Annotated[str, Field(strict=True)]]
 
@@ -216,6 +242,19 @@ class BuildOptions(Strict):
     pick_uniform: Annotated[bool, Field(strict=True)] = False
     #: what scores content layers: SSIM (MixDQ) or minus the mean per-image MSE to full precision
     content_metric: Literal["ssim", "mse"] = "ssim"
+    #: pipeline components to build plans for (empty: the denoiser alone) and how their budget is shared
+    #: (:mod:`.text_encoders`, :mod:`.plan_set`)
+    components: list[Annotated[str, Field(strict=True)]] = []
+    budget_scope: Literal["joint", "per_component"] = "joint"
+    component_budgets: dict[str, float] = {}
+    text_encoder_widths: WeightWidths = [4, 8]
+
+    @model_validator(mode="after")
+    def _components(self) -> "BuildOptions":
+        message = components_problem(self)
+        if message:
+            raise invalid(message)
+        return self
 
     @model_validator(mode="after")
     def _uniform_width(self) -> "BuildOptions":

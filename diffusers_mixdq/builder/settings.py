@@ -90,6 +90,13 @@ class BuildSettings(StageSettings):
     pick_prompts: Sequence[str] = ()
     pick_objective: str = "mse"
     protect_first_last: bool = False
+    #: pipeline components to build plans for (empty: the denoiser alone), the budget over them (``"joint"``: one
+    #: average over every component's layers; ``"per_component"``: ``component_budgets[c]``, else ``weight_bits``,
+    #: each) and the candidate widths of text-encoder layers (:mod:`.text_encoders`)
+    components: Sequence[str] = ()
+    budget_scope: str = "joint"
+    component_budgets: dict = field(default_factory=dict)
+    text_encoder_widths: list[int] = field(default_factory=lambda: [4, 8])
 
     def options(self) -> dict[str, Any]:
         """These settings laid out as :class:`~.options.BuildOptions` fields."""
@@ -112,6 +119,8 @@ class BuildSettings(StageSettings):
             "distill_rank": self.distill_rank, "distill_lr": self.distill_lr, "distill_relation": self.distill_relation,
             "context": self.context,
             "pick_uniform": self.pick_uniform, "content_metric": self.content_metric,
+            "components": _as_list(self.components), "budget_scope": self.budget_scope,
+            "component_budgets": dict(self.component_budgets), "text_encoder_widths": _as_list(self.text_encoder_widths),
         }
 
     def validate(self) -> None:
