@@ -2,7 +2,7 @@
 
 Stages (:mod:`.builder` runs them): :mod:`.calibration`, :mod:`.measure` (:mod:`.sensitivity` scores one layer),
 :mod:`.assign` (the allocate stage; the arithmetic and the allocator registry are :mod:`.allocate`),
-:mod:`.write`. What to build: :mod:`.settings` (``BuildSettings``), :mod:`.recipe` (YAML recipes); both are
+:mod:`.write`; plan sets with text encoders: :mod:`.plan_set` (:mod:`.text_encoders`). What to build: :mod:`.settings` (``BuildSettings``), :mod:`.recipe` (YAML recipes); both are
 checked by one model, :mod:`.options`. Sharded builds: :mod:`.distributed`.
 """
 
@@ -25,6 +25,7 @@ from .allocate import (
 from .builder import build_plan, calibrate, calibrated_plan
 from .calibration import record_input_ranges
 from .distributed import is_main_process
+from .plan_set import build_plan_set
 from .recipe import load_recipe, run_recipe
 from .settings import BuildReport, BuildSettings
 
@@ -42,6 +43,7 @@ __all__ = [
     "budget_for_size",
     "group_budgets",
     "build_plan",
+    "build_plan_set",
     "calibrate",
     "calibrated_plan",
     "is_main_process",

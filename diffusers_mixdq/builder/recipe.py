@@ -45,6 +45,13 @@ context: fp                        # measure each layer with the rest in full pr
                                    # uniform base width, e.g. int4 (uniform: sees how errors compound)
 pick_uniform: false                # the same-size uniform plan joins the final pick (never worse than it there)
 content_metric: ssim               # scores content layers: ssim (MixDQ) | mse (minus the mean per-image MSE to FP)
+components: [unet, text_encoder]   # plans for these components (default: the denoiser alone): the denoiser and
+                                   # text encoders (text_encoder, text_encoder_2, ...), one folder each in OUT
+budget_scope: joint                # joint: one budget (weights.budget_bits / size_mb) over every component's layers |
+                                   # per_component: each its own (component_budgets, else weights.budget_bits)
+component_budgets: {text_encoder: 8.0}   # per_component only: average bits of a component
+text_encoder_widths: [4, 8]        # candidate weight widths of text-encoder layers (weight-only; scored like content
+                                   # layers, by the images: builder.text_encoders)
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
 
@@ -108,6 +115,10 @@ class Recipe(StageSettings):
     pick_prompts: list[str] = field(default_factory=list)
     pick_objective: str = "mse"
     protect_first_last: bool = False
+    components: list[str] = field(default_factory=list)
+    budget_scope: str = "joint"
+    component_budgets: dict[str, float] = field(default_factory=dict)
+    text_encoder_widths: list[int] = field(default_factory=lambda: [4, 8])
     push: dict[str, Any] | None = None
     description: str | None = None
     source: str | None = None
@@ -132,7 +143,9 @@ class Recipe(StageSettings):
             distill_relation=o.distill_relation, act_timestep_groups=a.timestep_groups,
             outlier_fraction=o.weights.outlier_fraction,
             context=o.context,
-            pick_uniform=o.pick_uniform, content_metric=o.content_metric,
+            pick_uniform=o.pick_uniform, content_metric=o.content_metric, components=list(o.components),
+            budget_scope=o.budget_scope, component_budgets=dict(o.component_budgets),
+            text_encoder_widths=list(o.text_encoder_widths),
             push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 
@@ -155,7 +168,9 @@ class Recipe(StageSettings):
             device=self.device, allocator=self.allocator, sensitivity_files=[dict(f) for f in self.sensitivity_files],
             pipe_kwargs=dict(self.pipe_kwargs),
             pick_prompts=list(self.pick_prompts), pick_objective=self.pick_objective,
-            protect_first_last=self.protect_first_last, **self.stage_values(),
+            protect_first_last=self.protect_first_last, components=list(self.components),
+            budget_scope=self.budget_scope, component_budgets=dict(self.component_budgets),
+            text_encoder_widths=list(self.text_encoder_widths), **self.stage_values(),
         )
 
 
@@ -180,18 +195,17 @@ def load_recipe(source: str | os.PathLike | dict) -> Recipe:
 
 
 def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, cache_dir: str | None = None):
-    """Build the recipe's plan and save it as ``out/<component>/plan.json`` (the Hub plan-repo layout).
+    """Build the recipe's plan and save it as ``out/<component>/plan.json`` (the Hub plan-repo layout); with
+    text encoders among ``components``, a plan set: ``out/<component>/plan.json`` for each.
 
     The full-precision calibration run and the sensitivity scores are cached in ``cache_dir`` (default
     ``out/.sensitivity-cache``) as they are measured, so a build that was interrupted resumes where it stopped and
     gives the same plan.
 
-    Returns ``(plan, plan_path, report)``; ``report`` is ``None`` for calibrate-only recipes.
+    Returns ``(plan, plan_path, report)`` of the denoiser; ``report`` is ``None`` for calibrate-only recipes. A plan
+    set's other plans are in ``plan.provenance["components"]``'s folders beside ``plan_path``.
     """
     from ..families import denoiser_of
-    from ..plan import layer_table
-    from .builder import build_plan, calibrated_plan
-    from .context import protected_layers
     from .distributed import is_main_process
 
     pipe = _load_pipeline(recipe)
@@ -200,32 +214,52 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, progress: bool = True, ca
     settings.component = component
     settings.cache_dir = str(cache_dir if cache_dir is not None else Path(out) / ".sensitivity-cache")
     if recipe.size_mb is not None:
-        total = sum(info.numel for info in layer_table(denoiser).values())
-        settings.weight_bits = recipe.size_mb * 8 * 2**20 / total
-    report = None
+        settings.weight_bits = recipe.size_mb * 8 * 2**20 / _quantizable(pipe, denoiser, settings.components)
+    plans, report = _build(recipe, pipe, denoiser, settings, progress)
+    for plan in plans.values():
+        plan.target["base_model"] = recipe.pipeline
+        plan.target["revision"] = recipe.revision
+        plan.provenance["recipe"] = {
+            "source": recipe.source,
+            "description": recipe.description,
+            "pipeline": recipe.pipeline,
+            "pipeline_is_local": Path(recipe.pipeline).exists(),  # a local directory is no Hub base_model
+            "steps": recipe.steps,
+            "guidance": recipe.guidance,
+            "budget_bits": settings.weight_bits,
+            "size_mb": recipe.size_mb,
+            "activations": recipe.activations,
+        }
+    path = Path(out) / component / "plan.json"
+    if is_main_process():  # in a sharded build every process ends with the same plan; one writes it
+        for name, plan in plans.items():
+            saved = plan.save(Path(out) / name)
+            path = saved if name == component else path
+    return plans[component], path, report
+
+
+def _quantizable(pipe, denoiser, components) -> int:
+    """Parameters of the quantizable layers a size budget covers: the denoiser's, and the other components'."""
+    from ..plan import layer_table
+
+    models = [denoiser] + [getattr(pipe, c) for c in components if getattr(pipe, c, None) is not denoiser
+                           and getattr(pipe, c, None) is not None]
+    return sum(info.numel for model in models for info in layer_table(model).values())
+
+
+def _build(recipe: Recipe, pipe, denoiser, settings: BuildSettings, progress: bool):
+    """``({component: plan}, report)``: a calibrate-only plan, a mixed plan, or a plan set."""
+    from ..plan import layer_table
+    from .builder import calibrated_plan
+    from .context import protected_layers
+    from .plan_set import build_plan_set
+
     if recipe.calibrate_only:
         protected = settings.for_model(denoiser).protected
         protected_layers(protected, layer_table(denoiser), type(denoiser).__name__)  # same check as a mixed build
         plan = calibrated_plan(pipe, _uniform_plan(recipe, protected), settings, progress=progress)
-    else:
-        plan, report = build_plan(pipe, settings, progress=progress)
-    plan.target["base_model"] = recipe.pipeline
-    plan.target["revision"] = recipe.revision
-    plan.provenance["recipe"] = {
-        "source": recipe.source,
-        "description": recipe.description,
-        "pipeline": recipe.pipeline,
-        "pipeline_is_local": Path(recipe.pipeline).exists(),  # a local directory is no Hub base_model
-        "steps": recipe.steps,
-        "guidance": recipe.guidance,
-        "budget_bits": settings.weight_bits,
-        "size_mb": recipe.size_mb,
-        "activations": recipe.activations,
-    }
-    path = Path(out) / component / "plan.json"
-    if is_main_process():  # in a sharded build every process ends with the same plan; one writes it
-        path = plan.save(Path(out) / component)
-    return plan, path, report
+        return {settings.component: plan}, None
+    return build_plan_set(pipe, settings, progress=progress)
 
 
 def _load_pipeline(recipe: Recipe):

@@ -79,6 +79,12 @@ class RecipeOptions(BuildOptions):
         message = not_held_out(self.prompts, self.pick_prompts)
         if message:
             raise invalid(message.replace("<>", "'pick_prompts'"))
+        if len(self.components) > 1 and calibrate_only(self.weights.candidates, self.activations):
+            raise invalid("<components> with text encoders need a mixed build; a calibrate-only recipe (one weight "
+                          "width, fixed activations) builds the denoiser alone.")
+        if self.weights.size_mb is not None and self.budget_scope == "per_component":
+            raise invalid("<weights.size_mb> is one size for every component; with <budget_scope> per_component "
+                          "give <weights.budget_bits> (and <component_budgets>).")
         budget = self.weights.budget_bits
         if calibrate_only(self.weights.candidates, self.activations) and budget is not None:
             width = next(iter({w for ws in self.weights.candidates.values() for w in ws}))

@@ -117,8 +117,10 @@ def measure_text_encoders(ctx: BuildContext, calib: Calibration, parts: Sequence
         for name, widths in part.widths.items():
             by_widths.setdefault(tuple(widths), []).append(name)
         for widths, names in by_widths.items():
-            measured = list(widths[:-1]) if s.extrapolate_widest and len(widths) > 1 else list(widths)
-            measured = measured if len(widths) > 1 else []
+            if len(widths) == 1:  # nothing to choose, nothing to measure
+                part.scores.update({n: {widths[0]: 0.0} for n in names})
+                continue
+            measured = list(widths[:-1]) if s.extrapolate_widest else list(widths)
             result = layer_sensitivity(part.module, names, {GROUP: measured}, {n: GROUP for n in names},
                                        lambda n, b: LayerSpec(f"int{b}"), rec, scorer,
                                        (rec.num_calls, rec.num_samples), kind="weights", progress=ctx.progress,
@@ -135,10 +137,8 @@ def measure_text_encoders(ctx: BuildContext, calib: Calibration, parts: Sequence
 
 
 def _completed(scores: dict[int, float], widths: Sequence[int], metric: str) -> dict[int, float]:
-    """A layer's scores at every allowed width: a single width scores 0 (nothing to choose), the widest one not
-    measured is extrapolated from the next (:func:`~.measure.extrapolate_ssim`)."""
-    if len(widths) == 1:
-        return {widths[0]: 0.0}
+    """A layer's scores at every allowed width: the widest one, when not measured, extrapolated from the next
+    (:func:`~.measure.extrapolate_ssim`)."""
     out = dict(scores)
     if widths[-1] not in out:
         out[widths[-1]] = extrapolate_ssim(out[widths[-2]], widths[-2], widths[-1], PERFECT[metric])

@@ -27,9 +27,12 @@ def _cost_line(report) -> str:
     )
 
 
-def _load_hint(out: Path, path: Path) -> str:
+def _load_hint(out: Path, path: Path, components=()) -> str:
     """How to use the plan just written (``out/<component>/plan.json``, the Hub plan-repo layout)."""
     component = Path(path).parent.name
+    if len(components) > 1:  # a plan set
+        return (f'use it: PipelineQuantizationConfig(quant_backend="mixdq", quant_kwargs={{"plan": "{out}"}}, '
+                f"components_to_quantize={list(components)}); mixdq eval PIPELINE --plan {out}")
     return (
         f'use it: MixDQConfig(plan="{out}", subfolder="{component}"); mixdq inspect {out}; '
         f"mixdq push {out} user/repo"
@@ -73,5 +76,7 @@ def build(
         if report is not None:
             console.print(_cost_line(report))
         console.print(f"wrote {path}")
-        console.print(_load_hint(out, path))
+        for name in (c for c in r.components if c != Path(path).parent.name):
+            console.print(f"wrote {out / name / 'plan.json'}")
+        console.print(_load_hint(out, path, r.components))
         _push(r, out, push, private)

@@ -211,7 +211,8 @@ def _demo_one(model, plans_dir: Path | None, num_prompts: int, seed: int, memory
     from .. import demo as demo_model
 
     plans_dir = plans_dir or model.plans_dir()
-    plans = {name: str(path) for name, path in demo_model.plans_in(plans_dir).items()}
+    found = {**demo_model.plans_in(plans_dir), **demo_model.plan_sets_in(plans_dir)}
+    plans = {name: str(path) for name, path in found.items()}
     if not plans:
         raise MixDQError(f"No demo plans in {plans_dir} (directories holding plan.json); pass --plans DIR.")
     prompts = demo_model.prompt_set(model.name, "test", num_prompts, seed)

@@ -94,6 +94,17 @@ def plans_in(directory: str | os.PathLike) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.iterdir()) if (p / "plan.json").is_file()}
 
 
+def plan_sets_in(directory: str | os.PathLike) -> dict[str, Path]:
+    """``{name: path}`` of the whole-pipeline plan sets in ``directory`` (sub-directories with no ``plan.json`` of
+    their own whose component folders hold one, e.g. ``w8a8-te-w8/unet/``, ``w8a8-te-w8/text_encoder/``), sorted
+    by name; what ``mixdq demo`` shows after the plans of :func:`plans_in`."""
+    root = Path(directory)
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not (p / "plan.json").is_file()
+            and any((c / "plan.json").is_file() for c in p.iterdir() if c.is_dir())}
+
+
 def plan_path(name: str, plan_set: str | None = None) -> Path:
     """Directory of the bundled plan ``name`` (``BitPlan.load`` or ``MixDQConfig(plan=...)`` it), looked up in
     ``plan_set`` or, by default, in every set of :data:`PLAN_SETS`."""
