@@ -156,7 +156,7 @@ def test_bos_safe_widths_keep_the_bundled_text_encoder_near_its_bos_state():
         ({"text_encoder_widths": [3, 8]}, "'text_encoder_widths' must be a non-empty list of 2, 4 and 8"),
         ({"context": "uniform"}, "with text-encoder 'components' use context 'fp'"),
         ({"balance": True}, "set 'budget_scope' to per_component"),
-        ({"budget_scope": "per_component", "weights": {"size_mb": 2}}, "'weights.size_mb' is one size"),
+        ({"budget_scope": "per_component", "weights": {"size_mb": 2}}, "weights.size_mb is one size"),
         ({"weights": {"budget_bits": 8, "candidates": {"content": [8], "quality": [8]}}}, "need a mixed build"),
     ],
 )

@@ -59,7 +59,8 @@ def test_demo_command_writes_grid_and_table(tmp_path, monkeypatch):
     assert "w8a8" in result.output and "PSNR" in result.output and "8 test prompts" in result.output
     assert (tmp_path / "out" / "shapes" / "grid.png").stat().st_size > 1000
     rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "shapes" / "results.json").read_text())}
-    assert set(rows) == {"FP32", "w8a8", "w4a8-mixed"}
+    assert set(rows) == {"FP32", "w8a8", "w4a8-mixed", "te-w8", "w8a8-te-w8"}  # plans, then plan sets (issue #16)
+    assert rows["te-w8"]["psnr"] > 60 and rows["te-w8"]["avg_weight_bits"] == 32  # FP32 denoiser, W8 text encoder
     assert rows["FP32"]["alignment"]["colour"] >= 0.9 and rows["FP32"]["alignment"]["shape"] >= 0.9
     assert rows["FP32"]["psnr"] is None and rows["FP32"]["frechet"] > 0 and len(rows["FP32"]["aligned"]) == 8
     assert rows["w8a8"]["psnr"] > 35 and rows["w8a8"]["ssim"] > 0.99 and len(rows["w8a8"]["psnr_per_image"]) == 8
@@ -67,7 +68,8 @@ def test_demo_command_writes_grid_and_table(tmp_path, monkeypatch):
     assert rows["w4a8-mixed"]["denoiser_bytes"] < rows["w8a8"]["denoiser_bytes"] < rows["FP32"]["denoiser_bytes"]
     assert rows["w4a8-mixed"]["avg_weight_bits"] <= 4.0 < rows["w8a8"]["avg_weight_bits"]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [r["name"] for r in summary] == ["shapes/FP32", "shapes/w4a8-mixed", "shapes/w8a8"]
+    assert [r["name"] for r in summary] == ["shapes/FP32", "shapes/w4a8-mixed", "shapes/w8a8", "shapes/te-w8",
+                                            "shapes/w8a8-te-w8"]
 
 
 def test_demo_with_a_plans_directory(tmp_path):
@@ -83,6 +85,9 @@ def test_demo_with_a_plans_directory(tmp_path):
 def test_both_bundled_models_have_pipelines_and_plans():
     assert demo.available_models() == ["shapes", "scenes"]
     assert sorted(demo.plans_in(demo.get_model("scenes").plans_dir())) == ["w3a8-mixed", "w3a8-rule", "w4a8-mixed", "w4a8-uniform", "w8a8"]
+    for model in ("shapes", "scenes"):  # whole-pipeline plan sets, shown by `mixdq demo` after the plans
+        assert list(demo.plan_sets_in(demo.get_model(model).plans_dir())) == ["te-w8", "w8a8-te-w8"]
+    assert demo.plan_sets_in(demo.plans_dir("shapes-extra")) == {}
 
 
 def test_eval_command_with_a_plan_file(tmp_path):

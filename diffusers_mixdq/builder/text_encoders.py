@@ -194,9 +194,11 @@ def bos_safe_widths(pipe, parts: Sequence[TextEncoderPart], widths: Sequence[int
                 d = drift({**floor, key: wider})
                 bits = by_component[key[0]].table[key[1]].numel * (wider - width)
                 options.append(((current - d) / bits, -d, key, wider))
-        if not options:
-            warnings.warn(f"The text encoders at their widest candidate move the BOS state by {current:.1%}; the "
-                          "denoiser's BOS rows will not be served from full precision.", stacklevel=2)
+        if not options:  # every layer at its widest
+            if current > BOS_MATCH_TOLERANCE:
+                warnings.warn(f"The text encoders at their widest candidate move the BOS state by {current:.1%} "
+                              f"(tolerance {BOS_MATCH_TOLERANCE:.0%}): the denoiser's BOS rows will take the "
+                              "quantized path.", stacklevel=2)
             break
         _, minus_d, key, wider = max(options)
         floor[key], current = wider, -minus_d
