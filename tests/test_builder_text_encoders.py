@@ -126,8 +126,8 @@ def test_mixdq_build_writes_a_plan_set_that_pipelines_load(tmp_path, pipeline_di
 def test_bos_safe_widths_keep_the_bundled_text_encoder_near_its_bos_state():
     from diffusers_mixdq import demo
     from diffusers_mixdq.bos import bos_hidden_state
-    from diffusers_mixdq.builder.text_encoders import (BOS_MARGIN, bos_drift, bos_safe_widths, text_encoder_parts,
-                                                       text_encoder_plan)
+    from diffusers_mixdq.builder.bos_floors import BOS_MARGIN, bos_drift, bos_safe_widths
+    from diffusers_mixdq.builder.text_encoders import text_encoder_parts, text_encoder_plan
     from diffusers_mixdq.plan import BOS_MATCH_TOLERANCE
 
     pipe = demo.load_pipeline()

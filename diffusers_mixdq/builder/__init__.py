@@ -2,7 +2,8 @@
 
 Stages (:mod:`.builder` runs them): :mod:`.calibration`, :mod:`.measure` (:mod:`.sensitivity` scores one layer),
 :mod:`.assign` (the allocate stage; the arithmetic and the allocator registry are :mod:`.allocate`),
-:mod:`.write`; plan sets with text encoders: :mod:`.plan_set` (:mod:`.text_encoders`). What to build: :mod:`.settings` (``BuildSettings``), :mod:`.recipe` (YAML recipes); both are
+:mod:`.write`; plan sets with text encoders: :mod:`.plan_set` (:mod:`.text_encoders`, :mod:`.bos_floors`).
+What to build: :mod:`.settings` (``BuildSettings``), :mod:`.recipe` (YAML recipes); both are
 checked by one model, :mod:`.options`. Sharded builds: :mod:`.distributed`.
 """
 

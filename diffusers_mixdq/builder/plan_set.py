@@ -2,8 +2,8 @@
 ``MixDQConfig`` and ``PipelineQuantizationConfig(quant_backend="mixdq")`` read (a folder per component).
 
 The denoiser goes through the usual stages (:mod:`.builder`); after its sensitivities, the text encoders named in
-``components`` are measured (:mod:`.text_encoders`: scored like content layers, widths kept BOS-safe) and
-allocated as ``budget_scope`` says:
+``components`` are measured (:mod:`.text_encoders`: scored like content layers; widths kept BOS-safe by
+:mod:`.bos_floors`) and allocated as ``budget_scope`` says:
 
 * ``"joint"`` (default): one average-bits budget (``weight_bits``, parameter-weighted) over every component's
   layers. The text-encoder layers join the denoiser's content group, so the ``k`` sweep splits the budget between
@@ -29,11 +29,12 @@ from ..families import denoiser_of
 from ..plan import BOS_MATCH_TOLERANCE, BitPlan
 from .allocate import AllocationProblem, LayerChoice, solve
 from .allocate.result import Allocation
+from .bos_floors import bos_drift, bos_safe_widths
 from .builder import build_stages
 from .progress import quiet_pipeline
 from .settings import BuildReport, BuildSettings
-from .text_encoders import (GROUP, TextEncoderPart, applied_plans, bos_drift, bos_safe_widths,
-                            measure_text_encoders, text_encoder_parts, text_encoder_plan)
+from .text_encoders import (GROUP, TextEncoderPart, applied_plans, measure_text_encoders, text_encoder_parts,
+                            text_encoder_plan)
 from .write import prompts_record
 
 BUDGET_SCOPES = ("joint", "per_component")

@@ -120,7 +120,8 @@ class BuildSettings(StageSettings):
             "context": self.context,
             "pick_uniform": self.pick_uniform, "content_metric": self.content_metric,
             "components": _as_list(self.components), "budget_scope": self.budget_scope,
-            "component_budgets": dict(self.component_budgets), "text_encoder_widths": _as_list(self.text_encoder_widths),
+            "component_budgets": dict(self.component_budgets),
+            "text_encoder_widths": _as_list(self.text_encoder_widths),
         }
 
     def validate(self) -> None:

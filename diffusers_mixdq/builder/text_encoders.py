@@ -18,9 +18,9 @@ measured width (text encoders have few layers: 18 on the shapes demo model, 72 i
 their full-precision weights on the full-precision encoder's BOS state (recorded by the calibration run, before
 anything is quantized), whenever input row 0 is within ``BOS_MATCH_TOLERANCE`` (2 %) of that state; otherwise row 0
 takes the quantized path, whose calibrated range left token 0 out. A quantized text encoder moves its BOS state
-(shapes: 0.3 % at W8, 4.2 % at W4 everywhere), so before measuring, :func:`bos_safe_widths` raises the narrowest
-allowed width of the layers that move it most (greedily, per bit) until the encoder at its narrowest allowed widths
-keeps the state within :data:`BOS_MARGIN` of the tolerance; every allocation is at least that wide. The final
+(shapes: 0.3 % at W8, 4.2 % at W4 everywhere), so before measuring, :func:`~.bos_floors.bos_safe_widths` raises
+the narrowest allowed width of the layers that move it most per bit until the encoder at its narrowest allowed
+widths keeps the state within ``BOS_MARGIN`` of the tolerance; every allocation is at least that wide. The final
 plans' drift is measured again and recorded (``provenance.components.bos_drift``).
 
 **Cache.** Component ``c``'s scores go to ``sensitivity-<c>-<key>.json`` beside the denoiser's
@@ -32,17 +32,15 @@ sample of its weights); entries are the encoder's own layer names. The denoiser'
 from __future__ import annotations
 
 import hashlib
-import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-import torch
 from torch import nn
 
 from ..errors import MixDQError
-from ..plan import BOS_MATCH_TOLERANCE, BitPlan, LayerSpec, layer_table
+from ..plan import BitPlan, LayerSpec, layer_table
 from .calibration import calibration_key
 from .context import BuildContext
 from .measure import PERFECT, content_scorer, extrapolate_ssim, sweep_key
@@ -52,8 +50,6 @@ from .sensitivity import Cost, applied, layer_sensitivity
 
 #: the group text-encoder layers join: they are scored like the denoiser's content layers
 GROUP = "content"
-#: the narrowest allowed widths keep the BOS state within this share of BOS_MATCH_TOLERANCE (room for float16)
-BOS_MARGIN = 0.5
 WIDTH_DTYPE = {8: "int8", 4: "int4", 2: "int2", 16: "none"}
 
 
@@ -159,50 +155,3 @@ def applied_plans(parts: Sequence[TextEncoderPart], plans: Mapping[str, BitPlan]
             if part.component in plans:
                 stack.enter_context(applied(part.module, plans[part.component]))
         yield
-
-
-def bos_drift(pipe, parts: Sequence[TextEncoderPart], plans: Mapping[str, BitPlan], state: torch.Tensor) -> float:
-    """How far the pipeline's BOS state moves with the text encoders quantized per ``plans`` (relative norm)."""
-    from ..bos import bos_hidden_state
-
-    with applied_plans(parts, plans):
-        moved = bos_hidden_state(pipe)
-    state = state.float().cpu().reshape(-1)
-    return float((moved.reshape(-1) - state).norm() / state.norm().clamp_min(1e-12))
-
-
-def bos_safe_widths(pipe, parts: Sequence[TextEncoderPart], widths: Sequence[int],
-                    state: torch.Tensor | None) -> list[str]:
-    """Set each part's allowed widths: the candidate ``widths``, without those below a layer's BOS-safe floor (see
-    the module docstring; no floor without a BOS state). Returns the raised layers (``component/layer``)."""
-    widths = sorted(set(widths))
-    floor = {(p.component, n): widths[0] for p in parts for n in p.table}
-    by_component = {p.component: p for p in parts}
-    raised: list[str] = []
-
-    def drift(floors) -> float:
-        plans = {p.component: text_encoder_plan(p, {n: floors[(p.component, n)] for n in p.table}) for p in parts}
-        return bos_drift(pipe, parts, plans, state)
-
-    current = drift(floor) if state is not None else 0.0
-    target = BOS_MARGIN * BOS_MATCH_TOLERANCE
-    while current > target:
-        options = []
-        for key, width in floor.items():
-            if width < widths[-1]:
-                wider = widths[widths.index(width) + 1]
-                d = drift({**floor, key: wider})
-                bits = by_component[key[0]].table[key[1]].numel * (wider - width)
-                options.append(((current - d) / bits, -d, key, wider))
-        if not options:  # every layer at its widest
-            if current > BOS_MATCH_TOLERANCE:
-                warnings.warn(f"The text encoders at their widest candidate move the BOS state by {current:.1%} "
-                              f"(tolerance {BOS_MATCH_TOLERANCE:.0%}): the denoiser's BOS rows will take the "
-                              "quantized path.", stacklevel=2)
-            break
-        _, minus_d, key, wider = max(options)
-        floor[key], current = wider, -minus_d
-        raised.append(f"{key[0]}/{key[1]}")
-    for p in parts:
-        p.widths = {n: [w for w in widths if w >= floor[(p.component, n)]] for n in p.table}
-    return raised
