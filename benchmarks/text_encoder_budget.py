@@ -57,8 +57,9 @@ def main() -> None:
     print(f"unet-same-size ({same_size:.3f} bits: UNet {unet:,} + text encoder {te:,} parameters at 16 bit) built "
           f"in {time.perf_counter() - t0:.0f}s, {plan.summary().avg_weight_bits:.3f} bits, k = {report.chosen_k}")
     print("evaluate: OMP_NUM_THREADS=1 mixdq eval --model shapes --plan _work/te_budget/joint-w4 "
-          "--plan _work/te_budget/unet-same-size --num-prompts 64 --no-memory "
-          "--compare unet-same-size joint-w4 --json benchmarks/results/eval_te_budget_shapes_test64.json")
+          "--plan _work/te_budget/unet-same-size --plan w4a8-mixed --num-prompts 128 --no-memory "
+          "--compare unet-same-size joint-w4 --compare w4a8-mixed joint-w4 "
+          "--json benchmarks/results/eval_te_budget_shapes_test128.json")
 
 
 if __name__ == "__main__":
