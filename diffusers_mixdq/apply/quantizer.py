@@ -27,12 +27,10 @@ from diffusers.quantizers.base import DiffusersQuantizer
 
 from ..errors import PlanMismatchError
 from . import checkpoint, memory, saved_weights
-from .bos_rows import compute_bos_row_, finish_bos_
-from .corrections import prepare_weight_
 from .guards import guard_model
-from .outliers import OUTLIER_BUFFERS, compute_outlier_rows_, has_outliers
-from .swap import (OneDeviceLoad, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
-                   make_modules, refuse_quantized)
+from .outliers import OUTLIER_BUFFERS
+from .swap import (OneDeviceLoad, check_loaded, check_unloaded, config_for, finish_full_precision_load,
+                   install_saved_weight, load_dtype, make_modules, quantize_placed_weight_, refuse_quantized)
 from .timestep_groups import GROUP_BUFFERS, install_clock
 
 if TYPE_CHECKING:
@@ -163,12 +161,7 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
         module = self._modules[self._owner(param_name)[0]]
         dtype = kwargs.get("dtype") or self.torch_dtype
         set_module_tensor_to_device(model, param_name, target_device, value=param_value, dtype=dtype)
-        if module.bos_aware:
-            compute_bos_row_(module)
-        prepare_weight_(module)  # balancing / low-rank: the weight that is quantized (after the BOS row)
-        if has_outliers(module):
-            compute_outlier_rows_(module)  # from the corrected weight
-        self.backend.quantize_weight_(module)
+        quantize_placed_weight_(self.backend, module)
         self._since_trim += param_value.numel() * param_value.element_size()
         # every 32 MB read, keep the allocator from hoarding the quantization temporaries
         if self._since_trim > 32 * 2**20:
@@ -191,11 +184,7 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
                 + ". The checkpoint is incomplete or was saved by another tool; re-save it."
             )
         if not self.pre_quantized:
-            for module in self._modules.values():
-                if module.bos_aware:
-                    finish_bos_(module, self.torch_dtype)
-                if not module.stores_quantized_weight:
-                    prepare_weight_(module)  # a floating-point weight is balanced / corrected once, here
+            finish_full_precision_load(self._modules, self.torch_dtype)
             # quantized weights have their own storage; copy the rest out of the full-precision checkpoint's
             # memory map so the file is unmapped, then hand freed heap pages back
             quantized = {id(m.weight) for m in self._modules.values() if m.stores_quantized_weight}

@@ -13,8 +13,9 @@ from ..plan import BOS_STATE_KEY
 from ..plan.components import folder_of
 from . import saved_weights
 from .backends import backend_named
-from .bos_rows import set_bos_state
-from .corrections import attach_corrections
+from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
+from .corrections import attach_corrections, prepare_weight_
+from .outliers import compute_outlier_rows_, has_outliers
 from .qmodule import is_mixdq_module
 
 
@@ -92,6 +93,28 @@ def make_modules(backend, model, resolved, scale_dtype: torch.dtype, fill_bos: b
             set_bos_state(qmodule, bos_state)
         replacements[name] = qmodule
     return replacements
+
+
+def quantize_placed_weight_(backend, module) -> None:
+    """A planned layer's full-precision weight was just placed: its BOS row, its corrections (balancing /
+    low-rank: the weight that is quantized), its outlier rows (from the corrected weight), then the backend
+    quantizes it. The same steps, in this order, for every library that loads the model."""
+    if module.bos_aware:
+        compute_bos_row_(module)
+    prepare_weight_(module)
+    if has_outliers(module):
+        compute_outlier_rows_(module)
+    backend.quantize_weight_(module)
+
+
+def finish_full_precision_load(modules, dtype: torch.dtype) -> None:
+    """After a full-precision checkpoint is loaded: BOS rows get their bias and dtype, layers whose weight the
+    plan keeps in floating point are balanced / corrected once."""
+    for module in modules.values():
+        if module.bos_aware:
+            finish_bos_(module, dtype)
+        if not module.stores_quantized_weight:
+            prepare_weight_(module)
 
 
 def install_saved_weight(backend, module, name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
