@@ -52,6 +52,7 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
     """Applies a :class:`~diffusers_mixdq.BitPlan` through diffusers' loading machinery."""
 
     use_keep_in_fp32_modules = True
+    library_packages = ("accelerate",)  # create_quantized_param places tensors with accelerate
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)

@@ -34,17 +34,39 @@ def check_device_map(device_map) -> None:
 
 
 class OneDeviceLoad:
-    """Mixed into both quantizers: what they declare to their library, the weight backend the config names, and
-    the one-device check before loading."""
+    """Mixed into both quantizers: what they declare to their library (the packages: the library's own
+    ``library_packages`` and those of the weight backend the config names), the backend, and the checks before
+    loading (the backend's packages are installed, one device)."""
 
     requires_calibration = False
-    required_packages = ["optimum-quanto", "accelerate"]
+    #: packages the quantizer itself needs, whatever the weight backend
+    library_packages: tuple[str, ...] = ()
+    required_packages: list[str] = []
 
     def _pick_backend(self, quantization_config) -> None:
         self.backend = backend_named(getattr(quantization_config, "weight_backend", None))
+        self.required_packages = [*self.backend.required_packages, *self.library_packages]
 
     def validate_environment(self, *args, **kwargs):
+        check_backend_installed(self.backend)
         check_device_map(kwargs.get("device_map"))
+
+
+def check_backend_installed(backend) -> None:
+    """A :class:`MixDQError` naming what to install (or which backend to pick) when ``backend``'s packages are
+    missing."""
+    missing = backend.missing_packages()
+    if not missing:
+        return
+    from ..registry import WEIGHT_BACKENDS
+
+    usable = [n for n, b in WEIGHT_BACKENDS.items() if n != backend.name and not b.missing_packages()]
+    hint = ""
+    if usable:
+        hint = (f', or use another weight backend: MixDQConfig(..., weight_backend="{usable[0]}"), or for a saved '
+                f'model `with diffusers_mixdq.use_weight_backend("{usable[0]}"): ...from_pretrained(path)`')
+    raise MixDQError(f"The weight backend '{backend.name}' needs {', '.join(missing)}, which is not installed. "
+                     f"Install it (pip install {' '.join(missing)}){hint}.")
 
 
 def load_dtype(dtype, argument: str) -> torch.dtype:
