@@ -63,6 +63,11 @@ def _register_weight_backends(_module) -> None:
     importlib.import_module(".apply.backends", __name__)
 
 
+def _guard_pipeline_lora(module) -> None:
+    """A pipeline's fuse_lora refuses quantized components (``apply.guards``; torch is imported by then)."""
+    importlib.import_module(".apply.guards", __name__).guard_pipeline_fuse_lora(module)
+
+
 def _register_hub_source(_module) -> None:
     importlib.import_module(".hub", __name__)  # registers the Hugging Face Hub as a plan source
 
@@ -73,6 +78,7 @@ for _name in _TRANSFORMERS_NEEDS:
     when_imported(_name, _register_with_transformers)
 when_imported(f"{__name__}.registry", _register_weight_backends)
 when_imported(f"{__name__}.plan", _register_hub_source)
+when_imported("diffusers.loaders.lora_base", _guard_pipeline_lora)
 
 
 def __getattr__(name: str):

@@ -4,7 +4,10 @@
 * ``fuse_lora``: loading, switching and unloading LoRA adapters work on a quantized denoiser (peft wraps each MixDQ
   module, a ``torch.nn.Linear`` subclass, and keeps the LoRA matrices in floating point beside the quantized
   weight), but fusing does not: peft adds the LoRA delta to ``weight.data``, which for a quantized weight is lost
-  without an error. ``pipe.fuse_lora()`` calls the denoiser's ``fuse_lora`` first, so it is refused too.
+  without an error. A pipeline's ``fuse_lora`` (diffusers' ``LoraBaseMixin.fuse_lora``, which every pipeline's
+  ends in) is wrapped once diffusers' LoRA loaders are imported (:func:`guard_pipeline_fuse_lora`): it refuses when
+  any component it would fuse has LoRA layers over MixDQ modules (a quantized text encoder included, which has no
+  ``fuse_lora`` of its own), before any component is fused.
 * ``enable_group_offload`` onto a device this machine does not have (e.g. CUDA on a CPU-only machine) would fail
   only at the first forward, deep inside a hook; it is refused at once. Group offloading itself works with
   quantized modules (tested CPU -> CPU here, CUDA in ``tests/test_offload.py`` where CUDA exists).
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 
 import torch
@@ -30,12 +34,45 @@ def guard_model(model) -> None:
 
 
 def _refuse_fuse_lora(self, *args, **kwargs):
-    raise MixDQError(
-        f"fuse_lora is not supported on this MixDQ-quantized {type(self).__name__}: the LoRA would have to be "
+    raise _fuse_refusal(type(self).__name__)
+
+
+def _fuse_refusal(what: str) -> MixDQError:
+    return MixDQError(
+        f"fuse_lora is not supported on this MixDQ-quantized {what}: the LoRA would have to be "
         "added to quantized weights. Keep the LoRA unfused (load_lora_weights / set_adapters work: it runs in "
         "floating point beside the quantized layers), or fuse it into the full-precision model, save that, and "
         "quantize the result."
     )
+
+
+def guard_pipeline_fuse_lora(lora_base) -> None:
+    """Wrap ``lora_base.LoraBaseMixin.fuse_lora`` (module ``diffusers.loaders.lora_base``) so that it refuses to
+    fuse into a component whose LoRA layers wrap MixDQ modules (idempotent; other pipelines are unaffected)."""
+    cls = lora_base.LoraBaseMixin
+    original = cls.fuse_lora
+    if getattr(original, "_mixdq_guarded", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def fuse_lora(self, *args, **kwargs):
+        components = signature.bind(self, *args, **kwargs).arguments.get("components")
+        for name in components or []:
+            model = getattr(self, name, None)
+            if model is not None and _lora_over_quantized(model):
+                raise _fuse_refusal(f"{name} ({type(model).__name__})")
+        return original(self, *args, **kwargs)
+
+    fuse_lora._mixdq_guarded = True
+    cls.fuse_lora = fuse_lora
+
+
+def _lora_over_quantized(model) -> bool:
+    """Whether a LoRA layer (peft's, holding its wrapped layer as ``base_layer``) wraps a MixDQ module."""
+    from .qmodule import is_mixdq_module
+
+    return any(is_mixdq_module(getattr(m, "base_layer", None)) for m in model.modules())
 
 
 def _checked_group_offload(original):
