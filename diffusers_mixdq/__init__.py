@@ -63,9 +63,10 @@ def _register_weight_backends(_module) -> None:
     importlib.import_module(".apply.backends", __name__)
 
 
-def _guard_pipeline_lora(module) -> None:
-    """A pipeline's fuse_lora refuses quantized components (``apply.guards``; torch is imported by then)."""
-    importlib.import_module(".apply.guards", __name__).guard_pipeline_fuse_lora(module)
+def _guard_pipelines(module) -> None:
+    """Pipeline methods that would change some components before refusing a quantized one check first
+    (``apply.guards.PIPELINE_GUARDS``; torch is imported by then)."""
+    importlib.import_module(".apply.guards", __name__).guard_library_module(module)
 
 
 def _register_hub_source(_module) -> None:
@@ -78,7 +79,8 @@ for _name in _TRANSFORMERS_NEEDS:
     when_imported(_name, _register_with_transformers)
 when_imported(f"{__name__}.registry", _register_weight_backends)
 when_imported(f"{__name__}.plan", _register_hub_source)
-when_imported("diffusers.loaders.lora_base", _guard_pipeline_lora)
+for _name in ("diffusers.loaders.lora_base", "diffusers.pipelines.pipeline_utils"):
+    when_imported(_name, _guard_pipelines)
 
 
 def __getattr__(name: str):
