@@ -27,6 +27,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 
 from ..errors import PlanMismatchError
 from . import checkpoint, memory, saved_weights
+from .embeddings import TABLE_BUFFERS, swap_tables
 from .guards import guard_model
 from .outliers import OUTLIER_BUFFERS
 from .swap import (OneDeviceLoad, check_loaded, check_unloaded, config_for, finish_full_precision_load,
@@ -58,6 +59,7 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.torch_dtype: torch.dtype = torch.float32
         self._modules: dict[str, torch.nn.Module] = {}
+        self._tables: dict[str, torch.nn.Module] = {}  # int8 embedding tables (plan key "embeddings")
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self._expected: dict[str, set[str]] = {}
         self._device = torch.device("cpu")
@@ -83,6 +85,7 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
         extra_ignore += [f"*{m}*" for m in (keep_in_fp32_modules or [])]
         resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
         self._modules = self._make_modules(model, resolved)
+        self._tables = swap_tables(model, resolved.embeddings, self.torch_dtype, not self.pre_quantized)
         if self.pre_quantized:  # the checkpoint's tensors against the plan, before anything is loaded
             shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             saved_weights.check_checkpoint(self._header, resolved.layer_specs(), resolved.manifest(),
@@ -153,16 +156,21 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
         if self.pre_quantized:
             return False
+        if param_name.endswith(".weight") and param_name[: -len(".weight")] in self._tables:
+            return True
         owner = self._owner(param_name)
         return owner is not None and owner[1] == "weight" and self._modules[owner[0]].stores_quantized_weight
 
     def create_quantized_param(self, model, param_value, param_name, target_device, *args, **kwargs):
         from accelerate.utils import set_module_tensor_to_device
 
-        module = self._modules[self._owner(param_name)[0]]
         dtype = kwargs.get("dtype") or self.torch_dtype
         set_module_tensor_to_device(model, param_name, target_device, value=param_value, dtype=dtype)
-        quantize_placed_weight_(self.backend, module)
+        table = self._tables.get(param_name[: -len(".weight")])
+        if table is not None:
+            table.quantize_()
+        else:
+            quantize_placed_weight_(self.backend, self._modules[self._owner(param_name)[0]])
         self._since_trim += param_value.numel() * param_value.element_size()
         # every 32 MB read, keep the allocator from hoarding the quantization temporaries
         if self._since_trim > 32 * 2**20:
@@ -173,7 +181,7 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
         # activation scales and BOS rows are made from the plan, so a full-precision checkpoint need not have them
         made_here = (".input_scale", ".output_scale", *(f".{b}" for b in GROUP_BUFFERS))
         if not self.pre_quantized:
-            made_here += (".bos_input", ".bos_output", *(f".{b}" for b in OUTLIER_BUFFERS))
+            made_here += (".bos_input", ".bos_output", *(f".{b}" for b in OUTLIER_BUFFERS + TABLE_BUFFERS))
         return [k for k in missing_keys if not k.endswith(made_here)]
 
     # ------------------------------------------------------------------ after loading

@@ -29,6 +29,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..errors import MixDQError
 from . import checkpoint, saved_weights
+from .embeddings import swap_tables
 from .swap import (OneDeviceLoad, check_loaded, check_unloaded, config_for, finish_full_precision_load,
                    install_saved_weight, load_dtype, make_modules, quantize_placed_weight_, refuse_quantized)
 
@@ -47,7 +48,7 @@ class _MixDQOp(ConversionOps):
                 missing_keys=None, **kwargs) -> dict[str, Any]:
         name = full_layer_name[: -len(".weight")]
         tensors = {key: value[0] if isinstance(value, list) else value for key, value in input_dict.items()}
-        module = self.hf_quantizer.modules[name]
+        module = self.hf_quantizer.target(name)
         before = dict(module._buffers)
         try:
             self.apply(name, tensors)
@@ -70,10 +71,13 @@ class _Quantize(_MixDQOp):
 
     def apply(self, name, tensors):
         quantizer = self.hf_quantizer
-        module = quantizer.modules[name]
+        module = quantizer.target(name)
         (value,) = tensors.values()
         module.weight = torch.nn.Parameter(value.to(quantizer.torch_dtype), requires_grad=False)
-        quantize_placed_weight_(quantizer.backend, module)
+        if name in quantizer.tables:
+            module.quantize_()
+        else:
+            quantize_placed_weight_(quantizer.backend, module)
 
 
 class _Deserialize(_MixDQOp):
@@ -94,6 +98,7 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.torch_dtype: torch.dtype = torch.float32
         self.modules: dict[str, torch.nn.Module] = {}
+        self.tables: dict[str, torch.nn.Module] = {}  # int8 embedding tables (plan key "embeddings")
         self.errors: list[MixDQError] = []
         #: per planned layer, the buffers made here (from the plan, or from the weight as it was loaded): put
         #: back after loading, where transformers replaced them (its "missing" keys and non-persistent buffers)
@@ -118,6 +123,7 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
         with torch.device("cpu"):  # transformers builds the model under a meta-device context
             self.modules = make_modules(self.backend, model, resolved, self.torch_dtype,
                                         fill_bos=not self.pre_quantized)
+        self.tables = swap_tables(model, resolved.embeddings, self.torch_dtype, not self.pre_quantized)
         if self.pre_quantized:
             shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             saved_weights.check_checkpoint(saved_weights.read_headers(checkpoint_files or []),
@@ -132,6 +138,10 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
         checkpoint.bind_save_pretrained(model)
         return model
 
+    def target(self, name: str) -> torch.nn.Module:
+        """The planned layer or int8 embedding table ``name``."""
+        return self.modules[name] if name in self.modules else self.tables[name]
+
     def keep(self, name: str, buffers: dict[str, torch.Tensor]) -> None:
         self.kept.setdefault(name, {}).update(buffers)
 
@@ -139,6 +149,8 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized or not param_name.endswith(".weight"):
             return False
+        if param_name[: -len(".weight")] in self.tables:
+            return True
         module = self.modules.get(param_name[: -len(".weight")])
         return module is not None and module.stores_quantized_weight
 
@@ -162,7 +174,7 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
         if self.errors:
             raise self.errors[0]
         for name, buffers in self.kept.items():
-            module = self.modules[name]
+            module = self.target(name)
             for key, value in buffers.items():
                 if module._buffers.get(key) is not value:
                     module._buffers[key] = value

@@ -61,6 +61,8 @@ class PlanSummary:
     fp16_bytes: float
     fp32_bytes: float
     other_params: int = 0
+    #: parameters of the embedding tables the plan stores at int8 (part of ``other_params``; see .embeddings)
+    int8_embedding_params: int = 0
 
     @property
     def avg_activation_bits(self) -> float | None:
@@ -94,7 +96,9 @@ class PlanSummary:
             ("average activation bits (input-feature-weighted)", "-" if act is None else f"{act:.2f}"),
         ]
         if self.other_params:
-            rows.append(("other parameters (kept in FP16)", f"{self.other_params:,}"))
+            rows.append(("other parameters (kept in FP16)", f"{self.other_params - self.int8_embedding_params:,}"))
+        if self.int8_embedding_params:
+            rows.append(("embedding-table parameters (int8 rows)", f"{self.int8_embedding_params:,}"))
         rows += [
             ("estimated size", format_bytes(self.size_bytes)),
             ("FP16 size", f"{format_bytes(self.fp16_bytes)} ({self.ratio_vs_fp16:.2f}x smaller)"),
@@ -112,9 +116,11 @@ def _counts(c: Mapping[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "-"
 
 
-def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo], other_params: int = 0) -> PlanSummary:
+def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo], other_params: int = 0,
+              int8_tables: tuple[int, float] = (0, 0.0)) -> PlanSummary:
     """The summary of a resolved per-layer table; ``other_params`` (parameters outside these layers) are counted
-    at 16 bits in ``size_bytes`` and in the FP16 / FP32 sizes."""
+    at 16 bits in ``size_bytes`` and in the FP16 / FP32 sizes, except the ``int8_tables`` ``(parameters, stored
+    bits)`` among them: embedding tables stored at int8 (:func:`.embeddings.embedding_storage`)."""
     params = sum(manifest[n].numel for n in specs)
     weight_bits = 0.0
     size_bits = 0.0
@@ -136,10 +142,11 @@ def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo],
         params=params,
         avg_weight_bits=weight_bits / params if params else 0.0,
         avg_activation_bits_by_inputs=sum(b * n for b, n in act_inputs.items()) / act_total if act_total else None,
-        size_bytes=(size_bits + FLOAT_BITS * other_params) / 8,
+        size_bytes=(size_bits + FLOAT_BITS * (other_params - int8_tables[0]) + int8_tables[1]) / 8,
         fp16_bytes=2 * (params + other_params),
         fp32_bytes=4 * (params + other_params),
         other_params=other_params,
+        int8_embedding_params=int8_tables[0],
     )
 
 
