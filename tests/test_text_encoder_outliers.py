@@ -29,7 +29,9 @@ def outlier_encoder_dir(tmp_path_factory):
 
 
 def outlier_plan(channels):
-    entry = {"weights": "int4", "outliers": {"weights": "int8", "channels": channels}} if channels else {"weights": "int4"}
+    entry = {"weights": "int4"}
+    if channels:
+        entry["outliers"] = {"weights": "int8", "channels": channels}
     return {**W4, "layers": {LAYER: entry}}
 
 

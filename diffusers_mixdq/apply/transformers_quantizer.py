@@ -56,7 +56,8 @@ class _MixDQOp(ConversionOps):
             self.hf_quantizer.errors.append(e if isinstance(e, MixDQError) else MixDQError(f"'{name}': {e}"))
             return {}
         module._is_hf_initialized = True  # transformers must not re-initialise the (quantized) weight
-        self.hf_quantizer.keep(name, {k: v for k, v in module._buffers.items() if v is not None and v is not before.get(k)})
+        made = {k: v for k, v in module._buffers.items() if v is not None and v is not before.get(k)}
+        self.hf_quantizer.keep(name, made)
         if missing_keys is not None:  # made here (or read by the converter): not "missing" for transformers
             for key in ("weight", *self.hf_quantizer.kept[name]):
                 missing_keys.discard(f"{name}.{key}")
@@ -133,7 +134,8 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
         for name, qmodule in self.modules.items():
             model.set_submodule(name, qmodule)
             if not self.pre_quantized:  # a pre-quantized checkpoint holds them itself
-                self.keep(name, {k: v for k, v in qmodule._buffers.items() if v is not None and v.device.type != "meta"})
+                self.keep(name, {k: v for k, v in qmodule._buffers.items()
+                                 if v is not None and v.device.type != "meta"})
         self.quantization_config = config.with_resolved_plan(resolved)
         checkpoint.bind_save_pretrained(model)
         return model
