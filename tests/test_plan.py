@@ -363,4 +363,4 @@ def test_summary_counts_layers_per_method_stage(meta_unet):
     flagged = [LayerSpec("int4", flags={"balance": {"sha256": "x"}, "lowrank": {}}),
                LayerSpec("int4", flags={"bos_aware": True}),
                LayerSpec("int4", outliers={"weights": "int8", "channels": [1]})]
-    assert method_counts(flagged) == {"balance": 1, "bos_aware": 1, "outliers": 1}
+    assert method_counts(flagged) == {"balance": 1, "lowrank": 1, "bos_aware": 1, "outliers": 1}

@@ -156,7 +156,7 @@ def method_counts(specs: Iterable[LayerSpec]) -> dict[str, int]:
         if spec.activations != "none":
             counts[spec.act_range if isinstance(spec.act_range, str) else "static ranges"] += 1
         counts.update(name for name, on in (("act_groups", spec.act_groups), ("outliers", spec.outliers)) if on)
-        counts.update(name for name, value in spec.flags.items() if value)
+        counts.update(name for name, value in spec.flags.items() if value is not False and value is not None)
     return dict(counts)
 
 
