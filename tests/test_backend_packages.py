@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from test_transformers_backend import W8, make_text_encoder
 
 from diffusers_mixdq import MixDQConfig
@@ -33,6 +35,7 @@ def test_declared_packages_follow_the_backend():
         assert MixDQTransformersQuantizer(config).required_packages == expected
 
 
+@pytest.mark.slow
 def test_native_plans_load_without_optimum_quanto(tmp_path, unet_dir):
     encoder = make_text_encoder("clip")
     encoder.save_pretrained(tmp_path / "fp")

@@ -59,6 +59,7 @@ def saved_encoder(tmp_path_factory):
     return path / "q", encode(quantized, IDS)
 
 
+@pytest.mark.slow
 def test_saved_text_encoder_loads_without_importing_diffusers_mixdq(saved_encoder, tmp_path):
     model_dir, expected = saved_encoder
     site_dir = tmp_path / "site"
