@@ -63,6 +63,12 @@ def _register_weight_backends(_module) -> None:
     importlib.import_module(".apply.backends", __name__)
 
 
+def _guard_pipelines(module) -> None:
+    """Pipeline methods that would change some components before refusing a quantized one check first
+    (``apply.guards.PIPELINE_GUARDS``; torch is imported by then)."""
+    importlib.import_module(".apply.guards", __name__).guard_library_module(module)
+
+
 def _register_hub_source(_module) -> None:
     importlib.import_module(".hub", __name__)  # registers the Hugging Face Hub as a plan source
 
@@ -73,6 +79,8 @@ for _name in _TRANSFORMERS_NEEDS:
     when_imported(_name, _register_with_transformers)
 when_imported(f"{__name__}.registry", _register_weight_backends)
 when_imported(f"{__name__}.plan", _register_hub_source)
+for _name in ("diffusers.loaders.lora_base", "diffusers.pipelines.pipeline_utils"):
+    when_imported(_name, _guard_pipelines)
 
 
 def __getattr__(name: str):

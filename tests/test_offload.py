@@ -52,6 +52,21 @@ def test_offloading_to_a_missing_device_is_a_clear_error(pipeline_dir):
         pipe.enable_model_cpu_offload()
 
 
+@pytest.mark.skipif(CUDA, reason="checks the messages of a machine without CUDA")
+def test_pipeline_offloading_on_a_cpu_only_machine_changes_nothing_before_refusing(pipeline_dir):
+    """A pipeline's enable_group_offload hooks its components one by one: it checks the device before the first."""
+    pipe = load(pipeline_dir)
+    ref = run(pipe)
+    with pytest.raises(MixDQError, match="does not have"):
+        pipe.enable_group_offload(onload_device=torch.device("cuda"), offload_type="leaf_level")
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            assert not any(hasattr(m, "_diffusers_hook") for m in component.modules()), name
+    with pytest.raises(RuntimeError, match="requires accelerator"):  # diffusers' own message, nothing changed
+        pipe.enable_sequential_cpu_offload()
+    assert torch.equal(run(pipe), ref)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("plan", [W8, W4], ids=["w8", "w4"])
 def test_offloading_on_cuda(pipeline_dir, plan):

@@ -13,9 +13,9 @@ from torch import nn
 
 from ..plan import LayerSpec
 from .backends import backend_named, backend_of
-from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
-from .corrections import attach_corrections, prepare_weight_
-from .outliers import compute_outlier_rows_, has_outliers
+from .bos_rows import finish_bos_, set_bos_state
+from .corrections import attach_corrections
+from .swap import quantize_placed_weight_
 
 
 def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor | None = None,
@@ -36,12 +36,9 @@ def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor 
         if bos_state is None:
             raise ValueError("a BOS-aware layer needs the BOS hidden state")
         set_bos_state(qmodule, bos_state)
-        compute_bos_row_(qmodule)
+    quantize_placed_weight_(backend, qmodule)  # the steps from_pretrained takes for each placed weight
+    if qmodule.bos_aware:
         finish_bos_(qmodule, dtype)
-    prepare_weight_(qmodule)  # balancing / low-rank first: outlier rows come from the weight that is quantized
-    if has_outliers(qmodule):
-        compute_outlier_rows_(qmodule)
-    backend.quantize_weight_(qmodule)
     return qmodule
 
 

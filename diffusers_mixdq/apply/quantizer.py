@@ -27,12 +27,11 @@ from diffusers.quantizers.base import DiffusersQuantizer
 
 from ..errors import PlanMismatchError
 from . import checkpoint, memory, saved_weights
-from .bos_rows import compute_bos_row_, finish_bos_
-from .corrections import prepare_weight_
+from .embeddings import TABLE_BUFFERS, swap_tables
 from .guards import guard_model
-from .outliers import OUTLIER_BUFFERS, compute_outlier_rows_, has_outliers
-from .swap import (OneDeviceLoad, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
-                   make_modules, refuse_quantized)
+from .outliers import OUTLIER_BUFFERS
+from .swap import (OneDeviceLoad, check_loaded, check_unloaded, config_for, finish_full_precision_load,
+                   install_saved_weight, load_dtype, make_modules, quantize_placed_weight_, refuse_quantized)
 from .timestep_groups import GROUP_BUFFERS, install_clock
 
 if TYPE_CHECKING:
@@ -54,11 +53,13 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
     """Applies a :class:`~diffusers_mixdq.BitPlan` through diffusers' loading machinery."""
 
     use_keep_in_fp32_modules = True
+    library_packages = ("accelerate",)  # create_quantized_param places tensors with accelerate
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.torch_dtype: torch.dtype = torch.float32
         self._modules: dict[str, torch.nn.Module] = {}
+        self._tables: dict[str, torch.nn.Module] = {}  # int8 embedding tables (plan key "embeddings")
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self._expected: dict[str, set[str]] = {}
         self._device = torch.device("cpu")
@@ -84,6 +85,7 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
         extra_ignore += [f"*{m}*" for m in (keep_in_fp32_modules or [])]
         resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
         self._modules = self._make_modules(model, resolved)
+        self._tables = swap_tables(model, resolved.embeddings, self.torch_dtype, not self.pre_quantized)
         if self.pre_quantized:  # the checkpoint's tensors against the plan, before anything is loaded
             shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             saved_weights.check_checkpoint(self._header, resolved.layer_specs(), resolved.manifest(),
@@ -154,21 +156,21 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
         if self.pre_quantized:
             return False
+        if param_name.endswith(".weight") and param_name[: -len(".weight")] in self._tables:
+            return True
         owner = self._owner(param_name)
         return owner is not None and owner[1] == "weight" and self._modules[owner[0]].stores_quantized_weight
 
     def create_quantized_param(self, model, param_value, param_name, target_device, *args, **kwargs):
         from accelerate.utils import set_module_tensor_to_device
 
-        module = self._modules[self._owner(param_name)[0]]
         dtype = kwargs.get("dtype") or self.torch_dtype
         set_module_tensor_to_device(model, param_name, target_device, value=param_value, dtype=dtype)
-        if module.bos_aware:
-            compute_bos_row_(module)
-        prepare_weight_(module)  # balancing / low-rank: the weight that is quantized (after the BOS row)
-        if has_outliers(module):
-            compute_outlier_rows_(module)  # from the corrected weight
-        self.backend.quantize_weight_(module)
+        table = self._tables.get(param_name[: -len(".weight")])
+        if table is not None:
+            table.quantize_()
+        else:
+            quantize_placed_weight_(self.backend, self._modules[self._owner(param_name)[0]])
         self._since_trim += param_value.numel() * param_value.element_size()
         # every 32 MB read, keep the allocator from hoarding the quantization temporaries
         if self._since_trim > 32 * 2**20:
@@ -179,7 +181,7 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
         # activation scales and BOS rows are made from the plan, so a full-precision checkpoint need not have them
         made_here = (".input_scale", ".output_scale", *(f".{b}" for b in GROUP_BUFFERS))
         if not self.pre_quantized:
-            made_here += (".bos_input", ".bos_output", *(f".{b}" for b in OUTLIER_BUFFERS))
+            made_here += (".bos_input", ".bos_output", *(f".{b}" for b in OUTLIER_BUFFERS + TABLE_BUFFERS))
         return [k for k in missing_keys if not k.endswith(made_here)]
 
     # ------------------------------------------------------------------ after loading
@@ -191,11 +193,7 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
                 + ". The checkpoint is incomplete or was saved by another tool; re-save it."
             )
         if not self.pre_quantized:
-            for module in self._modules.values():
-                if module.bos_aware:
-                    finish_bos_(module, self.torch_dtype)
-                if not module.stores_quantized_weight:
-                    prepare_weight_(module)  # a floating-point weight is balanced / corrected once, here
+            finish_full_precision_load(self._modules, self.torch_dtype)
             # quantized weights have their own storage; copy the rest out of the full-precision checkpoint's
             # memory map so the file is unmapped, then hand freed heap pages back
             quantized = {id(m.weight) for m in self._modules.values() if m.stores_quantized_weight}

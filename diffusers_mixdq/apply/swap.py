@@ -13,8 +13,9 @@ from ..plan import BOS_STATE_KEY
 from ..plan.components import folder_of
 from . import saved_weights
 from .backends import backend_named
-from .bos_rows import set_bos_state
-from .corrections import attach_corrections
+from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
+from .corrections import attach_corrections, prepare_weight_
+from .outliers import compute_outlier_rows_, has_outliers
 from .qmodule import is_mixdq_module
 
 
@@ -33,17 +34,39 @@ def check_device_map(device_map) -> None:
 
 
 class OneDeviceLoad:
-    """Mixed into both quantizers: what they declare to their library, the weight backend the config names, and
-    the one-device check before loading."""
+    """Mixed into both quantizers: what they declare to their library (the packages: the library's own
+    ``library_packages`` and those of the weight backend the config names), the backend, and the checks before
+    loading (the backend's packages are installed, one device)."""
 
     requires_calibration = False
-    required_packages = ["optimum-quanto", "accelerate"]
+    #: packages the quantizer itself needs, whatever the weight backend
+    library_packages: tuple[str, ...] = ()
+    required_packages: list[str] = []
 
     def _pick_backend(self, quantization_config) -> None:
         self.backend = backend_named(getattr(quantization_config, "weight_backend", None))
+        self.required_packages = [*self.backend.required_packages, *self.library_packages]
 
     def validate_environment(self, *args, **kwargs):
+        check_backend_installed(self.backend)
         check_device_map(kwargs.get("device_map"))
+
+
+def check_backend_installed(backend) -> None:
+    """A :class:`MixDQError` naming what to install (or which backend to pick) when ``backend``'s packages are
+    missing."""
+    missing = backend.missing_packages()
+    if not missing:
+        return
+    from ..registry import WEIGHT_BACKENDS
+
+    usable = [n for n, b in WEIGHT_BACKENDS.items() if n != backend.name and not b.missing_packages()]
+    hint = ""
+    if usable:
+        hint = (f', or use another weight backend: MixDQConfig(..., weight_backend="{usable[0]}"), or for a saved '
+                f'model `with diffusers_mixdq.use_weight_backend("{usable[0]}"): ...from_pretrained(path)`')
+    raise MixDQError(f"The weight backend '{backend.name}' needs {', '.join(missing)}, which is not installed. "
+                     f"Install it (pip install {' '.join(missing)}){hint}.")
 
 
 def load_dtype(dtype, argument: str) -> torch.dtype:
@@ -92,6 +115,28 @@ def make_modules(backend, model, resolved, scale_dtype: torch.dtype, fill_bos: b
             set_bos_state(qmodule, bos_state)
         replacements[name] = qmodule
     return replacements
+
+
+def quantize_placed_weight_(backend, module) -> None:
+    """A planned layer's full-precision weight was just placed: its BOS row, its corrections (balancing /
+    low-rank: the weight that is quantized), its outlier rows (from the corrected weight), then the backend
+    quantizes it. The same steps, in this order, for every library that loads the model."""
+    if module.bos_aware:
+        compute_bos_row_(module)
+    prepare_weight_(module)
+    if has_outliers(module):
+        compute_outlier_rows_(module)
+    backend.quantize_weight_(module)
+
+
+def finish_full_precision_load(modules, dtype: torch.dtype) -> None:
+    """After a full-precision checkpoint is loaded: BOS rows get their bias and dtype, layers whose weight the
+    plan keeps in floating point are balanced / corrected once."""
+    for module in modules.values():
+        if module.bos_aware:
+            finish_bos_(module, dtype)
+        if not module.stores_quantized_weight:
+            prepare_weight_(module)
 
 
 def install_saved_weight(backend, module, name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype,

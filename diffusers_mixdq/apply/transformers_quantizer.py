@@ -29,9 +29,10 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..errors import MixDQError
 from . import checkpoint, saved_weights
-from .corrections import prepare_weight_
-from .swap import (OneDeviceLoad, check_loaded, check_unloaded, config_for, install_saved_weight, load_dtype,
-                   make_modules, refuse_quantized)
+from .embeddings import swap_tables
+from .swap import (OneDeviceLoad, check_loaded, check_unloaded, config_for, finish_full_precision_load,
+                   install_saved_weight, load_dtype, make_modules, quantize_placed_weight_, refuse_quantized)
+
 
 class _MixDQOp(ConversionOps):
     """A conversion op that hands one planned layer's tensors to the quantizer (never raising inside transformers'
@@ -47,15 +48,18 @@ class _MixDQOp(ConversionOps):
                 missing_keys=None, **kwargs) -> dict[str, Any]:
         name = full_layer_name[: -len(".weight")]
         tensors = {key: value[0] if isinstance(value, list) else value for key, value in input_dict.items()}
+        module = self.hf_quantizer.target(name)
+        before = dict(module._buffers)
         try:
             self.apply(name, tensors)
         except (MixDQError, RuntimeError, KeyError, ValueError) as e:
             self.hf_quantizer.errors.append(e if isinstance(e, MixDQError) else MixDQError(f"'{name}': {e}"))
             return {}
-        module = self.hf_quantizer.modules[name]
         module._is_hf_initialized = True  # transformers must not re-initialise the (quantized) weight
-        if missing_keys is not None:  # the activation scales come from the plan (or the checkpoint)
-            for key in ("weight", "input_scale", "output_scale"):
+        made = {k: v for k, v in module._buffers.items() if v is not None and v is not before.get(k)}
+        self.hf_quantizer.keep(name, made)
+        if missing_keys is not None:  # made here (or read by the converter): not "missing" for transformers
+            for key in ("weight", *self.hf_quantizer.kept[name]):
                 missing_keys.discard(f"{name}.{key}")
         return {}
 
@@ -68,11 +72,13 @@ class _Quantize(_MixDQOp):
 
     def apply(self, name, tensors):
         quantizer = self.hf_quantizer
-        module = quantizer.modules[name]
+        module = quantizer.target(name)
         (value,) = tensors.values()
         module.weight = torch.nn.Parameter(value.to(quantizer.torch_dtype), requires_grad=False)
-        prepare_weight_(module)  # balancing / low-rank: the weight that is quantized
-        quantizer.backend.quantize_weight_(module)
+        if name in quantizer.tables:
+            module.quantize_()
+        else:
+            quantize_placed_weight_(quantizer.backend, module)
 
 
 class _Deserialize(_MixDQOp):
@@ -93,8 +99,11 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.torch_dtype: torch.dtype = torch.float32
         self.modules: dict[str, torch.nn.Module] = {}
+        self.tables: dict[str, torch.nn.Module] = {}  # int8 embedding tables (plan key "embeddings")
         self.errors: list[MixDQError] = []
-        self._scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: per planned layer, the buffers made here (from the plan, or from the weight as it was loaded): put
+        #: back after loading, where transformers replaced them (its "missing" keys and non-persistent buffers)
+        self.kept: dict[str, dict[str, torch.Tensor]] = {}
         self._pick_backend(quantization_config)
 
 
@@ -113,7 +122,9 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
         extra_ignore = list(config.modules_to_not_convert or []) + [f"*{m}*" for m in keep]
         resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
         with torch.device("cpu"):  # transformers builds the model under a meta-device context
-            self.modules = make_modules(self.backend, model, resolved, self.torch_dtype, fill_bos=False)
+            self.modules = make_modules(self.backend, model, resolved, self.torch_dtype,
+                                        fill_bos=not self.pre_quantized)
+        self.tables = swap_tables(model, resolved.embeddings, self.torch_dtype, not self.pre_quantized)
         if self.pre_quantized:
             shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             saved_weights.check_checkpoint(saved_weights.read_headers(checkpoint_files or []),
@@ -122,15 +133,26 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
                                            shapes)
         for name, qmodule in self.modules.items():
             model.set_submodule(name, qmodule)
-            self._scales[name] = (qmodule.input_scale.clone(), qmodule.output_scale.clone())
+            if not self.pre_quantized:  # a pre-quantized checkpoint holds them itself
+                self.keep(name, {k: v for k, v in qmodule._buffers.items()
+                                 if v is not None and v.device.type != "meta"})
         self.quantization_config = config.with_resolved_plan(resolved)
         checkpoint.bind_save_pretrained(model)
         return model
+
+    def target(self, name: str) -> torch.nn.Module:
+        """The planned layer or int8 embedding table ``name``."""
+        return self.modules[name] if name in self.modules else self.tables[name]
+
+    def keep(self, name: str, buffers: dict[str, torch.Tensor]) -> None:
+        self.kept.setdefault(name, {}).update(buffers)
 
     # ------------------------------------------------------------------ per tensor
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized or not param_name.endswith(".weight"):
             return False
+        if param_name[: -len(".weight")] in self.tables:
+            return True
         module = self.modules.get(param_name[: -len(".weight")])
         return module is not None and module.stores_quantized_weight
 
@@ -153,12 +175,15 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.errors:
             raise self.errors[0]
+        for name, buffers in self.kept.items():
+            module = self.target(name)
+            for key, value in buffers.items():
+                if module._buffers.get(key) is not value:
+                    module._buffers[key] = value
         check_unloaded(self.backend, self.modules)
-        for name, module in self.modules.items():
-            if not self.pre_quantized:  # transformers re-made them as "missing" keys
-                module.input_scale, module.output_scale = (s.to(module.weight.device) for s in self._scales[name])
-                if not module.stores_quantized_weight:
-                    prepare_weight_(module)  # a floating-point weight is balanced / corrected once, here
+        if not self.pre_quantized:
+            finish_full_precision_load(self.modules, self.torch_dtype)
+        for module in self.modules.values():
             module.move_scales_to_weight_device()
             if self.pre_quantized:
                 module.cast_buffers_(self.torch_dtype)

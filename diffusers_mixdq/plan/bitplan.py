@@ -19,10 +19,11 @@ from .layers import LayerInfo, layer_table
 from .resolve import resolve_plan
 from .tensors import check_tensors
 from .spec import DYNAMIC, FORMAT_NAME, FORMAT_VERSION, LayerSpec
+from .embeddings import embedding_storage
 from .summary import PlanSummary, params_outside, summarize
 
 #: the top-level fields of a plan that the constructor takes, in file order (``format`` / ``version`` aside)
-_FIELDS = ("target", "defaults", "rules", "ignore", "layers", "provenance")
+_FIELDS = ("target", "defaults", "rules", "ignore", "layers", "provenance", "embeddings")
 
 
 class BitPlan:
@@ -42,20 +43,23 @@ class BitPlan:
         layers: Mapping[str, Mapping[str, Any]] | None = None,
         provenance: Mapping[str, Any] | None = None,
         tensors: Mapping[str, Any] | None = None,
+        embeddings: Mapping[str, Any] | None = None,
     ):
-        given = dict(zip(_FIELDS, (target, defaults, rules, ignore, layers, provenance)))
+        given = dict(zip(_FIELDS, (target, defaults, rules, ignore, layers, provenance, embeddings)))
         data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **{k: v for k, v in given.items() if v is not None}}
         data = validation.validate_plan_data(data)
         self._assign(*(data.get(key) for key in _FIELDS), tensors=None)
         self.tensors = check_tensors(self.target, dict(tensors or {}), layers=self.layers)
 
-    def _assign(self, target, defaults, rules, ignore, layers, provenance, tensors) -> None:
+    def _assign(self, target, defaults, rules, ignore, layers, provenance, embeddings, tensors) -> None:
         self.target: dict[str, Any] = dict(target or {})
         self.defaults: dict[str, Any] | None = dict(defaults) if defaults is not None else None
         self.rules: list[dict[str, Any]] = [dict(r) for r in (rules or [])]
         self.ignore: list[str] = list(ignore or [])
         self.layers: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (layers or {}).items()}
         self.provenance: dict[str, Any] = copy.deepcopy(dict(provenance or {}))
+        #: the embedding tables' storage (``{"weights": "int8"}``; ``None``: floating point), see .embeddings
+        self.embeddings: dict[str, Any] | None = dict(embeddings) if embeddings else None
         #: tensors carried beside the JSON (e.g. BOS rows), saved as a safetensors sidecar
         self.tensors: dict[str, Any] = dict(tensors or {})
 
@@ -157,6 +161,8 @@ class BitPlan:
             out["tensors"] = files.SIDECAR_FILENAME
         if self.provenance:
             out["provenance"] = copy.deepcopy(self.provenance)
+        if self.embeddings:
+            out["embeddings"] = dict(self.embeddings)
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -233,7 +239,7 @@ class BitPlan:
         """
         resolution = resolve_plan(self, model, strict, extra_ignore, act_ranges)
         return BitPlan._trusted(self.tensors, target=resolution.target, layers=resolution.layers,
-                                provenance=self.provenance)
+                                provenance=self.provenance, embeddings=self.embeddings)
 
     # ------------------------------------------------------------------ reporting
     def summary(self, model=None) -> PlanSummary:
@@ -249,4 +255,5 @@ class BitPlan:
             )
         plan = self if self.is_resolved else self.resolve(model, strict=False)
         other = params_outside(model, set(layer_table(model))) if model is not None else 0
-        return summarize(plan.layer_specs(), plan.manifest(), other)
+        tables = embedding_storage(model, self.embeddings) if model is not None else (0, 0.0)
+        return summarize(plan.layer_specs(), plan.manifest(), other, tables)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
 
 from torch import nn
 
@@ -61,6 +61,11 @@ class PlanSummary:
     fp16_bytes: float
     fp32_bytes: float
     other_params: int = 0
+    #: layers per method stage the plan records (``static`` / ``dynamic`` / ``dynamic-token`` activation ranges,
+    #: ``act_groups``, ``outliers`` and each flag such as ``balance``); stages no layer uses are left out
+    methods: dict[str, int] = field(default_factory=dict)
+    #: parameters of the embedding tables the plan stores at int8 (part of ``other_params``; see .embeddings)
+    int8_embedding_params: int = 0
 
     @property
     def avg_activation_bits(self) -> float | None:
@@ -93,8 +98,12 @@ class PlanSummary:
             ("average weight bits (parameter-weighted)", f"{self.avg_weight_bits:.2f}"),
             ("average activation bits (input-feature-weighted)", "-" if act is None else f"{act:.2f}"),
         ]
+        if self.methods:
+            rows.append(("layers by method stage", _counts(self.methods)))
         if self.other_params:
-            rows.append(("other parameters (kept in FP16)", f"{self.other_params:,}"))
+            rows.append(("other parameters (kept in FP16)", f"{self.other_params - self.int8_embedding_params:,}"))
+        if self.int8_embedding_params:
+            rows.append(("embedding-table parameters (int8 rows)", f"{self.int8_embedding_params:,}"))
         rows += [
             ("estimated size", format_bytes(self.size_bytes)),
             ("FP16 size", f"{format_bytes(self.fp16_bytes)} ({self.ratio_vs_fp16:.2f}x smaller)"),
@@ -112,9 +121,11 @@ def _counts(c: Mapping[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "-"
 
 
-def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo], other_params: int = 0) -> PlanSummary:
+def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo], other_params: int = 0,
+              int8_tables: tuple[int, float] = (0, 0.0)) -> PlanSummary:
     """The summary of a resolved per-layer table; ``other_params`` (parameters outside these layers) are counted
-    at 16 bits in ``size_bytes`` and in the FP16 / FP32 sizes."""
+    at 16 bits in ``size_bytes`` and in the FP16 / FP32 sizes, except the ``int8_tables`` ``(parameters, stored
+    bits)`` among them: embedding tables stored at int8 (:func:`.embeddings.embedding_storage`)."""
     params = sum(manifest[n].numel for n in specs)
     weight_bits = 0.0
     size_bits = 0.0
@@ -136,11 +147,24 @@ def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo],
         params=params,
         avg_weight_bits=weight_bits / params if params else 0.0,
         avg_activation_bits_by_inputs=sum(b * n for b, n in act_inputs.items()) / act_total if act_total else None,
-        size_bytes=(size_bits + FLOAT_BITS * other_params) / 8,
+        size_bytes=(size_bits + FLOAT_BITS * (other_params - int8_tables[0]) + int8_tables[1]) / 8,
         fp16_bytes=2 * (params + other_params),
         fp32_bytes=4 * (params + other_params),
         other_params=other_params,
+        methods=method_counts(specs.values()),
+        int8_embedding_params=int8_tables[0],
     )
+
+
+def method_counts(specs: Iterable[LayerSpec]) -> dict[str, int]:
+    """How many layers use each activation-range scheme and each method stage (see :attr:`PlanSummary.methods`)."""
+    counts: Counter = Counter()
+    for spec in specs:
+        if spec.activations != "none":
+            counts[spec.act_range if isinstance(spec.act_range, str) else "static ranges"] += 1
+        counts.update(name for name, on in (("act_groups", spec.act_groups), ("outliers", spec.outliers)) if on)
+        counts.update(name for name, value in spec.flags.items() if value is not False and value is not None)
+    return dict(counts)
 
 
 def params_outside(model: nn.Module, quantizable: set[str]) -> int:

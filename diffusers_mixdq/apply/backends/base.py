@@ -12,6 +12,7 @@ other methods may, but lazily, so that ``import diffusers_mixdq`` never imports 
 
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
@@ -22,10 +23,30 @@ if TYPE_CHECKING:
     from ...plan import LayerSpec
 
 
+def module_available(name: str) -> bool:
+    """Whether module ``name`` can be found (its parent packages are imported for a dotted name)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a missing parent package, or a module set to None in sys.modules
+        return False
+
+
 class WeightBackend(ABC):
     """How quantized weights are laid out in memory and on disk, made, loaded and described."""
 
     name: str = ""
+    #: the packages the backend imports: ``(distribution name for pip, module to find)`` pairs
+    requirements: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def required_packages(self) -> list[str]:
+        """The distributions the backend needs (what a quantizer declares to its library)."""
+        return [dist for dist, _ in self.requirements]
+
+    def missing_packages(self) -> list[str]:
+        """The required distributions this Python cannot import (looked up the way diffusers and transformers
+        check theirs, ``importlib.util.find_spec``; nothing is imported)."""
+        return [dist for dist, module in self.requirements if not module_available(module)]
 
     @abstractmethod
     def storage_bits(self, dtype: str, bits: int | None, in_features: int, float_bits: int = 16) -> float:

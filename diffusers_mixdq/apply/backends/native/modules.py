@@ -24,6 +24,10 @@ _BUFFERS = ("qdata", "qscale", "qshift", "dequantized_cache", "int4_packed", "in
 class QuantizedWeight:
     """Stands for a native module's quantized weight: shape, dtype, device, ``dequantize()`` (not a tensor)."""
 
+    #: transformers' weight initialisers (``transformers.initialization``) skip what carries this flag: a loaded
+    #: quantized weight is never re-initialised (CLIP's attention init reaches its projections' weights directly)
+    _is_hf_initialized = True
+
     def __init__(self, module: nn.Module):
         self._module = module
 

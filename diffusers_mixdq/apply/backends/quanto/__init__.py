@@ -24,6 +24,7 @@ def _weights():
 
 class QuantoBackend(SharedLayout, WeightBackend):
     name = "quanto"
+    requirements = (("optimum-quanto", "optimum.quanto"),)
 
     def prepare(self) -> None:
         _modules()  # redirects the extension build into the user cache on first import
