@@ -12,7 +12,7 @@ from ..errors import MixDQError, PlanMismatchError
 from ..plan import BOS_STATE_KEY
 from ..plan.components import folder_of
 from . import saved_weights
-from .backends import backend_named
+from .backends import backend_for, backend_named
 from .bos_rows import set_bos_state
 from .corrections import attach_corrections
 from .qmodule import is_mixdq_module
@@ -40,7 +40,12 @@ class OneDeviceLoad:
     required_packages = ["optimum-quanto", "accelerate"]
 
     def _pick_backend(self, quantization_config) -> None:
-        self.backend = backend_named(getattr(quantization_config, "weight_backend", None))
+        self._backend_name = getattr(quantization_config, "weight_backend", None)
+        self.backend = backend_named(self._backend_name)
+
+    def _fit_backend(self, resolved) -> None:
+        """The backend that stores every weight dtype of the resolved plan (:func:`~.backends.backend_for`)."""
+        self.backend = backend_for(self._backend_name, {s.weights for s in resolved.layer_specs().values()})
 
     def validate_environment(self, *args, **kwargs):
         check_device_map(kwargs.get("device_map"))

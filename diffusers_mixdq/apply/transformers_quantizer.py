@@ -112,6 +112,7 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
         keep = _kept_in_fp32(model, self.torch_dtype)
         extra_ignore = list(config.modules_to_not_convert or []) + [f"*{m}*" for m in keep]
         resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
+        self._fit_backend(resolved)
         with torch.device("cpu"):  # transformers builds the model under a meta-device context
             self.modules = make_modules(self.backend, model, resolved, self.torch_dtype, fill_bos=False)
         if self.pre_quantized:

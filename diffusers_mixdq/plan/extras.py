@@ -17,7 +17,7 @@ from .spec import DYNAMIC_RANGES, LayerSpec
 #: bits of each outlier row's scale and channel index in the size estimates
 OUTLIER_SCALE_BITS, OUTLIER_INDEX_BITS = 16, 32
 #: weight dtypes whose layers may hold outlier channels (the outlier rows are int8: only narrower layers gain)
-OUTLIER_BASE_DTYPES = ("int4", "int2")
+OUTLIER_BASE_DTYPES = ("int6", "int5", "int4", "int3", "int2")
 
 
 def _entries(data: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:

@@ -14,8 +14,10 @@ import pkgutil
 from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib import import_module
+from typing import Iterable
 
 from ... import registry
+from ...errors import MixDQError
 from .base import WeightBackend
 
 for _info in pkgutil.iter_modules(__path__):
@@ -38,6 +40,23 @@ def backend_named(name: str | None = None) -> WeightBackend:
     return registry.WEIGHT_BACKENDS.get(chosen) if chosen else default_backend()
 
 
+def backend_for(name: str | None, dtypes: Iterable[str]) -> WeightBackend:
+    """The backend for layers of plan weight ``dtypes``: :func:`backend_named`'s pick when it stores them all. When
+    nothing names a backend and the default cannot store some (int3 / int5 / int6 on quanto), the first registered
+    backend that stores them all (the native one); a backend picked by name that cannot: :class:`MixDQError`."""
+    backend = backend_named(name)
+    missing = sorted({d for d in dtypes if not backend.stores(d)})
+    if not missing:
+        return backend
+    if not (_IMPOSED.get() or name):
+        able = registry.WEIGHT_BACKENDS.find(lambda b: all(b.stores(d) for d in missing))
+        if able is not None:
+            return able
+    raise MixDQError(f"The plan has {'/'.join(missing)} weights, which the {backend.name!r} weight backend cannot "
+                     "store. Use weight_backend=\"native\" (MixDQConfig(..., weight_backend=\"native\") or "
+                     "diffusers_mixdq.use_weight_backend(\"native\")), or change those layers' widths.")
+
+
 @contextmanager
 def use_weight_backend(name: str):
     """Make every model loaded or quantized inside the ``with`` block use weight backend ``name``, whatever its
@@ -56,4 +75,4 @@ def backend_of(module) -> WeightBackend | None:
     return registry.WEIGHT_BACKENDS.get(name) if name else None
 
 
-__all__ = ["WeightBackend", "backend_named", "backend_of", "default_backend", "use_weight_backend"]
+__all__ = ["WeightBackend", "backend_for", "backend_named", "backend_of", "default_backend", "use_weight_backend"]

@@ -26,6 +26,12 @@ class WeightBackend(ABC):
     """How quantized weights are laid out in memory and on disk, made, loaded and described."""
 
     name: str = ""
+    #: the plan weight dtypes this backend stores (``None``: every one of ``plan.WEIGHT_DTYPES``)
+    weight_dtypes: tuple[str, ...] | None = None
+
+    def stores(self, dtype: str) -> bool:
+        """Whether this backend can store a weight of plan dtype ``dtype``."""
+        return self.weight_dtypes is None or dtype in self.weight_dtypes
 
     @abstractmethod
     def storage_bits(self, dtype: str, bits: int | None, in_features: int, float_bits: int = 16) -> float:
