@@ -45,7 +45,7 @@ class OneDeviceLoad:
 
     def _fit_backend(self, resolved) -> None:
         """The backend that stores every weight dtype of the resolved plan (:func:`~.backends.backend_for`)."""
-        self.backend = backend_for(self._backend_name, {s.weights for s in resolved.layer_specs().values()})
+        self.backend = backend_for(self._backend_name, resolved.layer_specs().values())
 
     def validate_environment(self, *args, **kwargs):
         check_device_map(kwargs.get("device_map"))

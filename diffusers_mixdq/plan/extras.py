@@ -72,6 +72,6 @@ def outlier_problem(name: str, layer: LayerSpec, info: LayerInfo) -> str | None:
 
 
 def outlier_bits(spec: LayerSpec, in_features: int) -> int:
-    """Extra stored bits of ``spec``'s outlier rows (int8 values, a 16-bit scale and an index per row), beside
-    the layer's weight (whose rows all stay stored at its own width)."""
+    """Stored bits of ``spec``'s outlier rows (int8 values, a 16-bit scale and an index per row); the layer's
+    weight stores its other rows only (summaries count those at its width)."""
     return len(spec.outlier_channels) * (8 * in_features + OUTLIER_SCALE_BITS + OUTLIER_INDEX_BITS)

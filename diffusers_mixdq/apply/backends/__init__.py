@@ -40,21 +40,22 @@ def backend_named(name: str | None = None) -> WeightBackend:
     return registry.WEIGHT_BACKENDS.get(chosen) if chosen else default_backend()
 
 
-def backend_for(name: str | None, dtypes: Iterable[str]) -> WeightBackend:
-    """The backend for layers of plan weight ``dtypes``: :func:`backend_named`'s pick when it stores them all. When
-    nothing names a backend and the default cannot store some (int3 / int5 / int6 on quanto), the first registered
-    backend that stores them all (the native one); a backend picked by name that cannot: :class:`MixDQError`."""
-    backend = backend_named(name)
-    missing = sorted({d for d in dtypes if not backend.stores(d)})
+def backend_for(name: str | None, specs: Iterable) -> WeightBackend:
+    """The backend for layers of ``specs`` (:class:`~diffusers_mixdq.plan.LayerSpec`): :func:`backend_named`'s pick
+    when it stores them all. When nothing names a backend and the default cannot store some (int3 / int5 / int6
+    weights, outlier channels stored once: not on quanto), the first registered backend that stores them all (the
+    native one); a backend picked by name that cannot: :class:`MixDQError`."""
+    backend, specs = backend_named(name), list(specs)
+    missing = sorted({m for m in map(backend.lacks, specs) if m})
     if not missing:
         return backend
     if not (_IMPOSED.get() or name):
-        able = registry.WEIGHT_BACKENDS.find(lambda b: all(b.stores(d) for d in missing))
+        able = registry.WEIGHT_BACKENDS.find(lambda b: not any(map(b.lacks, specs)))
         if able is not None:
             return able
-    raise MixDQError(f"The plan has {'/'.join(missing)} weights, which the {backend.name!r} weight backend cannot "
+    raise MixDQError(f"The plan has {', '.join(missing)}, which the {backend.name!r} weight backend cannot "
                      "store. Use weight_backend=\"native\" (MixDQConfig(..., weight_backend=\"native\") or "
-                     "diffusers_mixdq.use_weight_backend(\"native\")), or change those layers' widths.")
+                     "diffusers_mixdq.use_weight_backend(\"native\")), or change those layers' entries.")
 
 
 @contextmanager

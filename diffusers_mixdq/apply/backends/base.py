@@ -28,10 +28,14 @@ class WeightBackend(ABC):
     name: str = ""
     #: the plan weight dtypes this backend stores (``None``: every one of ``plan.WEIGHT_DTYPES``)
     weight_dtypes: tuple[str, ...] | None = None
+    #: whether a layer with outlier channels stores its other rows only (plan sizes count each row once)
+    outlier_rows_apart: bool = False
 
-    def stores(self, dtype: str) -> bool:
-        """Whether this backend can store a weight of plan dtype ``dtype``."""
-        return self.weight_dtypes is None or dtype in self.weight_dtypes
+    def lacks(self, spec: LayerSpec) -> str | None:
+        """What of ``spec`` this backend cannot store (``None``: nothing)."""
+        if self.weight_dtypes is not None and spec.weights not in self.weight_dtypes:
+            return f"{spec.weights} weights"
+        return "outlier channels" if spec.outliers and not self.outlier_rows_apart else None
 
     @abstractmethod
     def storage_bits(self, dtype: str, bits: int | None, in_features: int, float_bits: int = 16) -> float:
