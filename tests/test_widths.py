@@ -142,3 +142,26 @@ def test_build_settings_take_the_ladder_and_refuse_other_widths():
         BuildSettings(prompts=["a"], measure_widths=(2, 7)).validate()
     with pytest.raises(MixDQError, match="widths"):
         BuildSettings(prompts=["a"], widths={"content": [2, 7], "quality": [4, 8]}).validate()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_outlier_rows_are_stored_once(kind):
+    torch.manual_seed(0)
+    module = torch.nn.Linear(64, 16) if kind == "linear" else torch.nn.Conv2d(4, 16, 3, padding=1)
+    outliers = {"weights": "int8", "channels": [1, 9]}
+    q = quantize_module(module, LayerSpec("int3", outliers=outliers))
+    plain = quantize_module(module, LayerSpec("int3"), backend="native")
+    assert q.mixdq_backend == "native" and q.weight.shape == module.weight.shape
+    assert q.weight_shape[0] == 14 and q.kept_rows.tolist() == [i for i in range(16) if i not in (1, 9)]
+    saved = {k: v for k, v in q.state_dict().items() if k.startswith("weight.")}
+    assert sum(t.numel() for t in saved.values()) < sum(
+        t.numel() for k, t in plain.state_dict().items() if k.startswith("weight."))
+    x = torch.randn(3, 64) if kind == "linear" else torch.randn(2, 4, 6, 6)
+    op = torch.nn.functional.linear if kind == "linear" else module._conv_forward
+    w = q.weight.dequantize()
+    with torch.no_grad():
+        assert torch.allclose(q(x), op(x, w, module.bias), atol=1e-5)
+        ref = op(x, module.weight, module.bias)
+        assert (q(x) - ref)[:, [1, 9]].abs().max() < (plain(x) - ref)[:, [1, 9]].abs().max()
+    with pytest.raises(MixDQError, match="outlier channels"):
+        quantize_module(module, LayerSpec("int4", outliers=outliers), backend="quanto")
