@@ -165,3 +165,20 @@ def test_outlier_rows_are_stored_once(kind):
         assert (q(x) - ref)[:, [1, 9]].abs().max() < (plain(x) - ref)[:, [1, 9]].abs().max()
     with pytest.raises(MixDQError, match="outlier channels"):
         quantize_module(module, LayerSpec("int4", outliers=outliers), backend="quanto")
+
+
+@pytest.mark.slow
+def test_new_widths_compile_without_graph_breaks():
+    from test_compile import MODELS, _compiled_matches_eager, quantized
+
+    torch._dynamo.reset()
+    outlier_layer = {"weights": "int3", "activations": "int8", "act_range": "dynamic",
+                     "outliers": {"weights": "int8", "channels": [1, 5]}}
+    plan = BitPlan.from_dict({**LADDER.to_dict(), "layers": {"down_blocks.0.attentions.0.proj_in": outlier_layer}})
+    model = quantized("unet", plan)
+    assert {m.mixdq_spec.weights for m in model.modules() if hasattr(m, "mixdq_spec")} >= set(NEW)
+    assert model.get_submodule("down_blocks.0.attentions.0.proj_in").kept_rows is not None
+    call = MODELS["unet"][1]
+    explained = torch._dynamo.explain(model)(**call(0))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    _compiled_matches_eager(model, call, "aot_eager")
