@@ -18,8 +18,8 @@ FORMAT_VERSION = 1
 PLAN_FILENAME = "plan.json"
 
 #: weight dtype -> bits per stored element (``None``: kept in the model's floating-point dtype)
-WEIGHT_DTYPES: dict[str, int | None] = {"int8": 8, "int4": 4, "int2": 2, "float8": 8, "none": None,
-                                         "int6": 6, "int5": 5, "int3": 3}
+WEIGHT_DTYPES: dict[str, int | None] = {"int8": 8, "int6": 6, "int5": 5, "int4": 4, "int3": 3, "int2": 2, "float8": 8,
+                                         "none": None}
 #: weight dtypes only the native weight backend stores (quanto has no 3 / 5 / 6-bit types)
 NATIVE_ONLY_WEIGHT_DTYPES = ("int6", "int5", "int3")
 #: activation dtype -> bits (``None``: not quantized)
