@@ -22,7 +22,7 @@ No prompt of the **test** set, which `mixdq eval` and `mixdq demo` use, is seen 
     python examples/build_scenes_plans.py --only w4a8-mixed --widths 2 3 4 5 6 8 --quality-widths 3 4 5 6 8 \
         --out _work/scenes-ladder
 
-``--outlier-fraction F``: outlier rows (stored once, at int8). ``--widths`` / ``--quality-widths``: the candidate widths of the mixed plans (the {2, 3, 4, 5, 6, 8} ladder needs
+``--context uniform``: sensitivities measured inside the uniform plan. ``--outlier-fraction F``: outlier rows (stored once, at int8). ``--widths`` / ``--quality-widths``: the candidate widths of the mixed plans (the {2, 3, 4, 5, 6, 8} ladder needs
 the native weight backend, picked automatically); ``--measure-widths``: measure only these, estimate the rest.
 
 Correct-stage options (issue #14, off by default): ``--balance`` (channel balancing), ``--lowrank-rank R`` and
@@ -78,6 +78,8 @@ def main() -> None:
                         help="mixed plans: candidate widths of content layers, e.g. 2 3 4 5 6 8 (int3/5/6: native backend)")
     parser.add_argument("--quality-widths", nargs="+", type=int, default=None, metavar="BITS",
                         help="mixed plans: candidate widths of quality layers (default: as --widths)")
+    parser.add_argument("--context", choices=("fp", "uniform"), default="fp",
+                        help="mixed plans: measure sensitivities in full precision or inside the uniform plan")
     parser.add_argument("--outlier-fraction", type=float, default=0.0, metavar="F",
                         help="mixed plans: int8 rows for the F highest-kurtosis output channels of each layer")
     parser.add_argument("--measure-widths", nargs="+", type=int, default=None, metavar="BITS",
@@ -108,6 +110,8 @@ def main() -> None:
                 extra = {**extra, "widths": {"content": args.widths, "quality": args.quality_widths or args.widths}}
             if args.measure_widths:
                 extra = {**extra, "measure_widths": tuple(args.measure_widths)}
+            if args.context != "fp":
+                extra = {**extra, "context": args.context}
             if args.outlier_fraction:
                 extra = {**extra, "outlier_fraction": args.outlier_fraction}
             budget = averages[budget] if isinstance(budget, str) else budget

@@ -182,3 +182,15 @@ def test_new_widths_compile_without_graph_breaks():
     explained = torch._dynamo.explain(model)(**call(0))
     assert explained.graph_break_count == 0, explained.break_reasons
     _compiled_matches_eager(model, call, "aot_eager")
+
+
+def test_recipe_takes_the_ladder_and_the_measured_widths():
+    from diffusers_mixdq.builder.recipe import load_recipe
+
+    ladder = {"content": [2, 3, 4, 5, 6, 8], "quality": [3, 4, 5, 6, 8]}
+    s = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4, "candidates": ladder,
+                                                  "measure": [8, 2, 4]}}).settings()
+    assert s.widths == ladder and list(s.measure_widths) == [2, 4, 8]
+    assert load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}}).settings().measure_widths is None
+    with pytest.raises(MixDQError, match="weights.measure"):
+        load_recipe({"pipeline": "x", "weights": {"budget_bits": 4, "measure": [7]}})
