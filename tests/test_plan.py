@@ -342,3 +342,26 @@ def test_sizes_are_bytes_shown_in_binary_units(meta_unet):
     assert [format_bytes(n) for n in (512, 1536, 3 * 2**20, 5 * 2**30, 2**40)] == [
         "512 B", "1.50 KiB", "3.00 MiB", "5.00 GiB", "1024.00 GiB"
     ]
+
+
+def test_summary_counts_layers_per_method_stage(meta_unet):
+    from diffusers_mixdq.plan.spec import LayerSpec
+    from diffusers_mixdq.plan.summary import method_counts
+
+    names = list(layer_table(meta_unet))
+    a, b, c = names[1], names[2], names[3]
+    plan = BitPlan(
+        defaults={"weights": "int8"},
+        layers={a: {"activations": "int8", "act_range": 2.0, "act_groups": [[0, 499, 1.0], [500, 1000, 3.0]]},
+                b: {"activations": "int8", "act_range": "dynamic-token"},
+                c: {"activations": "int8", "act_range": "dynamic"}},
+    )
+    s = plan.resolve(meta_unet).summary()
+    assert s.methods == {"static ranges": 1, "act_groups": 1, "dynamic-token": 1, "dynamic": 1}
+    assert dict(s.rows())["layers by method stage"] == "act_groups: 1, dynamic: 1, dynamic-token: 1, static ranges: 1"
+    assert s.to_dict()["methods"] == s.methods
+    assert "layers by method stage" not in dict(BitPlan.uniform("int8").resolve(meta_unet).summary().rows())
+    flagged = [LayerSpec("int4", flags={"balance": {"sha256": "x"}, "lowrank": {}}),
+               LayerSpec("int4", flags={"bos_aware": True}),
+               LayerSpec("int4", outliers={"weights": "int8", "channels": [1]})]
+    assert method_counts(flagged) == {"balance": 1, "lowrank": 1, "bos_aware": 1, "outliers": 1}

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
 
 from torch import nn
 
@@ -61,6 +61,9 @@ class PlanSummary:
     fp16_bytes: float
     fp32_bytes: float
     other_params: int = 0
+    #: layers per method stage the plan records (``static`` / ``dynamic`` / ``dynamic-token`` activation ranges,
+    #: ``act_groups``, ``outliers`` and each flag such as ``balance``); stages no layer uses are left out
+    methods: dict[str, int] = field(default_factory=dict)
 
     @property
     def avg_activation_bits(self) -> float | None:
@@ -93,6 +96,8 @@ class PlanSummary:
             ("average weight bits (parameter-weighted)", f"{self.avg_weight_bits:.2f}"),
             ("average activation bits (input-feature-weighted)", "-" if act is None else f"{act:.2f}"),
         ]
+        if self.methods:
+            rows.append(("layers by method stage", _counts(self.methods)))
         if self.other_params:
             rows.append(("other parameters (kept in FP16)", f"{self.other_params:,}"))
         rows += [
@@ -142,7 +147,19 @@ def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo],
         fp16_bytes=2 * (params + other_params),
         fp32_bytes=4 * (params + other_params),
         other_params=other_params,
+        methods=method_counts(specs.values()),
     )
+
+
+def method_counts(specs: Iterable[LayerSpec]) -> dict[str, int]:
+    """How many layers use each activation-range scheme and each method stage (see :attr:`PlanSummary.methods`)."""
+    counts: Counter = Counter()
+    for spec in specs:
+        if spec.activations != "none":
+            counts[spec.act_range if isinstance(spec.act_range, str) else "static ranges"] += 1
+        counts.update(name for name, on in (("act_groups", spec.act_groups), ("outliers", spec.outliers)) if on)
+        counts.update(name for name, value in spec.flags.items() if value is not False and value is not None)
+    return dict(counts)
 
 
 def params_outside(model: nn.Module, quantizable: set[str]) -> int:
