@@ -194,3 +194,22 @@ def test_recipe_takes_the_ladder_and_the_measured_widths():
     assert load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}}).settings().measure_widths is None
     with pytest.raises(MixDQError, match="weights.measure"):
         load_recipe({"pipeline": "x", "weights": {"budget_bits": 4, "measure": [7]}})
+
+
+def test_a_checkpoint_holding_the_outlier_rows_twice_is_refused_with_the_fix(unet_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    layer = "down_blocks.0.attentions.0.proj_in"
+    entry = {"weights": "int4", "activations": "none"}
+    plans = {"once": {layer: {**entry, "outliers": {"weights": "int8", "channels": [3, 17]}}}, "twice": {layer: entry}}
+    for name, layers in plans.items():
+        plan = BitPlan(rules=[{"targets": ["*"], "weights": "none", "activations": "none"}], layers=layers)
+        model = UNet2DConditionModel.from_pretrained(unet_dir, quantization_config=MixDQConfig(plan=plan))
+        model.save_pretrained(tmp_path / name)
+    files = {n: next((tmp_path / n).glob("*.safetensors")) for n in plans}
+    once, twice = load_file(files["once"]), load_file(files["twice"])
+    for key in [k for k in once if k.startswith(f"{layer}.weight._")]:
+        once[key] = twice[key]  # the rows of the old layout: every row at int4, the outlier rows too
+    save_file(once, files["once"], metadata={"format": "pt"})
+    with pytest.raises(MixDQError, match="quantize the full-precision model again"):
+        UNet2DConditionModel.from_pretrained(tmp_path / "once")

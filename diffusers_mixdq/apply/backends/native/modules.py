@@ -221,7 +221,11 @@ def install_pieces(module: nn.Module, tensors: dict[str, torch.Tensor], device) 
         t = tensors[key]
         bad_dtype = t.dtype != getattr(torch, dtype) if dtype is not None else not t.is_floating_point()
         if tuple(t.shape) != tuple(shape) or bad_dtype:
-            raise ValueError(f"{key} is {list(t.shape)} {t.dtype}, the layer needs {list(shape)} {dtype or 'float'}")
+            old = module.kept_rows is not None and layout.expected_pieces(
+                module.qbits, module.qfloat8, module.logical_shape)[key][0] == tuple(t.shape)
+            raise ValueError(f"{key} is {list(t.shape)} {t.dtype}, the layer needs {list(shape)} {dtype or 'float'}"
+                             + ("; it holds the outlier rows too, as checkpoints saved before outlier rows were "
+                                "stored once did: quantize the full-precision model again" if old else ""))
     tensors = {k: v.to(device, copy=True, memory_format=torch.contiguous_format) for k, v in tensors.items()}
     data = tensors.get("weight._data", tensors.get("weight._data._data"))
     module.install(data, tensors["weight._scale"], tensors.get("weight._shift"))
