@@ -25,7 +25,8 @@ seen by the builder. Allocator options: ``--pick-objective tail`` picks by the w
 ``--protect-first-last`` keeps conv_in / conv_out in 16 bit; ``--split-ratios`` sets the ``k`` sweep (default:
 the builder's eleven ratios); ``--context uniform``, ``--pick-uniform``, ``--content-metric mse`` and
 ``--pick-objective psnr`` are the builder options of the same names (BENCHMARKS.md, issue #14); ``--out DIR``
-writes every plan under DIR instead of the bundled folders.
+writes every plan under DIR instead of the bundled folders. ``--ladder 4`` / ``--ladder 3`` use the int3 / int5 / int6
+widths too (content {2, 3, 4, 5, 6, 8}; quality from 3 or 2 bits), ``--measure-widths 2 4 8`` measures only those.
 
 Correct-stage options (issue #14, off by default): ``--balance`` (channel balancing), ``--lowrank-rank R`` (low-rank
 branches; a mixed plan's budget pays for them; ``--lowrank-layers PATTERN...`` limits them to some layers),
@@ -67,6 +68,11 @@ def allocator_settings(args: argparse.Namespace) -> dict:
                    "content_metric": args.content_metric}
     if args.split_ratios:
         extra["split_ratios"] = tuple(args.split_ratios)
+    if args.ladder:  # the int3 / int5 / int6 ladder (native weight backend, picked automatically)
+        extra["widths"] = {"content": [2, 3, 4, 5, 6, 8], "quality": [3, 4, 5, 6, 8] if args.ladder == "4" else
+                           [2, 3, 4, 5, 6, 8]}
+    if args.measure_widths:
+        extra["measure_widths"] = tuple(args.measure_widths)
     return extra
 
 
@@ -87,6 +93,11 @@ def main() -> None:
     parser.add_argument("--pick-uniform", action="store_true")
     parser.add_argument("--content-metric", choices=("ssim", "mse"), default="ssim")
     parser.add_argument("--protect-first-last", action="store_true")
+    parser.add_argument("--ladder", choices=("4", "3"), default=None,
+                        help="mixed plans: candidate widths {2, 3, 4, 5, 6, 8} (quality layers from 3 bits for "
+                             "'4', from 2 for '3', the sub-4-bit budgets)")
+    parser.add_argument("--measure-widths", type=int, nargs="+", default=None, metavar="BITS",
+                        help="measure only these candidate widths, estimate the others")
     parser.add_argument("--split-ratios", type=float, nargs="+", default=None, metavar="K")
     parser.add_argument("--cache-dir", type=Path, default=Path("_work/shapes_cache"),
                         help="calibration and sensitivity cache shared by the mixed plans")

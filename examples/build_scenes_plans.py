@@ -19,6 +19,12 @@ No prompt of the **test** set, which `mixdq eval` and `mixdq demo` use, is seen 
 
     python examples/build_scenes_plans.py --only w4a8-uniform --balance --lowrank-rank 4 --out _work/scenes-bal-lr4
 
+    python examples/build_scenes_plans.py --only w4a8-mixed --widths 2 3 4 5 6 8 --quality-widths 3 4 5 6 8 \
+        --out _work/scenes-ladder
+
+``--context uniform``: sensitivities measured inside the uniform plan. ``--outlier-fraction F``: outlier rows (stored once, at int8). ``--widths`` / ``--quality-widths``: the candidate widths of the mixed plans (the {2, 3, 4, 5, 6, 8} ladder needs
+the native weight backend, picked automatically); ``--measure-widths``: measure only these, estimate the rest.
+
 Correct-stage options (issue #14, off by default): ``--balance`` (channel balancing), ``--lowrank-rank R`` and
 ``--lowrank-layers PATTERN...`` (low-rank branches; a mixed plan's budget pays for them).
 """
@@ -68,6 +74,16 @@ def main() -> None:
     parser.add_argument("--balance", action="store_true", help="channel balancing (the correct stage)")
     parser.add_argument("--lowrank-rank", type=int, default=0, metavar="R", help="low-rank branches of rank R")
     parser.add_argument("--lowrank-layers", nargs="+", default=[], metavar="PATTERN")
+    parser.add_argument("--widths", nargs="+", type=int, default=None, metavar="BITS",
+                        help="mixed plans: candidate widths of content layers, e.g. 2 3 4 5 6 8 (int3/5/6: native backend)")
+    parser.add_argument("--quality-widths", nargs="+", type=int, default=None, metavar="BITS",
+                        help="mixed plans: candidate widths of quality layers (default: as --widths)")
+    parser.add_argument("--context", choices=("fp", "uniform"), default="fp",
+                        help="mixed plans: measure sensitivities in full precision or inside the uniform plan")
+    parser.add_argument("--outlier-fraction", type=float, default=0.0, metavar="F",
+                        help="mixed plans: int8 rows for the F highest-kurtosis output channels of each layer")
+    parser.add_argument("--measure-widths", nargs="+", type=int, default=None, metavar="BITS",
+                        help="mixed plans: measure only these widths, estimate the other candidates")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -90,6 +106,14 @@ def main() -> None:
             plan = calibrated(pipe, name, settings, keep)
         else:
             budget, extra = MIXED[name]
+            if args.widths:
+                extra = {**extra, "widths": {"content": args.widths, "quality": args.quality_widths or args.widths}}
+            if args.measure_widths:
+                extra = {**extra, "measure_widths": tuple(args.measure_widths)}
+            if args.context != "fp":
+                extra = {**extra, "context": args.context}
+            if args.outlier_fraction:
+                extra = {**extra, "outlier_fraction": args.outlier_fraction}
             budget = averages[budget] if isinstance(budget, str) else budget
             mixed = BuildSettings(**{**vars(settings), "weight_bits": budget, "protect_first_last": True,
                                      "pick_prompts": demo.prompt_set("scenes", "validation", args.pick_prompts),

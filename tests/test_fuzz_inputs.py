@@ -125,7 +125,7 @@ GOOD_PLAN = {"format": "diffusers-mixdq-plan", "version": 1, "defaults": {"weigh
 PLANS = [
     (GOOD_PLAN, True), (json.dumps(GOOD_PLAN), True), (BitPlan.load(GOOD_PLAN), True),
     (None, False), (123, False), (["int8"], False), (b"{}", False), ({"format": "x"}, False), ("{not json", False),
-    ("./no/such/plan.json", False), ("plan.json", False), ({**GOOD_PLAN, "defaults": {"weights": "int3"}}, False),
+    ("./no/such/plan.json", False), ("plan.json", False), ({**GOOD_PLAN, "defaults": {"weights": "int7"}}, False),
     ({"file": "mixdq_plan.json", "sha256": "a" * 64}, True), ({"file": 3, "sha256": None}, False),
     ({"file": "../../etc/passwd", "sha256": "0" * 64}, False), ({"file": "a.json", "sha256": "A" * 64}, False), ({"file": "", "sha256": "x"}, False),
     ({"file": "mixdq_plan.json", "sha256": "a" * 64, "provenance": {"source": {"repo_id": "a/b"}}}, True),

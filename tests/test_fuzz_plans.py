@@ -27,7 +27,7 @@ CASES = int(os.environ.get("FUZZ_CASES", "5000"))
 TIME_LIMIT = 2.0
 WEIGHTS = ["int8", "int4", "int2", "float8", "none"]
 ACTS = ["int8", "int4", "float8", "none"]
-BAD_DTYPES = ["int3", "INT8", "fp8", "", "int16", 8, None, ["int8"]]
+BAD_DTYPES = ["int7", "INT8", "fp8", "", "int16", 8, None, ["int8"]]
 #: patterns whose naive backtracking explodes; none of them matches a layer name (no '!' / 'b' / 'y' at the end)
 CATASTROPHIC = ["re:(.|.)*!", "re:(a+)+b", "re:(x*)*y", "re:(.*a){25}"]
 BAD_REGEX = ["re:(", "re:[a-", "re:*x", "re:(?P<n>a)(?P<n>b)"]

@@ -374,9 +374,9 @@ def test_cli_push(hub, repo_id, tmp_path, resolved):
 def test_push_refuses_invalid_plans_before_uploading(hub, repo_id, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "plan.json").write_text('{"format": "diffusers-mixdq-plan", "version": 1, '
-                                               '"defaults": {"weights": "int3"}}')
+                                               '"defaults": {"weights": "int7"}}')
     before = len(hub.log)
-    with pytest.raises(MixDQError, match="unknown weight dtype 'int3'"):
+    with pytest.raises(MixDQError, match="unknown weight dtype 'int7'"):
         push_plan(tmp_path / "bad", repo_id)
     assert len(hub.log) == before
     with pytest.raises(PlanPushError, match="HTTP 401.*hf auth login"):

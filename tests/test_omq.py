@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel
 from diffusers_mixdq import BitPlan, MixDQConfig, MixDQError, PlanFormatError, PlanMismatchError
 from diffusers_mixdq.builder import BuildSettings
 from diffusers_mixdq.builder.outlier_channels import kurtosis, outlier_channels, outlier_stage
+from diffusers_mixdq.plan import storage_bits_per_weight
 from diffusers_mixdq.plan.extras import outlier_bits
 
 LAYER = "down_blocks.0.attentions.0.proj_in"  # Linear 32 -> 32
@@ -74,8 +75,11 @@ def test_sizes_count_the_outlier_rows():
     plain, omq = plan_for(unet, 0), plan_for(unet, 0.05)
     specs, manifest = omq.layer_specs(), omq.manifest()
     added = sum(outlier_bits(s, manifest[n].in_features) for n, s in specs.items())
+    # each outlier row is stored once: at int8, no longer at the layer's width (rows of in_features elements)
+    dropped = sum(len(s.outlier_channels) * manifest[n].numel // manifest[n].shape[0]
+                  * storage_bits_per_weight("int4", manifest[n]) for n, s in specs.items())
     assert added > 0
-    assert omq.summary().size_bytes == pytest.approx(plain.summary().size_bytes + added / 8)
+    assert omq.summary().size_bytes == pytest.approx(plain.summary().size_bytes + (added - dropped) / 8)
     assert omq.summary().avg_weight_bits > plain.summary().avg_weight_bits
     k = len(specs[LAYER].outlier_channels)
     assert outlier_bits(specs[LAYER], 32) == k * (8 * 32 + 16 + 32)
@@ -97,7 +101,7 @@ def test_pre_quantized_round_trip(outlier_unet_dir, tmp_path):
 
 
 @pytest.mark.parametrize("entry, error, message", [
-    ({"weights": "int8", "outliers": {"weights": "int8", "channels": [1]}}, PlanMismatchError, "only int4/int2"),
+    ({"weights": "int8", "outliers": {"weights": "int8", "channels": [1]}}, PlanMismatchError, "only int6/int5/int4/int3/int2"),
     ({"weights": "int4", "outliers": {"weights": "int8", "channels": [32]}}, PlanMismatchError, "32 output"),
     ({"weights": "int4", "outliers": {"weights": "int4", "channels": [1]}}, PlanFormatError, "outliers"),
     ({"weights": "int4", "outliers": {"weights": "int8", "channels": [1, 1]}}, PlanFormatError, "outliers"),

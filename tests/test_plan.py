@@ -36,7 +36,7 @@ def meta_unet():
 def test_schema_ships_with_package():
     s = schema()
     assert s["properties"]["version"] == {"const": 1}
-    assert set(s["$defs"]["weight_dtype"]["enum"]) == {"int8", "int4", "int2", "float8", "none"}
+    assert set(s["$defs"]["weight_dtype"]["enum"]) == {"int8", "int6", "int5", "int4", "int3", "int2", "float8", "none"}
 
 
 @pytest.mark.parametrize("how", ["file", "dir", "dict", "text", "bitplan"])
@@ -85,7 +85,8 @@ def test_not_a_plan():
 @pytest.mark.parametrize(
     "where, spec, message",
     [
-        ("defaults", {"weights": "int3"}, r"unknown weight dtype 'int3'; use one of int8, int4, int2, float8, none"),
+        ("defaults", {"weights": "int7"},
+         r"unknown weight dtype 'int7'; use one of int8, int6, int5, int4, int3, int2, float8, none"),
         ("defaults", {"activations": "int2"}, r"unknown activation dtype 'int2'; use one of int8, int4, float8, none"),
         ("defaults", {"weights": "int8", "bits": 8}, r"unknown field"),
         ("defaults", {"activations": "int8", "act_range": -1}, r"act_range must be a positive number"),
@@ -100,7 +101,7 @@ def test_bad_specs_raise_plan_format_error(where, spec, message):
 def test_errors_are_value_errors():
     assert issubclass(MixDQError, ValueError)
     with pytest.raises(ValueError):
-        BitPlan.load({"format": "diffusers-mixdq-plan", "version": 1, "defaults": {"weights": "int3"}})
+        BitPlan.load({"format": "diffusers-mixdq-plan", "version": 1, "defaults": {"weights": "int7"}})
 
 
 def test_missing_source():

@@ -66,7 +66,7 @@ def test_sd_turbo_recipe_layers_exist_in_the_real_architecture():
         ({"weights": {"budget_bits": 4}}, "needs 'pipeline'"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "stepz": 2}, r"unknown field\(s\) \['stepz'\]"),
         ({"pipeline": "x", "weights": {"budget_bits": 4, "size_mb": 3}}, "exactly one of"),
-        ({"pipeline": "x", "weights": {"budget_bits": 4, "candidates": {"content": [3]}}}, "list of 2, 4 and 8"),
+        ({"pipeline": "x", "weights": {"budget_bits": 4, "candidates": {"content": [7]}}}, "list of 2, 3, 4, 5, 6 and 8"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": "int4"}, "'activations' \\(mode\\) must be"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": {"candidates": [2, 8]}}, "list of 4 and 8"),
         ({"pipeline": "x", "weights": {"budget_bits": 4}, "activations": {"candidates": [4, 8], "budget_bits": 9}},

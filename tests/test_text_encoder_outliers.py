@@ -35,7 +35,7 @@ def outlier_plan(channels):
     return {**W4, "layers": {LAYER: entry}}
 
 
-@pytest.mark.parametrize("backend", ["quanto", "native"])
+@pytest.mark.parametrize("backend", [None, "native"])  # None: the default backend, which picks native for them
 def test_outlier_rows_on_a_text_encoder(outlier_encoder_dir, tmp_path, backend):
     from transformers import CLIPTextModel
 
@@ -47,7 +47,7 @@ def test_outlier_rows_on_a_text_encoder(outlier_encoder_dir, tmp_path, backend):
     assert layer.outlier_channels.tolist() == CHANNELS and layer.outlier_weight.dtype == torch.int8
 
     # the same layer quantized in memory (the path the builder and the diffusers quantizer share) agrees exactly
-    twin = quantize_module(fp.get_submodule(LAYER), layer.mixdq_spec, backend=backend)
+    twin = quantize_module(fp.get_submodule(LAYER), layer.mixdq_spec, backend="native")
     for name in ("outlier_channels", "outlier_weight", "outlier_scale"):
         assert torch.equal(getattr(layer, name), getattr(twin, name))
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
@@ -79,3 +79,13 @@ def test_native_backend_loads_text_encoders_like_quanto(tmp_path, kind):
     ref = encode(model, IDS)
     assert torch.allclose(outs["native"], outs["quanto"], atol=1e-5)
     assert 0 < ((outs["native"] - ref).norm() / ref.norm()).item() < 0.3
+
+
+def test_quanto_backend_named_for_outlier_rows_is_refused_before_loading(outlier_encoder_dir):
+    from transformers import CLIPTextModel
+
+    from diffusers_mixdq import MixDQError
+
+    with pytest.raises(MixDQError, match='weight_backend="native"'):
+        CLIPTextModel.from_pretrained(outlier_encoder_dir,
+                                      quantization_config=MixDQConfig(plan=outlier_plan(CHANNELS), weight_backend="quanto"))

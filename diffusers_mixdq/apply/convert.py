@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..plan import LayerSpec
-from .backends import backend_named, backend_of
+from .backends import backend_for, backend_of
 from .bos_rows import finish_bos_, set_bos_state
 from .corrections import attach_corrections
 from .swap import quantize_placed_weight_
@@ -24,7 +24,7 @@ def quantize_module(module: nn.Module, spec: LayerSpec, bos_state: torch.Tensor 
     """A quantized copy of an in-memory Linear / Conv2d (the original is left untouched), made by weight backend
     ``backend`` (``None``: the default, or the one :func:`~.backends.use_weight_backend` imposes); ``tensors`` (a
     plan's sidecar) and the layer's ``name`` give it the balance / low-rank tensors its spec's flags name."""
-    backend = backend_named(backend)
+    backend = backend_for(backend, [spec])
     dtype = module.weight.dtype
     qmodule = backend.make_module(module, spec, scale_dtype=dtype)
     attach_corrections(qmodule, name, spec, tensors or {})

@@ -1,14 +1,15 @@
 """Outlier channels in a wider weight format (MPQ-DM's outlier-driven mixed quantization, OMQ), backend-independent.
 
-A layer whose plan entry has ``outliers: {"weights": "int8", "channels": [...]}`` keeps its quantized weight as
-the backend stores it (every row at the layer's width) and, beside it, the listed output channels' rows at int8
-(symmetric, one scale per row) in three buffers saved with pre-quantized checkpoints:
+A layer whose plan entry has ``outliers: {"weights": "int8", "channels": [...]}`` keeps the listed output
+channels' rows at int8 (symmetric, one scale per row) in three buffers saved with pre-quantized checkpoints, and
+its quantized weight holds the other rows only (the native backend, which such plans load into: each row is
+stored once):
 
 * ``outlier_channels`` (``(k,)`` int64), ``outlier_weight`` (``(k, in_features)`` int8),
   ``outlier_scale`` (``(k,)``, the model's float dtype).
 
-The module's output is the backend's, with the outlier channels replaced by the int8 rows' output on the same
-quantized input. Sizes count both (:func:`diffusers_mixdq.plan.extras.outlier_bits`): the rows at the layer's width stay stored.
+The module's output is the backend's on the other rows, with the outlier channels from the int8 rows' output on
+the same quantized input. Sizes count each row once (:func:`diffusers_mixdq.plan.extras.outlier_bits`).
 """
 
 from __future__ import annotations

@@ -84,6 +84,7 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
         extra_ignore = list(config.modules_to_not_convert or [])
         extra_ignore += [f"*{m}*" for m in (keep_in_fp32_modules or [])]
         resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
+        self._fit_backend(resolved)
         self._modules = self._make_modules(model, resolved)
         self._tables = swap_tables(model, resolved.embeddings, self.torch_dtype, not self.pre_quantized)
         if self.pre_quantized:  # the checkpoint's tensors against the plan, before anything is loaded

@@ -12,7 +12,7 @@ from ..errors import MixDQError, PlanMismatchError
 from ..plan import BOS_STATE_KEY
 from ..plan.components import folder_of
 from . import saved_weights
-from .backends import backend_named
+from .backends import backend_for, backend_named
 from .bos_rows import compute_bos_row_, finish_bos_, set_bos_state
 from .corrections import attach_corrections, prepare_weight_
 from .outliers import compute_outlier_rows_, has_outliers
@@ -44,8 +44,18 @@ class OneDeviceLoad:
     required_packages: list[str] = []
 
     def _pick_backend(self, quantization_config) -> None:
-        self.backend = backend_named(getattr(quantization_config, "weight_backend", None))
+        self._backend_name = getattr(quantization_config, "weight_backend", None)
+        self.backend = backend_named(self._backend_name)
         self.required_packages = [*self.backend.required_packages, *self.library_packages]
+
+    def _fit_backend(self, resolved) -> None:
+        """The backend that stores every weight dtype of the resolved plan (:func:`~.backends.backend_for`), its
+        packages checked again when it is not the one the config named."""
+        backend = backend_for(self._backend_name, resolved.layer_specs().values())
+        if backend is not self.backend:
+            check_backend_installed(backend)
+            self.backend = backend
+            self.required_packages = [*backend.required_packages, *self.library_packages]
 
     def validate_environment(self, *args, **kwargs):
         check_backend_installed(self.backend)

@@ -121,6 +121,7 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
         keep = _kept_in_fp32(model, self.torch_dtype)
         extra_ignore = list(config.modules_to_not_convert or []) + [f"*{m}*" for m in keep]
         resolved = config.plan_object().resolve(model, strict=config.strict, extra_ignore=extra_ignore)
+        self._fit_backend(resolved)
         with torch.device("cpu"):  # transformers builds the model under a meta-device context
             self.modules = make_modules(self.backend, model, resolved, self.torch_dtype,
                                         fill_bos=not self.pre_quantized)
@@ -133,9 +134,11 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
                                            shapes)
         for name, qmodule in self.modules.items():
             model.set_submodule(name, qmodule)
-            if not self.pre_quantized:  # a pre-quantized checkpoint holds them itself
-                self.keep(name, {k: v for k, v in qmodule._buffers.items()
-                                 if v is not None and v.device.type != "meta"})
+            # a pre-quantized checkpoint holds the persistent ones itself; the others (e.g. the native backend's
+            # kept_rows) exist only as made here, and transformers re-creates non-persistent buffers
+            made = qmodule._non_persistent_buffers_set if self.pre_quantized else qmodule._buffers
+            self.keep(name, {k: v for k, v in qmodule._buffers.items()
+                             if k in made and v is not None and v.device.type != "meta"})
         self.quantization_config = config.with_resolved_plan(resolved)
         checkpoint.bind_save_pretrained(model)
         return model

@@ -26,6 +26,7 @@ from .recording import Calibration
 from .sensitivity import applied
 from .settings import BuildSettings, run_pipeline
 from .uniform_context import act_entry, uniform_allocation
+from .width_ladder import damage as score_damage
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Assignment:
     components: dict[str, BitPlan] = field(default_factory=dict)
 
 
-BITS_TO_DTYPE = {8: "int8", 4: "int4", 2: "int2", 16: "none"}
+BITS_TO_DTYPE = {8: "int8", 6: "int6", 5: "int5", 4: "int4", 3: "int3", 2: "int2", 16: "none"}
 
 
 def to_plan(ctx: BuildContext, calib: Calibration, allocation: Allocation, acts: dict[str, int | None]) -> BitPlan:
@@ -62,18 +63,11 @@ def _solver_record(a: Allocation, *keys: str) -> dict:
     return {key: getattr(a, key) for key in keys}
 
 
-def _damage(score: float, metric: str) -> float:
-    """How much a score says the layer hurts: noise power relative to the signal for SQNR (dB), 1 - SSIM, the MSE
-    (scored as minus the MSE)."""
-    if metric == "sqnr_db":
-        return 10 ** (-score / 10)
-    return max(-score, 0.0) if metric == "mse" else max(1.0 - score, 0.0)
-
-
 def most_sensitive(scores: dict[str, float], groups: dict[str, str], metric: dict[str, str], count: int) -> list[str]:
     """The ``count`` layers whose score hurts most. Groups are scored on different scales, so each layer's damage
-    (:func:`_damage`) is taken relative to the mean damage of its group before ranking across groups."""
-    damage = {n: _damage(v, metric[groups[n]]) for n, v in scores.items()}
+    (:func:`~.width_ladder.damage`: noise power relative to the signal for SQNR in dB, 1 - SSIM, the MSE) is taken
+    relative to the mean damage of its group before ranking across groups."""
+    damage = {n: score_damage(v, metric[groups[n]]) for n, v in scores.items()}
     mean = {g: sum(d for n, d in damage.items() if groups[n] == g) / max(1, sum(groups[n] == g for n in damage))
             for g in set(groups[n] for n in damage)}
     relative = {n: d / mean[groups[n]] if mean[groups[n]] > 0 else 0.0 for n, d in damage.items()}

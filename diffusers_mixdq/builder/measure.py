@@ -3,7 +3,8 @@ layer at a time), the cheaper way.
 
 A quality-layer measurement replays every recorded call on only ``sweep_fraction`` of its samples (a rotating
 window, checked to be exact), a content-layer measurement generates ``content_fraction`` of the prompts (at least
-:data:`MIN_CONTENT_PROMPTS`), a content layer's widest candidate is extrapolated from the next one, a layer with
+:data:`MIN_CONTENT_PROMPTS`), a content layer's widest candidate is extrapolated from the next one (with ``measure_widths``, every
+candidate width outside it is estimated from the measured ones instead: :mod:`.width_ladder`), a layer with
 a single candidate is not measured, and activations are measured only when there is an activation decision.
 
 Its cache: ``sensitivity-<key>.json`` (:class:`~.scores.ScoreCache`, keyed by :func:`sweep_key`), written after
@@ -33,6 +34,7 @@ from .scores import ScoreCache, merged
 from .sensitivity import ContentScorer, SensitivityResult, layer_sensitivity
 from .settings import BuildSettings, run_pipeline
 from .uniform_context import base_width, complete, uniform_sensitivity
+from .width_ladder import fill_estimates, measured_widths
 
 #: content-layer measurements generate at least this many prompts (on the demo model, SSIM on 2 of 8 prompts chose
 #: int2 layers that cost 11 dB of PSNR; 4 of 8 matched the naive protocol: benchmarks/builder_cost.py)
@@ -85,6 +87,8 @@ def sweep_widths(s: BuildSettings) -> tuple[dict[str, list[int]], dict[str, tupl
     widest is extrapolated instead (content layers, scored by SSIM)."""
     widths = {g: sorted(set(ws)) if len(set(ws)) > 1 else [] for g, ws in s.widths.items()}
     extrapolated = {}
+    if s.measure_widths is not None:  # the others are estimated afterwards (:mod:`.width_ladder`)
+        return measured_widths(widths, s.measure_widths), extrapolated
     if s.extrapolate_widest and len(widths.get("content", [])) > 1:
         *rest, widest = widths["content"]
         extrapolated = {"content": (widest, rest[-1])}
@@ -178,6 +182,8 @@ def measure(ctx: BuildContext, calib: Calibration) -> Sensitivities:
             widest, below = extrapolated[ctx.groups[name]]
             sens.scores[name][widest] = extrapolate_ssim(sens.scores[name][below], below, widest,
                                                          PERFECT[s.content_metric])
+    if s.measure_widths is not None:
+        fill_estimates(sens.scores, s.widths, ctx.groups, sens.metric)
     report.seconds["sensitivity"] = time.perf_counter() - t0 - report.seconds.get("activation_sensitivity", 0.0)
     return _account(ctx, rec, sens, act_sens)
 

@@ -21,7 +21,7 @@ from pydantic_core import PydanticCustomError
 from ..errors import MixDQError
 from .allocate import ALLOCATORS, DEFAULT_ALLOCATOR, PICK_OBJECTIVES
 
-WEIGHT_WIDTHS = (2, 4, 8)
+WEIGHT_WIDTHS = (2, 3, 4, 5, 6, 8)
 ACTIVATION_WIDTHS = (4, 8)
 ACTIVATION_MODES = ("int8", "dynamic", "dynamic-token", "none")
 DEFAULT_CANDIDATES = {"content": [2, 4, 8], "quality": [4, 8]}
@@ -187,6 +187,8 @@ class WeightOptions(Strict):
     candidates: dict[Literal["content", "quality"], WeightWidths] = DEFAULT_CANDIDATES
     #: share of each int4 / int2 layer's output channels (highest kurtosis) kept at int8 too (0: off)
     outlier_fraction: Annotated[float, BeforeValidator(_outlier_fraction)] = 0.0
+    #: the candidate widths measured (``None``: all); the others are estimated from them (builder.width_ladder)
+    measure: Optional[WeightWidths] = None
 
     @model_validator(mode="after")
     def _with_defaults(self) -> "WeightOptions":

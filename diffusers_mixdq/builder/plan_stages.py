@@ -36,10 +36,12 @@ from .settings import BuildReport, BuildSettings
 from .timestep_ranges import timestep_stage, with_layers
 
 
-def outlier_overhead(denoiser: nn.Module, fraction: float) -> float:
-    """Average bits per quantizable weight that outlier rows add if every layer has them (an upper bound)."""
+def outlier_overhead(denoiser: nn.Module, fraction: float, narrowest: int = 2) -> float:
+    """Average bits per quantizable weight that outlier rows add if every layer has them (an upper bound): each
+    row moves from the layer's width (at least ``narrowest``) to int8, plus its scale and index."""
     table = layer_table(denoiser)
-    extra = sum(math.ceil(fraction * info.shape[0]) * (8 * info.in_features + OUTLIER_SCALE_BITS + OUTLIER_INDEX_BITS)
+    row_bits = lambda info: (8 - narrowest) * info.in_features + OUTLIER_SCALE_BITS + OUTLIER_INDEX_BITS  # noqa: E731
+    extra = sum(math.ceil(fraction * info.shape[0]) * row_bits(info)
                 for info in table.values())
     return extra / max(1, sum(info.numel for info in table.values()))
 
@@ -57,7 +59,7 @@ def allocator_budget(s: BuildSettings, denoiser: nn.Module) -> BuildSettings:
     add."""
     overhead = correction_overhead(s, denoiser)
     if s.outlier_fraction > 0:
-        overhead += outlier_overhead(denoiser, s.outlier_fraction)
+        overhead += outlier_overhead(denoiser, s.outlier_fraction, min(w for ws in s.widths.values() for w in ws))
     return replace(s, weight_bits=s.weight_bits - overhead) if overhead else s
 
 

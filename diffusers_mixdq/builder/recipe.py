@@ -17,7 +17,10 @@ weights:
   candidates: {content: [2, 4, 8], quality: [4, 8]}
 activations: int8                  # int8 (static, calibrated) | dynamic | dynamic-token | none, or a mapping:
 # activations: {mode: int8, candidates: [4, 8], budget_bits: 7.0, protect_most_sensitive: 7, timestep_groups: 4}
-# weights: {..., outlier_fraction: 0.05}   # int8 copy of the 5% highest-kurtosis rows of int4/int2 layers
+# weights: {..., outlier_fraction: 0.05}   # int8 copy of the 5% highest-kurtosis rows of int2...int6 layers
+# weights: {candidates: {content: [2, 3, 4, 5, 6, 8], quality: [3, 4, 5, 6, 8]}, measure: [2, 4, 8]}
+#   int3/int5/int6 need the native weight backend (picked automatically); measure: the widths measured, the
+#   rest estimated (noise power 4x per bit, builder.width_ladder), so the finer ladder costs no more sweeps
 protected: [conv_in, conv_out]     # kept in floating point (each pattern must match a layer)
 content_patterns: ["*attn2.*", "*.ff.*"]   # default: the denoiser family's (diffusers_mixdq.families)
 split_ratios: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0]   # k = content / quality width
@@ -141,7 +144,7 @@ class Recipe(StageSettings):
             balance_alphas=list(o.balance_alphas), lowrank_rank=o.lowrank_rank, lowrank_layers=list(o.lowrank_layers),
             distill_seconds=o.distill_seconds, distill_rank=o.distill_rank, distill_lr=o.distill_lr,
             distill_relation=o.distill_relation, act_timestep_groups=a.timestep_groups,
-            outlier_fraction=o.weights.outlier_fraction,
+            outlier_fraction=o.weights.outlier_fraction, measure_widths=o.weights.measure,
             context=o.context,
             pick_uniform=o.pick_uniform, content_metric=o.content_metric, components=list(o.components),
             budget_scope=o.budget_scope, component_budgets=dict(o.component_budgets),

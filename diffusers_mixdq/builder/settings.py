@@ -24,6 +24,7 @@ SETTINGS_LABELS = Labels(
         ("weights", "candidates"): "widths",
         ("activations", "timestep_groups"): "act_timestep_groups",
         ("weights", "outlier_fraction"): "outlier_fraction",
+        ("weights", "measure"): "measure_widths",
     },
     lambda loc: ".".join(map(str, loc)),
 )
@@ -103,7 +104,8 @@ class BuildSettings(StageSettings):
         return {
             "component": self.component, "steps": self.steps, "guidance": self.guidance, "height": self.height,
             "width": self.width, "seed": self.seed,
-            "weights": {"candidates": dict(self.widths), "outlier_fraction": self.outlier_fraction},
+            "weights": {"candidates": dict(self.widths), "outlier_fraction": self.outlier_fraction,
+                        "measure": None if self.measure_widths is None else _as_list(self.measure_widths)},
             "activations": {"mode": self.activations, "candidates": list(self.act_widths),
                             "budget_bits": self.act_bits, "protect_most_sensitive": self.act_protect,
                             "timestep_groups": self.act_timestep_groups},

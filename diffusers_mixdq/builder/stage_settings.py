@@ -18,7 +18,8 @@ class StageSettings:
     Sensitivities measured with everything else in full precision (``context="fp"``, MixDQ) or at the uniform base
     width (``"uniform"``); ``pick_uniform`` adds the same-size uniform plan to the pick (:mod:`.uniform_context`);
     ``content_metric`` scores content layers by SSIM of the images (MixDQ) or ``"mse"`` (minus their mean
-    per-image MSE)."""
+    per-image MSE). ``measure_widths``: the candidate weight widths actually measured (``None``: all); the others
+    are estimated from them (:mod:`.width_ladder`)."""
 
     balance: bool = False
     balance_alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75)
@@ -33,6 +34,7 @@ class StageSettings:
     context: str = "fp"
     pick_uniform: bool = False
     content_metric: str = "ssim"
+    measure_widths: Sequence[int] | None = None
 
     def stage_values(self) -> dict[str, Any]:
         """These settings by name (sequences as lists)."""

@@ -41,7 +41,8 @@ def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of every tensor in the module's state dict (quantized weights as stored), and of the buffers kept out
     of it (a plan's balancing and low-rank factors, which travel in the plan's sidecar)."""
     state = module.state_dict()
-    outside = [b for n, b in module.named_buffers() if n not in state]
+    saved = {t.data_ptr() for t in state.values()}  # a backend's buffers saved under other keys count once
+    outside = [b for n, b in module.named_buffers() if n not in state and b.data_ptr() not in saved]
     return sum(t.numel() * t.element_size() for t in [*state.values(), *outside])
 
 

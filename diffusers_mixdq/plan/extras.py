@@ -17,7 +17,7 @@ from .spec import DYNAMIC_RANGES, LayerSpec
 #: bits of each outlier row's scale and channel index in the size estimates
 OUTLIER_SCALE_BITS, OUTLIER_INDEX_BITS = 16, 32
 #: weight dtypes whose layers may hold outlier channels (the outlier rows are int8: only narrower layers gain)
-OUTLIER_BASE_DTYPES = ("int4", "int2")
+OUTLIER_BASE_DTYPES = ("int6", "int5", "int4", "int3", "int2")
 
 
 def _entries(data: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -72,6 +72,6 @@ def outlier_problem(name: str, layer: LayerSpec, info: LayerInfo) -> str | None:
 
 
 def outlier_bits(spec: LayerSpec, in_features: int) -> int:
-    """Extra stored bits of ``spec``'s outlier rows (int8 values, a 16-bit scale and an index per row), beside
-    the layer's weight (whose rows all stay stored at its own width)."""
+    """Stored bits of ``spec``'s outlier rows (int8 values, a 16-bit scale and an index per row); the layer's
+    weight stores its other rows only (summaries count those at its width)."""
     return len(spec.outlier_channels) * (8 * in_features + OUTLIER_SCALE_BITS + OUTLIER_INDEX_BITS)

@@ -1,7 +1,7 @@
 """The plan's vocabulary: format constants, weight / activation dtypes, BOS constants and :class:`LayerSpec`.
 
-A plan says, for each Linear / Conv2d layer of a diffusers denoiser, how its weights are stored (int8, int4, int2,
-float8 or kept in floating point) and how its input activations are quantized (int8, int4, float8 or not at all, with
+A plan says, for each Linear / Conv2d layer of a diffusers denoiser, how its weights are stored (int8, int6, int5,
+int4, int3, int2, float8 or kept in floating point) and how its input activations are quantized (int8, int4, float8 or not at all, with
 a static absolute-max range or a dynamic one). This module holds the words of that sentence; the JSON Schema
 (``plan-v1.schema.json``) spells the same vocabulary for files.
 """
@@ -18,7 +18,10 @@ FORMAT_VERSION = 1
 PLAN_FILENAME = "plan.json"
 
 #: weight dtype -> bits per stored element (``None``: kept in the model's floating-point dtype)
-WEIGHT_DTYPES: dict[str, int | None] = {"int8": 8, "int4": 4, "int2": 2, "float8": 8, "none": None}
+WEIGHT_DTYPES: dict[str, int | None] = {"int8": 8, "int6": 6, "int5": 5, "int4": 4, "int3": 3, "int2": 2, "float8": 8,
+                                         "none": None}
+#: weight dtypes only the native weight backend stores (quanto has no 3 / 5 / 6-bit types)
+NATIVE_ONLY_WEIGHT_DTYPES = ("int6", "int5", "int3")
 #: activation dtype -> bits (``None``: not quantized)
 ACTIVATION_DTYPES: dict[str, int | None] = {"int8": 8, "int4": 4, "float8": 8, "none": None}
 DYNAMIC = "dynamic"

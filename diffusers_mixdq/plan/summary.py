@@ -133,10 +133,12 @@ def summarize(specs: Mapping[str, LayerSpec], manifest: Mapping[str, LayerInfo],
     for name, spec in specs.items():
         info = manifest[name]
         extra = extra_bits(spec.flags, info)  # balancing factors and low-rank factors, stored with the weight
-        if spec.outliers:  # rows kept a second time at int8 (plan.extras): counted in bits and size
+        stored = info.numel
+        if spec.outliers:  # rows stored apart at int8, not at the layer's width (plan.extras): counted once
             extra += outlier_bits(spec, info.in_features)
-        weight_bits += (spec.weight_bits or FLOAT_BITS) * info.numel + extra
-        size_bits += storage_bits_per_weight(spec.weights, info) * info.numel + extra
+            stored -= len(spec.outlier_channels) * (info.numel // info.shape[0])
+        weight_bits += (spec.weight_bits or FLOAT_BITS) * stored + extra
+        size_bits += storage_bits_per_weight(spec.weights, info) * stored + extra
         if spec.activation_bits:
             act_inputs[spec.activation_bits] += info.in_features
     act_total = sum(act_inputs.values())

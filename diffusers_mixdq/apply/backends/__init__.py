@@ -14,8 +14,10 @@ import pkgutil
 from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib import import_module
+from typing import Iterable
 
 from ... import registry
+from ...errors import MixDQError
 from .base import WeightBackend
 
 for _info in pkgutil.iter_modules(__path__):
@@ -38,6 +40,24 @@ def backend_named(name: str | None = None) -> WeightBackend:
     return registry.WEIGHT_BACKENDS.get(chosen) if chosen else default_backend()
 
 
+def backend_for(name: str | None, specs: Iterable) -> WeightBackend:
+    """The backend for layers of ``specs`` (:class:`~diffusers_mixdq.plan.LayerSpec`): :func:`backend_named`'s pick
+    when it stores them all. When nothing names a backend and the default cannot store some (int3 / int5 / int6
+    weights, outlier channels stored once: not on quanto), the first registered backend that stores them all (the
+    native one); a backend picked by name that cannot: :class:`MixDQError`."""
+    backend, specs = backend_named(name), list(specs)
+    missing = sorted({m for m in map(backend.lacks, specs) if m})
+    if not missing:
+        return backend
+    if not (_IMPOSED.get() or name):
+        able = registry.WEIGHT_BACKENDS.find(lambda b: not any(map(b.lacks, specs)))
+        if able is not None:
+            return able
+    raise MixDQError(f"The plan has {', '.join(missing)}, which the {backend.name!r} weight backend cannot "
+                     "store. Use weight_backend=\"native\" (MixDQConfig(..., weight_backend=\"native\") or "
+                     "diffusers_mixdq.use_weight_backend(\"native\")), or change those layers' entries.")
+
+
 @contextmanager
 def use_weight_backend(name: str):
     """Make every model loaded or quantized inside the ``with`` block use weight backend ``name``, whatever its
@@ -56,4 +76,4 @@ def backend_of(module) -> WeightBackend | None:
     return registry.WEIGHT_BACKENDS.get(name) if name else None
 
 
-__all__ = ["WeightBackend", "backend_named", "backend_of", "default_backend", "use_weight_backend"]
+__all__ = ["WeightBackend", "backend_for", "backend_named", "backend_of", "default_backend", "use_weight_backend"]

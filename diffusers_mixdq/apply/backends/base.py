@@ -48,6 +48,17 @@ class WeightBackend(ABC):
         check theirs, ``importlib.util.find_spec``; nothing is imported)."""
         return [dist for dist, module in self.requirements if not module_available(module)]
 
+    #: the plan weight dtypes this backend stores (``None``: every one of ``plan.WEIGHT_DTYPES``)
+    weight_dtypes: tuple[str, ...] | None = None
+    #: whether a layer with outlier channels stores its other rows only (plan sizes count each row once)
+    outlier_rows_apart: bool = False
+
+    def lacks(self, spec: LayerSpec) -> str | None:
+        """What of ``spec`` this backend cannot store (``None``: nothing)."""
+        if self.weight_dtypes is not None and spec.weights not in self.weight_dtypes:
+            return f"{spec.weights} weights"
+        return "outlier channels" if spec.outliers and not self.outlier_rows_apart else None
+
     @abstractmethod
     def storage_bits(self, dtype: str, bits: int | None, in_features: int, float_bits: int = 16) -> float:
         """Stored bits per weight element of a layer whose rows reduce ``in_features`` elements, metadata

@@ -9,12 +9,25 @@ Both backends keep optimum-quanto 0.2.7's layout, so checkpoints and plans made 
   ``w = code * scale - shift``), the codes packed ``8 // bits`` rows to a byte along dim 0 (row ``i`` of block
   ``j`` in bits ``j * bits ...``), saved as ``weight._data._data``, ``weight._scale``, ``weight._shift``
   (``(rows, 1)``, or ``(out, 1, ...)`` when the whole row is one group).
+* int3 / int5 / int6 (native backend only; quanto has no such types): grouped and affine as int4 / int2, each
+  ``bits``-bit code split into two bit planes (:data:`SPLIT_PLANES`: int3 = 2 + 1 bits, int5 = 4 + 1, int6 = 4 + 2;
+  ``code = low | high << low_bits``), each plane packed as above with its own width, the two concatenated along
+  dim 0 into ``weight._data._data`` (low plane first). 8 codes take exactly ``bits`` bytes (plus the padding of each
+  plane's last block when the rows are not a multiple of 8), the same keys as int4 / int2.
 """
 
 from __future__ import annotations
 
 #: bits of each stored weight dtype
-WEIGHT_BITS = {"int8": 8, "float8": 8, "int4": 4, "int2": 2}
+WEIGHT_BITS = {"int8": 8, "float8": 8, "int6": 6, "int5": 5, "int4": 4, "int3": 3, "int2": 2}
+#: widths stored as two bit planes: bits -> (low plane bits, high plane bits)
+SPLIT_PLANES = {3: (2, 1), 5: (4, 1), 6: (4, 2)}
+
+
+def packed_rows(bits: int, rows: int) -> int:
+    """Rows (dim 0) of the packed codes of ``rows`` rows of ``bits``-bit codes (every width but 8)."""
+    planes = SPLIT_PLANES.get(bits, (bits,))
+    return sum((rows + 8 // b - 1) // (8 // b) for b in planes)
 
 
 def group_size(in_features: int) -> int:
@@ -29,7 +42,7 @@ def group_size(in_features: int) -> int:
 
 
 def storage_bits(bits: int | None, in_features: int, float_bits: int = 16) -> float:
-    """Stored bits per weight element: int8 / float8 one ``float_bits`` scale per output channel; int4 / int2 a
+    """Stored bits per weight element: int8 / float8 one ``float_bits`` scale per output channel; int2 ... int6 a
     scale and a shift per group; ``bits=None``: floating point."""
     if bits is None:
         return float(float_bits)
@@ -54,7 +67,7 @@ def piece_keys(bits: int) -> frozenset[str]:
 
 
 def grouping(shape: tuple[int, ...], bits: int) -> tuple[int, int | None]:
-    """``(rows, group)`` of a 4 / 2-bit weight of ``shape``: ``group`` ``None`` when each output channel is one
+    """``(rows, group)`` of a grouped (2- to 6-bit) weight of ``shape``: ``group`` ``None`` when each output channel is one
     group (quanto then keeps the weight's own shape)."""
     numel = 1
     for s in shape:
@@ -75,8 +88,7 @@ def expected_pieces(bits: int, float8: bool, shape: tuple[int, ...]) -> dict[str
                 "weight._scale": (per_channel, None)}
     rows, group = grouping(shape, bits)
     data, scale = (tuple(shape[1:]), per_channel) if group is None else ((group,), (rows, 1))
-    per_byte = 8 // bits
-    return {"weight._data._data": (((rows + per_byte - 1) // per_byte,) + data, "uint8"),
+    return {"weight._data._data": ((packed_rows(bits, rows),) + data, "uint8"),
             "weight._scale": (scale, None), "weight._shift": (scale, None)}
 
 
@@ -84,7 +96,7 @@ class SharedLayout:
     """The size and key rules of this layout, for a :class:`~.base.WeightBackend` that stores it."""
 
     def storage_bits(self, dtype: str, bits: int | None, in_features: int, float_bits: int = 16) -> float:
-        """int8 / float8: one ``float_bits`` scale per output channel; int4 / int2: a scale and a shift per group."""
+        """int8 / float8: one ``float_bits`` scale per output channel; int2 ... int6: a scale and a shift per group."""
         return storage_bits(bits, in_features, float_bits)
 
     def weight_key_of(self, key: str) -> str | None:

@@ -23,6 +23,7 @@ def _modules():
 
 class NativeBackend(SharedLayout, WeightBackend):
     name = "native"
+    outlier_rows_apart = True
 
     def make_module(self, module, spec, scale_dtype):
         return _modules().make_module(module, spec, scale_dtype, self.name)

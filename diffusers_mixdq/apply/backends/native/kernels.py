@@ -75,8 +75,8 @@ def weight(module, x: torch.Tensor) -> torch.Tensor:
         out = workspace(numel, module.qscale.dtype, x.device).view(shape)
         codes = None
         if module.qbits < 8:
-            per_byte = 8 // module.qbits
-            codes = workspace(data.numel() * per_byte, torch.uint8, x.device).view((-1,) + tuple(data.shape[1:]))
+            rows = packing.code_buffer_rows(module.qbits, packing.grouping(shape, module.qbits)[0])
+            codes = workspace(data[0].numel() * rows, torch.uint8, x.device).view((rows,) + tuple(data.shape[1:]))
         return packing.dequantize_into(out, data, module.qscale, module.qshift, module.qbits, codes)
     return packing.dequantize(data, module.qscale, module.qshift, module.qbits, shape)
 

@@ -7,6 +7,10 @@ never casts them), ``qscale`` and ``qshift``. They are saved under quanto's keys
 ``weight._scale``, ...) and read back from them, so checkpoints move freely between the two backends.
 ``module.weight`` then is a :class:`QuantizedWeight`: the logical weight's shape, dtype and device (what plan and
 layer tables read) and :meth:`QuantizedWeight.dequantize`.
+
+A layer with outlier channels (:mod:`diffusers_mixdq.apply.outliers`) stores its other rows only: ``weight_shape``
+is the stored weight's (``out - k`` rows, the kept ones listed in ``kept_rows``), the op runs on those rows and the
+outlier channels come from their int8 rows alone, so each row is stored once.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class QuantizedWeight:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size(self._module.weight_shape)
+        return torch.Size(self._module.logical_shape)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -53,8 +57,14 @@ class QuantizedWeight:
         return self.shape.numel()
 
     def dequantize(self) -> torch.Tensor:
+        """The whole weight (a layer storing its outlier rows apart: those rows from their int8 values)."""
         m = self._module
-        return packing.dequantize(m.stored_data(), m.qscale, m.qshift, m.qbits, tuple(m.weight_shape))
+        w = packing.dequantize(m.stored_data(), m.qscale, m.qshift, m.qbits, tuple(m.weight_shape))
+        if m.kept_rows is None:
+            return w
+        outliers = (m.outlier_weight.to(w.dtype) * m.outlier_scale.to(w.dtype)[:, None]).view(-1, *w.shape[1:])
+        full = w.new_empty(m.logical_shape).index_copy_(0, m.kept_rows, w)
+        return full.index_copy_(0, m.outlier_channels, outliers)
 
     def __repr__(self) -> str:
         return f"QuantizedWeight({self._module.mixdq_spec.weights}, shape={list(self.shape)}, dtype={self.dtype})"
@@ -67,7 +77,11 @@ class _NativeWeight:
     qfloat8: bool = False
 
     def _init_native(self, spec) -> None:
-        self.weight_shape = tuple(self._parameters["weight"].shape)
+        self.logical_shape = tuple(self._parameters["weight"].shape)
+        dropped = set(spec.outlier_channels) if spec.weights in layout.WEIGHT_BITS else set()
+        kept = [i for i in range(self.logical_shape[0]) if i not in dropped]
+        self.weight_shape = (len(kept),) + self.logical_shape[1:]  # the stored weight's
+        self.register_buffer("kept_rows", torch.tensor(kept) if dropped else None, persistent=False)
         self.qbits = layout.WEIGHT_BITS.get(spec.weights, 0)
         self.qfloat8 = spec.weights == "float8"
         for name in _BUFFERS:
@@ -86,6 +100,18 @@ class _NativeWeight:
 
     def weight_is_quantized(self) -> bool:
         return self.qdata is not None
+
+    def rows_forward(self, x: torch.Tensor, op, dim: int) -> torch.Tensor:
+        """``op(x, weight, bias)`` on the stored rows, scattered into the full output along ``dim`` (the outlier
+        channels left zero: the mixin fills them from their int8 rows)."""
+        bias = None if self.bias is None else self.bias.index_select(0, self.kept_rows)
+        part = op(x, kernels.weight(self, x), bias)
+        shape = list(part.shape)
+        shape[dim] = self.logical_shape[0]
+        return part.new_zeros(shape).index_copy(dim, self.kept_rows, part)
+
+    def _stored_rows_only(self) -> bool:
+        return self.kept_rows is not None and self.qdata is not None and self.dequantized_cache is None
 
     def stored_data(self) -> torch.Tensor:
         return self.qdata.view(packing.FLOAT8) if self.qfloat8 else self.qdata
@@ -137,6 +163,8 @@ class NativeLinear(_NativeWeight, MixDQModuleMixin, nn.Linear):
             if y is not None:
                 return y
             x = super().quantize_input(x)
+        if self._stored_rows_only():
+            return self.rows_forward(x, torch.nn.functional.linear, -1)
         return kernels.linear(self, x)
 
 
@@ -146,6 +174,8 @@ class NativeConv2d(_NativeWeight, MixDQModuleMixin, nn.Conv2d):
     is_pointwise: bool = False
 
     def _qforward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._stored_rows_only():
+            return self.rows_forward(x, self._conv_forward, 1)
         return kernels.conv2d(self, x)
 
 
@@ -175,6 +205,8 @@ def quantize_weight_(module: nn.Module) -> None:
     if module.qbits == 0 or param is None:
         return
     w = param.detach()
+    if module.kept_rows is not None:  # outlier rows are stored apart, at int8 (apply.outliers)
+        w = w.index_select(0, module.kept_rows.to(w.device))
     if module.qbits == 8:
         data, scale = packing.quantize_symmetric(w, module.qfloat8)
         module.install(data, scale, None)
@@ -193,7 +225,11 @@ def install_pieces(module: nn.Module, tensors: dict[str, torch.Tensor], device) 
         t = tensors[key]
         bad_dtype = t.dtype != getattr(torch, dtype) if dtype is not None else not t.is_floating_point()
         if tuple(t.shape) != tuple(shape) or bad_dtype:
-            raise ValueError(f"{key} is {list(t.shape)} {t.dtype}, the layer needs {list(shape)} {dtype or 'float'}")
+            old = module.kept_rows is not None and layout.expected_pieces(
+                module.qbits, module.qfloat8, module.logical_shape)[key][0] == tuple(t.shape)
+            raise ValueError(f"{key} is {list(t.shape)} {t.dtype}, the layer needs {list(shape)} {dtype or 'float'}"
+                             + ("; it holds the outlier rows too, as checkpoints saved before outlier rows were "
+                                "stored once did: quantize the full-precision model again" if old else ""))
     tensors = {k: v.to(device, copy=True, memory_format=torch.contiguous_format) for k, v in tensors.items()}
     data = tensors.get("weight._data", tensors.get("weight._data._data"))
     module.install(data, tensors["weight._scale"], tensors.get("weight._shift"))

@@ -3,14 +3,16 @@
 The numerics are optimum-quanto 0.2.7's: int8 / float8 symmetric per output channel (scale = absmax / largest
 code, computed in the weight's dtype), int4 / int2 affine per group (MaxOptimizer: scale = (max - min) /
 (2^bits - 1), shift = -min). A weight quantized here equals, bit for bit, one quantized by the quanto backend,
-and dequantizing repeats quanto's operations in quanto's order (``code * scale - shift``).
+and dequantizing repeats quanto's operations in quanto's order (``code * scale - shift``). int3 / int5 / int6
+(this backend's own) are grouped and affine the same way, their codes stored as two bit planes
+(:data:`~..layout.SPLIT_PLANES`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..layout import grouping
+from ..layout import SPLIT_PLANES, grouping, packed_rows
 
 FLOAT8 = torch.float8_e4m3fn
 _FLOAT8_MAX = float(torch.finfo(FLOAT8).max)
@@ -28,7 +30,7 @@ def quantize_symmetric(w: torch.Tensor, float8: bool) -> tuple[torch.Tensor, tor
 
 
 def quantize_affine(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(packed codes, scale, shift)`` of a 4 / 2-bit weight, grouped and packed as quanto does."""
+    """``(packed codes, scale, shift)`` of a 2- to 6-bit weight, grouped (and 4 / 2-bit packed) as quanto does."""
     rows, group = grouping(tuple(w.shape), bits)
     base = w.reshape(rows, -1)
     rmin = torch.amin(base, dim=1, keepdim=True)
@@ -42,7 +44,7 @@ def quantize_affine(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     return pack(codes, bits), scale, shift
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def _pack_plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``8 // bits`` blocks of rows to a byte along dim 0: row ``i`` of block ``j`` in bits ``j * bits``."""
     per_byte = 8 // bits
     rows = codes.shape[0]
@@ -54,22 +56,47 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed
 
 
-def unpack(packed: torch.Tensor, bits: int, rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The codes of :func:`pack` (``rows`` of them, uint8), written into ``out`` when given."""
-    per_byte = 8 // bits
-    block = packed.shape[0]
-    if out is None:
-        out = torch.empty((block * per_byte,) + tuple(packed.shape[1:]), dtype=torch.uint8, device=packed.device)
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes packed along dim 0: quanto's layout for 4 / 2 bits; int3 / int5 / int6 as two such planes, the
+    low bits then the high bits, concatenated."""
+    if bits not in SPLIT_PLANES:
+        return _pack_plane(codes, bits)
+    low, high = SPLIT_PLANES[bits]
+    return torch.cat([_pack_plane(codes & (2**low - 1), low), _pack_plane(codes >> low, high)])
+
+
+def code_buffer_rows(bits: int, rows: int) -> int:
+    """Rows of the uint8 buffer :func:`unpack` writes ``rows`` rows of ``bits``-bit codes into."""
+    planes = SPLIT_PLANES.get(bits, (bits,))
+    return sum(packed_rows(b, rows) * (8 // b) for b in planes)
+
+
+def _unpack_plane(packed: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    per_byte, block = 8 // bits, packed.shape[0]
     for j in range(per_byte):
         torch.bitwise_right_shift(packed, bits * j, out=out[j * block : (j + 1) * block])
-    out.bitwise_and_(2**bits - 1)
-    return out[:rows]
+    return out.bitwise_and_(2**bits - 1)
+
+
+def unpack(packed: torch.Tensor, bits: int, rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The codes of :func:`pack` (``rows`` of them, uint8), written into ``out`` (at least
+    :func:`code_buffer_rows` rows) when given."""
+    if out is None:
+        out = torch.empty((code_buffer_rows(bits, rows),) + tuple(packed.shape[1:]), dtype=torch.uint8,
+                          device=packed.device)
+    if bits not in SPLIT_PLANES:
+        return _unpack_plane(packed, bits, out)[:rows]
+    low, high = SPLIT_PLANES[bits]
+    n_low = packed_rows(low, rows)
+    codes = _unpack_plane(packed[:n_low], low, out[: n_low * (8 // low)])[:rows]
+    top = _unpack_plane(packed[n_low:], high, out[n_low * (8 // low):])[:rows]
+    return codes.bitwise_or_(top.bitwise_left_shift_(low))
 
 
 def dequantize_into(out: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
                     bits: int, codes: torch.Tensor | None = None) -> torch.Tensor:
     """The weight (``out``'s shape and dtype) from its stored pieces, written into ``out`` in place (no
-    allocation when ``codes``, a uint8 buffer of the packed rows, is given for 4 / 2-bit weights)."""
+    allocation when ``codes``, a uint8 buffer of :func:`code_buffer_rows` rows, is given for 2- to 6-bit weights)."""
     if bits == 8:
         return out.copy_(data).mul_(scale)
     rows, group = grouping(tuple(out.shape), bits)
@@ -84,7 +111,14 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | No
     if bits == 8:
         return data.to(scale.dtype) * scale
     rows, group = grouping(shape, bits)
-    per_byte = 8 // bits
-    parts = [torch.bitwise_and(torch.bitwise_right_shift(data, bits * j), 2**bits - 1) for j in range(per_byte)]
-    codes = torch.cat(parts)[:rows]
+    low, high = SPLIT_PLANES.get(bits, (bits, 0))
+    n_low = packed_rows(low, rows)
+    codes = _plane_codes(data[:n_low], low, rows)
+    if high:
+        codes = torch.bitwise_or(codes, torch.bitwise_left_shift(_plane_codes(data[n_low:], high, rows), low))
     return (codes.to(scale.dtype) * scale - shift).reshape(shape)
+
+
+def _plane_codes(data: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    parts = [torch.bitwise_and(torch.bitwise_right_shift(data, bits * j), 2**bits - 1) for j in range(8 // bits)]
+    return torch.cat(parts)[:rows]

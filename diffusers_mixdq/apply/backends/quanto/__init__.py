@@ -25,6 +25,7 @@ def _weights():
 class QuantoBackend(SharedLayout, WeightBackend):
     name = "quanto"
     requirements = (("optimum-quanto", "optimum.quanto"),)
+    weight_dtypes = ("int8", "int4", "int2", "float8", "none")
 
     def prepare(self) -> None:
         _modules()  # redirects the extension build into the user cache on first import
