@@ -153,7 +153,7 @@ def test_bos_safe_widths_keep_the_bundled_text_encoder_near_its_bos_state():
         ({"budget_scope": "per_component", "component_budgets": {"vae": 8}}, "names 'vae', which is not among"),
         ({"budget_scope": "per_component", "component_budgets": {"text_encoder": 20}}, "between 1 and 16"),
         ({"components": ["unet", "unet"]}, "lists a component twice"),
-        ({"text_encoder_widths": [3, 8]}, "'text_encoder_widths' must be a non-empty list of 2, 4 and 8"),
+        ({"text_encoder_widths": [7, 8]}, "'text_encoder_widths' must be a non-empty list of 2, 3, 4, 5, 6 and 8"),
         ({"context": "uniform"}, "with text-encoder 'components' use context 'fp'"),
         ({"balance": True}, "set 'budget_scope' to per_component"),
         ({"budget_scope": "per_component", "weights": {"size_mb": 2}}, "weights.size_mb is one size"),
