@@ -1,0 +1,98 @@
+"""Build the plans of issue #14's ablation table (each stage on / off at a W4A8 average) on a bundled demo model:
+
+    python examples/build_ablation_plans.py --model shapes --out _work/ablation/shapes
+    python examples/build_ablation_plans.py --model scenes --out _work/ablation/scenes --only mixed mixed-token
+
+The baseline ``mixed`` is the bundled ``w4a8-mixed`` build (examples/build_demo_plans.py,
+examples/build_scenes_plans.py): calibrated on the first 16 prompts of the model's **calibration** set, static
+int8 activation ranges, average weight bits at most 4.0, content widths {2, 4, 8}, quality {4, 8}, ``k`` picked
+on 48 prompts of its **validation** set; on ``scenes`` the family's first / last layers stay in floating point
+(``protect_first_last``). No prompt of the **test** set that ``mixdq eval`` uses is seen.
+Each ``mixed-<stage>`` variant switches one stage on (``STAGES``: its builder settings); every budget pays for what
+its stage stores (outlier rows, low-rank / distilled factors), so every mixed plan stays at <= 4.0 bits.
+``mixed-token-bal``: per-token activations with channel balancing (the two stages that paid in the earlier
+ablations). References: ``uniform`` (int4 everywhere, the bundled ``w4a8-uniform``) and ``uniform-token``.
+
+The mixed builds share ``--cache-dir`` (calibration and sensitivities; default ``<out>/cache``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from build_w3a4_plans import setup
+from diffusers_mixdq import BitPlan, demo
+from diffusers_mixdq.builder import BuildSettings, build_plan, calibrated_plan
+
+#: the layers that carry low-rank / distilled factors (on every layer rank 4 costs 0.78 bits on shapes)
+CONTENT = ("*attn2.*", "*.ff.*")
+TOKEN = {"activations": "dynamic-token"}
+#: one stage on: variant -> builder settings on top of the baseline's
+STAGES = {
+    "mixed": {},
+    "mixed-token": TOKEN,
+    "mixed-tg4": {"act_timestep_groups": 4},
+    "mixed-bal": {"balance": True},
+    "mixed-lr4": {"lowrank_rank": 4, "lowrank_layers": CONTENT},
+    "mixed-omq5": {"outlier_fraction": 0.05},
+    "mixed-distill": {"distill_seconds": 60.0, "lowrank_layers": CONTENT},
+    "mixed-tail": {"pick_objective": "tail"},
+    "mixed-ctxu": {"context": "uniform"},
+    "mixed-pu": {"pick_uniform": True},
+    "mixed-pfl": {"protect_first_last": True},  # shapes only: scenes' baseline already protects them
+    "mixed-token-bal": {**TOKEN, "balance": True},
+}
+#: uniform int4 references: variant -> activation range (None: calibrated static)
+UNIFORM = {"uniform": None, "uniform-token": "dynamic-token"}
+PLANS = (*UNIFORM, *STAGES)
+
+
+def uniform(pipe, act_range, common: dict, keep: list[str], base: str) -> BitPlan:
+    """The calibrated uniform int4 weight, int8 activation plan."""
+    defaults = {"weights": "int4", "activations": "int8", **({"act_range": act_range} if act_range else {})}
+    plan = BitPlan(defaults=defaults, ignore=keep or None, target={"base_model": base})
+    return calibrated_plan(pipe, plan, BuildSettings(**common), progress=False)
+
+
+def mixed(pipe, model_name: str, stage: dict, common: dict, keep: list[str], cache: Path):
+    """The baseline mixed W4A8 build with ``stage`` switched on: (plan, build report)."""
+    settings = {**common, "weight_bits": 4.0, "protect_first_last": bool(keep), "cache_dir": str(cache),
+                "pick_prompts": demo.prompt_set(model_name, "validation", 48), **stage}
+    return build_plan(pipe, BuildSettings(**settings), progress=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("shapes", "scenes"), default="shapes")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the plans (one folder per variant)")
+    parser.add_argument("--only", nargs="+", choices=PLANS, default=list(PLANS), metavar="PLAN")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="default: <out>/cache")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    pipe, common, keep, base = setup(args.model)
+    log = args.out / "builds.jsonl"
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in (n for n in PLANS if n in args.only):
+        t0 = time.perf_counter()
+        record = {"variant": name}
+        if name in UNIFORM:
+            plan = uniform(pipe, UNIFORM[name], common, keep, base)
+        else:
+            plan, report = mixed(pipe, args.model, STAGES[name], common, keep, args.cache_dir or args.out / "cache")
+            plan.target["base_model"] = base
+            record.update(chosen_k=report.chosen_k, denoiser_evaluations=report.denoiser_evaluations)
+        plan.save(args.out / name)
+        record.update(seconds=round(time.perf_counter() - t0, 1), avg_weight_bits=plan.summary().avg_weight_bits)
+        with log.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
