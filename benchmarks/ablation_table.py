@@ -7,7 +7,8 @@ Every run must use the same test prompts and image seeds (``--num-prompts 128 --
 results pair up (the variants of one table may come from several runs: each `mixdq eval` run stays under ten
 minutes). Per variant: average weight bits, median / 10th percentile of the per-image PSNR to full precision, images
 below 20 dB, aligned share with its 95% interval, and against ``--baseline`` the median paired PSNR difference with
-Wilcoxon's signed-rank p and the alignment difference with McNemar's exact p (benchmarks/paired.py's tests).
+Wilcoxon's signed-rank p and the alignment difference with McNemar's exact p (benchmarks/paired.py's tests);
+``--pairs A:B ...`` adds more pairs (e.g. ``uniform-token:uniform``).
 Writes ``benchmarks/results/ablation_<model>.json`` (the table's numbers) and ``..._details.json`` (per image), and
 prints the table in Markdown.
 """
@@ -35,6 +36,13 @@ def merged(paths: list[str]) -> dict[str, dict]:
     return rows
 
 
+def paired(rows: dict[str, dict], a: str, b: str) -> dict:
+    """Variant ``a`` against ``b``: median paired PSNR difference (Wilcoxon p), alignment points (McNemar p)."""
+    c = compare(variant(rows[a]), variant(rows[b]))
+    return {"vs": b, "psnr_median_diff_db": c.psnr.median_difference, "wilcoxon_p": c.psnr.p_value,
+            "aligned_diff": c.alignment_diff, "mcnemar_p": c.mcnemar.p_value}
+
+
 def summary(rows: dict[str, dict], baseline: str) -> list[dict]:
     out = []
     for name, d in rows.items():
@@ -45,9 +53,7 @@ def summary(rows: dict[str, dict], baseline: str) -> list[dict]:
             row.update(psnr_median_db=float(np.median(p)), psnr_p10_db=float(np.percentile(p, 10)),
                        diverged=int((p < 20).sum()))
             if name != baseline:
-                c = compare(variant(d), variant(rows[baseline]))
-                row.update(vs=baseline, psnr_median_diff_db=c.psnr.median_difference, wilcoxon_p=c.psnr.p_value,
-                           aligned_diff=c.alignment_diff, mcnemar_p=c.mcnemar.p_value)
+                row.update(paired(rows, name, baseline))
         out.append(row)
     return out
 
@@ -70,13 +76,18 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="names the results files (ablation_<model>*.json)")
     parser.add_argument("--baseline", default="mixed")
+    parser.add_argument("--pairs", nargs="*", default=[], metavar="A:B", help="more paired tests, A against B")
     parser.add_argument("runs", nargs="+", help="results.json of `mixdq eval --out DIR` runs")
     args = parser.parse_args(argv)
     rows = merged(args.runs)
     result = summary(rows, args.baseline)
-    (RESULTS / f"ablation_{args.model}.json").write_text(json.dumps(result, indent=1) + "\n")
+    pairs = [{"variant": a, **paired(rows, a, b)} for a, b in (p.split(":") for p in args.pairs)]
+    (RESULTS / f"ablation_{args.model}.json").write_text(json.dumps(result + pairs, indent=1) + "\n")
     (RESULTS / f"ablation_{args.model}_details.json").write_text(json.dumps(list(rows.values())) + "\n")
     print(table(result))
+    for r in pairs:
+        print(f"{r['variant']} vs {r['vs']}: {r['psnr_median_diff_db']:+.2f} dB (Wilcoxon p = {r['wilcoxon_p']:.2g}), "
+              f"{r['aligned_diff']:+.1f} points aligned (McNemar p = {r['mcnemar_p']:.2g})")
 
 
 if __name__ == "__main__":

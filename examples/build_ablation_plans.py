@@ -7,7 +7,7 @@ The baseline ``mixed`` is the bundled ``w4a8-mixed`` build (examples/build_demo_
 examples/build_scenes_plans.py): calibrated on the first 16 prompts of the model's **calibration** set, static
 int8 activation ranges, average weight bits at most 4.0, content widths {2, 4, 8}, quality {4, 8}, ``k`` picked
 on 48 prompts of its **validation** set; on ``scenes`` the family's first / last layers stay in floating point
-(``protect_first_last``). No prompt of the **test** set that ``mixdq eval`` uses is seen.
+(``protect_first_last``); activations ``int8`` (static) said explicitly, whatever the builder's default. No prompt of the **test** set that ``mixdq eval`` uses is seen.
 Each ``mixed-<stage>`` variant switches one stage on (``STAGES``: its builder settings); every budget pays for what
 its stage stores (outlier rows, low-rank / distilled factors), so every mixed plan stays at <= 4.0 bits.
 ``mixed-token-bal``: per-token activations with channel balancing (the two stages that paid in the earlier
@@ -61,7 +61,8 @@ def uniform(pipe, act_range, common: dict, keep: list[str], base: str) -> BitPla
 
 def mixed(pipe, model_name: str, stage: dict, common: dict, keep: list[str], cache: Path):
     """The baseline mixed W4A8 build with ``stage`` switched on: (plan, build report)."""
-    settings = {**common, "weight_bits": 4.0, "protect_first_last": bool(keep), "cache_dir": str(cache),
+    settings = {**common, "weight_bits": 4.0, "activations": "int8", "protect_first_last": bool(keep),
+                "cache_dir": str(cache),
                 "pick_prompts": demo.prompt_set(model_name, "validation", 48), **stage}
     return build_plan(pipe, BuildSettings(**settings), progress=False)
 
