@@ -11,7 +11,8 @@ on 48 prompts of its **validation** set; on ``scenes`` the family's first / last
 Each ``mixed-<stage>`` variant switches one stage on (``STAGES``: its builder settings); every budget pays for what
 its stage stores (outlier rows, low-rank / distilled factors), so every mixed plan stays at <= 4.0 bits.
 ``mixed-token-bal``: per-token activations with channel balancing (the two stages that paid in the earlier
-ablations). References: ``uniform`` (int4 everywhere, the bundled ``w4a8-uniform``) and ``uniform-token``.
+ablations). References: ``uniform`` (int4 everywhere, the bundled ``w4a8-uniform``) and ``uniform-token``; the
+bundled ``w8a8`` and ``w8a8-token`` (the per-token question at W8A8).
 
 The mixed builds share ``--cache-dir`` (calibration and sensitivities; default ``<out>/cache``).
 """
@@ -47,14 +48,15 @@ STAGES = {
     "mixed-pfl": {"protect_first_last": True},  # shapes only: scenes' baseline already protects them
     "mixed-token-bal": {**TOKEN, "balance": True},
 }
-#: uniform int4 references: variant -> activation range (None: calibrated static)
-UNIFORM = {"uniform": None, "uniform-token": "dynamic-token"}
+#: uniform references: variant -> (weight dtype, activation range; None: calibrated static); w8a8: the bundled one
+UNIFORM = {"uniform": ("int4", None), "uniform-token": ("int4", "dynamic-token"), "w8a8": ("int8", None),
+           "w8a8-token": ("int8", "dynamic-token")}
 PLANS = (*UNIFORM, *STAGES)
 
 
-def uniform(pipe, act_range, common: dict, keep: list[str], base: str) -> BitPlan:
-    """The calibrated uniform int4 weight, int8 activation plan."""
-    defaults = {"weights": "int4", "activations": "int8", **({"act_range": act_range} if act_range else {})}
+def uniform(pipe, weights: str, act_range, common: dict, keep: list[str], base: str) -> BitPlan:
+    """The calibrated uniform plan of int8 activations."""
+    defaults = {"weights": weights, "activations": "int8", **({"act_range": act_range} if act_range else {})}
     plan = BitPlan(defaults=defaults, ignore=keep or None, target={"base_model": base})
     return calibrated_plan(pipe, plan, BuildSettings(**common), progress=False)
 
@@ -83,7 +85,7 @@ def main() -> None:
         t0 = time.perf_counter()
         record = {"variant": name}
         if name in UNIFORM:
-            plan = uniform(pipe, UNIFORM[name], common, keep, base)
+            plan = uniform(pipe, *UNIFORM[name], common, keep, base)
         else:
             plan, report = mixed(pipe, args.model, STAGES[name], common, keep, args.cache_dir or args.out / "cache")
             plan.target["base_model"] = base
