@@ -11,7 +11,8 @@ on 48 prompts of its **validation** set; on ``scenes`` the family's first / last
 Each ``mixed-<stage>`` variant switches one stage on (``STAGES``: its builder settings); every budget pays for what
 its stage stores (outlier rows, low-rank / distilled factors), so every mixed plan stays at <= 4.0 bits.
 ``mixed-token-bal``: per-token activations with channel balancing (the two stages that paid in the earlier
-ablations). References: ``uniform`` (int4 everywhere, the bundled ``w4a8-uniform``) and ``uniform-token``; the
+ablations). ``mixed-acts-token`` (``DERIVED``): the built ``mixed`` plan with per-token activations and its own
+weight widths. References: ``uniform`` (int4 everywhere, the bundled ``w4a8-uniform``) and ``uniform-token``; the
 bundled ``w8a8`` and ``w8a8-token`` (the per-token question at W8A8).
 
 The mixed builds share ``--cache-dir`` (calibration and sensitivities; default ``<out>/cache``).
@@ -51,7 +52,10 @@ STAGES = {
 #: uniform references: variant -> (weight dtype, activation range; None: calibrated static); w8a8: the bundled one
 UNIFORM = {"uniform": ("int4", None), "uniform-token": ("int4", "dynamic-token"), "w8a8": ("int8", None),
            "w8a8-token": ("int8", "dynamic-token")}
-PLANS = (*UNIFORM, *STAGES)
+#: derived from the built baseline, not built: ``mixed`` with every quantized input switched to a range per token
+#: (the baseline's weight widths: what per-token does without the new pick of ``k`` a ``mixed-token`` build makes)
+DERIVED = ("mixed-acts-token",)
+PLANS = (*UNIFORM, *STAGES, *DERIVED)
 
 
 def uniform(pipe, weights: str, act_range, common: dict, keep: list[str], base: str) -> BitPlan:
@@ -67,6 +71,18 @@ def mixed(pipe, model_name: str, stage: dict, common: dict, keep: list[str], cac
                 "cache_dir": str(cache),
                 "pick_prompts": demo.prompt_set(model_name, "validation", 48), **stage}
     return build_plan(pipe, BuildSettings(**settings), progress=False)
+
+
+def acts_per_token(plan: BitPlan) -> BitPlan:
+    """``plan`` (resolved) with a run-time range per token on every quantized input (no timestep groups)."""
+    data = plan.to_dict()
+    for spec in data["layers"].values():
+        if spec.get("activations", "none") != "none":
+            spec.pop("act_groups", None)
+            spec["act_range"] = "dynamic-token"
+    data["provenance"] = {**(data.get("provenance") or {}), "derived": "act_range dynamic-token everywhere"}
+    fields = ("target", "defaults", "rules", "ignore", "layers", "provenance")
+    return BitPlan(**{k: data.get(k) for k in fields}, tensors=plan.tensors)
 
 
 def main() -> None:
@@ -86,6 +102,8 @@ def main() -> None:
         record = {"variant": name}
         if name in UNIFORM:
             plan = uniform(pipe, *UNIFORM[name], common, keep, base)
+        elif name in DERIVED:
+            plan = acts_per_token(BitPlan.load(args.out / "mixed"))
         else:
             plan, report = mixed(pipe, args.model, STAGES[name], common, keep, args.cache_dir or args.out / "cache")
             plan.target["base_model"] = base
