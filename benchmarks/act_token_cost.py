@@ -110,10 +110,10 @@ def main(argv=None):
     parser.add_argument("--backends", default="quanto,native", help="weight backends (comma-separated)")
     args = parser.parse_args(argv)
     result = run(args.model, args.latent, args.reps, tuple(args.backends.split(",")))
+    print(table(result))
     path = RESULTS / f"act_token_cost_{args.model}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    print(f"\nwritten {path}")
+    print(f"\nwritten {path} (rename it to keep it: the next run of this model writes the same file)")
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ The mixed builds share ``--cache-dir`` (calibration and sensitivities; default `
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from build_w3a4_plans import setup
+from build_w3a4_plans import model_arguments, setup
 from diffusers_mixdq import BitPlan, demo
 from diffusers_mixdq.builder import BuildSettings, build_plan, calibrated_plan
 
@@ -48,6 +47,7 @@ STAGES = {
     "mixed-pu": {"pick_uniform": True},
     "mixed-pfl": {"protect_first_last": True},  # shapes only: scenes' baseline already protects them
     "mixed-token-bal": {**TOKEN, "balance": True},
+    "mixed-token-psnr": {**TOKEN, "pick_objective": "psnr"},  # per token, k picked by mean per-image PSNR
 }
 #: uniform references: variant -> (weight dtype, activation range; None: calibrated static); w8a8: the bundled one
 UNIFORM = {"uniform": ("int4", None), "uniform-token": ("int4", "dynamic-token"), "w8a8": ("int8", None),
@@ -86,12 +86,7 @@ def acts_per_token(plan: BitPlan) -> BitPlan:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("shapes", "scenes"), default="shapes")
-    parser.add_argument("--out", type=Path, required=True, help="directory for the plans (one folder per variant)")
-    parser.add_argument("--only", nargs="+", choices=PLANS, default=list(PLANS), metavar="PLAN")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="default: <out>/cache")
-    args = parser.parse_args()
+    args = model_arguments(__doc__, PLANS)
 
     torch.manual_seed(0)
     pipe, common, keep, base = setup(args.model)
