@@ -8,7 +8,7 @@ results pair up (the variants of one table may come from several runs: each `mix
 minutes). Per variant: average weight bits, median / 10th percentile of the per-image PSNR to full precision, images
 below 20 dB, aligned share with its 95% interval, and against ``--baseline`` the median paired PSNR difference with
 Wilcoxon's signed-rank p and the alignment difference with McNemar's exact p (benchmarks/paired.py's tests);
-``--pairs A:B ...`` adds more pairs (e.g. ``uniform-token:uniform``).
+``--pair A:B`` (repeatable) adds a pair (e.g. ``--pair uniform-token:uniform``).
 Writes ``benchmarks/results/ablation_<model>.json`` (the table's numbers) and ``..._details.json`` (per image), and
 prints the table in Markdown.
 """
@@ -76,12 +76,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="names the results files (ablation_<model>*.json)")
     parser.add_argument("--baseline", default="mixed")
-    parser.add_argument("--pairs", nargs="*", default=[], metavar="A:B", help="more paired tests, A against B")
+    parser.add_argument("--pair", action="append", default=[], metavar="A:B", help="a paired test more (repeatable)")
     parser.add_argument("runs", nargs="+", help="results.json of `mixdq eval --out DIR` runs")
     args = parser.parse_args(argv)
     rows = merged(args.runs)
     result = summary(rows, args.baseline)
-    pairs = [{"variant": a, **paired(rows, a, b)} for a, b in (p.split(":") for p in args.pairs)]
+    pairs = [{"variant": a, **paired(rows, a, b)} for a, b in (p.split(":") for p in args.pair)]
     (RESULTS / f"ablation_{args.model}.json").write_text(json.dumps(result + pairs, indent=1) + "\n")
     (RESULTS / f"ablation_{args.model}_details.json").write_text(json.dumps(list(rows.values())) + "\n")
     print(table(result))
