@@ -7,11 +7,13 @@ The baseline ``mixed`` is the bundled ``w4a8-mixed`` build (examples/build_demo_
 examples/build_scenes_plans.py): calibrated on the first 16 prompts of the model's **calibration** set, static
 int8 activation ranges, average weight bits at most 4.0, content widths {2, 4, 8}, quality {4, 8}, ``k`` picked
 on 48 prompts of its **validation** set; on ``scenes`` the family's first / last layers stay in floating point
-(``protect_first_last``); activations ``int8`` (static) said explicitly, whatever the builder's default. No prompt of the **test** set that ``mixdq eval`` uses is seen.
+(``protect_first_last``); activations ``int8`` (static) said explicitly, whatever the builder's default. No
+prompt of the **test** set that ``mixdq eval`` uses is seen.
 Each ``mixed-<stage>`` variant switches one stage on (``STAGES``: its builder settings); every budget pays for what
 its stage stores (outlier rows, low-rank / distilled factors), so every mixed plan stays at <= 4.0 bits.
 ``mixed-token-bal``: per-token activations with channel balancing (the two stages that paid in the earlier
-ablations). ``mixed-acts-token`` (``DERIVED``): the built ``mixed`` plan with per-token activations and its own
+ablations); ``mixed-token-psnr``: per-token with ``k`` picked by mean per-image PSNR. ``mixed-acts-token``
+(``DERIVED``, needs ``mixed`` built first): the built ``mixed`` plan with per-token activations and its own
 weight widths. References: ``uniform`` (int4 everywhere, the bundled ``w4a8-uniform``) and ``uniform-token``; the
 bundled ``w8a8`` and ``w8a8-token`` (the per-token question at W8A8).
 
@@ -43,6 +45,7 @@ STAGES = {
     "mixed-omq5": {"outlier_fraction": 0.05},
     "mixed-distill": {"distill_seconds": 60.0, "lowrank_layers": CONTENT},
     "mixed-tail": {"pick_objective": "tail"},
+    "mixed-psnr": {"pick_objective": "psnr"},
     "mixed-ctxu": {"context": "uniform"},
     "mixed-pu": {"pick_uniform": True},
     "mixed-pfl": {"protect_first_last": True},  # shapes only: scenes' baseline already protects them
