@@ -42,13 +42,14 @@ def plan_of(kind: str):
             "W8A8": BitPlan.uniform("int8", activations="int8")}[kind]
 
 
-def quantized_copy(model, kind: str, backend: str):
-    """``model`` with every planned layer replaced by a MixDQ module of ``backend`` (other tensors shared)."""
+def quantized_copy(model, kind: str, backend: str, specs: dict | None = None):
+    """``model`` with every planned layer replaced by a MixDQ module of ``backend`` (other tensors shared); ``specs``
+    (layer name -> LayerSpec) instead of the plan of ``kind`` (benchmarks/act_token_cost.py)."""
     from diffusers_mixdq.apply import quantize_module
 
     variant = copy.deepcopy(model, memo={id(t): t for t in list(model.parameters()) + list(model.buffers())})
-    resolved = plan_of(kind).resolve(model, strict=False)
-    for name, spec in resolved.layer_specs().items():
+    specs = plan_of(kind).resolve(model, strict=False).layer_specs() if specs is None else specs
+    for name, spec in specs.items():
         if spec.is_quantized:
             variant.set_submodule(name, quantize_module(model.get_submodule(name), spec, backend=backend))
     return variant

@@ -82,13 +82,19 @@ def uniform(pipe, name: str, model_name: str, common: dict, keep: list[str], bas
     return plan.resolve(pipe.transformer if hasattr(pipe, "transformer") else pipe.unet) if plan.rules else plan
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(doc: str, plans) -> argparse.Namespace:
+    """The command line of a script that builds some of ``plans`` on a bundled model (also
+    examples/build_ablation_plans.py): ``--model``, ``--out``, ``--only``, ``--cache-dir``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("shapes", "scenes"), default="shapes")
     parser.add_argument("--out", type=Path, required=True, help="directory for the plans (e.g. _work/plans/shapes)")
-    parser.add_argument("--only", nargs="+", choices=PLANS, default=list(PLANS), metavar="PLAN")
+    parser.add_argument("--only", nargs="+", choices=plans, default=list(plans), metavar="PLAN")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: <out>/cache")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = model_arguments(__doc__, PLANS)
 
     torch.manual_seed(0)
     pipe, common, keep, base = setup(args.model)

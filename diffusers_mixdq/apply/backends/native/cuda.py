@@ -7,8 +7,8 @@ caller then takes the simulated path (quantize the input in floating point, dequ
 which gives the same values up to float rounding.
 
 * int8 weights x int8 inputs: ``torch._int_mm`` (int8 x int8 -> int32, cuBLASLt), the input quantized per
-  tensor (static scale from the plan, or dynamic from its absolute maximum) or per token (a scheme named
-  ``"per_token"``), rescaled by input scale x weight scale per output channel;
+  tensor (static scale from the plan, or dynamic from its absolute maximum) or per token (the
+  ``"dynamic-token"`` scheme), rescaled by input scale x weight scale per output channel;
 * float8 weights x float8 inputs on GPUs with FP8 tensor cores (compute capability 8.9+: Ada, Hopper):
   ``torch._scaled_mm`` with row-wise scales (a scale per token, a scale per output channel), bf16 output.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ....plan.spec import DYNAMIC_TOKEN
 from ...activations import ACT_QMAX
 
 _FLOAT8 = torch.float8_e4m3fn
@@ -30,7 +31,7 @@ def _input_scales(x2d: torch.Tensor, scheme: str, input_scale: torch.Tensor, qma
         scale = input_scale.float().reshape(1, 1)
     elif scheme == "dynamic":
         scale = x2d.detach().abs().amax().float().clamp_min(_EPS).reshape(1, 1) / qmax
-    elif scheme == "per_token":
+    elif scheme == DYNAMIC_TOKEN:
         scale = x2d.detach().abs().amax(dim=1, keepdim=True).float().clamp_min(_EPS) / qmax
     else:
         return None
