@@ -101,6 +101,20 @@ def test_eval_command_with_a_plan_file(tmp_path):
     assert rows[1]["alignment"]["n"] == 4 and rows[1]["frechet"] >= 0
 
 
+def test_eval_takes_a_local_plan_set_with_one_component_folder(tmp_path):
+    """A copy of the bundled te-w8 set (text_encoder/ only) is a plan set, not a denoiser plan: it evaluates as the
+    bundled one does, exactly."""
+    import shutil
+
+    local = tmp_path / "my-te"
+    shutil.copytree(demo.get_model("shapes").plans_dir() / "te-w8", local)
+    result = CliRunner().invoke(app, ["eval", "--plan", "te-w8", "--plan", str(local), "--num-prompts", "2",
+                                      "--no-memory", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
+    assert rows["my-te"]["psnr"] == rows["te-w8"]["psnr"] > 40 and rows["my-te"]["avg_weight_bits"] == 32
+
+
 def test_eval_json_has_exactly_the_fields_and_compare_tests_two_variants(tmp_path):
     from diffusers_mixdq.evaluation import SUMMARY_FIELDS
 

@@ -91,8 +91,10 @@ def _plan_sources(model, plans: list[str], subfolder: str | None = None) -> dict
     for p in plans:
         bundled = None if Path(p).exists() or subfolder else demo.bundled_plan(model.name, p)
         name = Path(p).name if Path(p).exists() else p
-        if bundled is None and not subfolder and component_plans(p, minimum=2):
-            out[name] = p  # a plan set: each component quantized with its own plan
+        # a plan set: each component quantized with its own plan (a local one may hold a single component folder,
+        # e.g. text_encoder/ alone; a Hub repo needs two, else its one folder is the plan)
+        if bundled is None and not subfolder and component_plans(p, minimum=1 if Path(p).is_dir() else 2):
+            out[name] = p
             continue
         out[name] = str(bundled) if bundled else load_plan_argument(p, subfolder)[0]
     return out
