@@ -192,8 +192,10 @@ def plan_card(plans: Mapping[str, BitPlan], repo_id: str):
         "Mixed-precision post-training quantization plan"
         + (" for " + ", ".join(f"[{b}](https://huggingface.co/{b})" for b in bases) if bases else "")
         + " made with diffusers-mixdq (the `mixdq` quantization backend for 🧨 diffusers): every Linear / "
-        "Conv2d layer of the denoiser gets its own weight precision (int8, int4, int2, float8 or floating point) "
-        "and activation precision. It is applied inside `from_pretrained`, storing weights as optimum-quanto tensors."
+        "Conv2d layer (of the denoiser, and of the text encoders where the repository has their plans) gets its own "
+        "weight precision (int2 to int8, float8 or floating point) and activation precision. It is applied inside "
+        "`from_pretrained`, storing weights in optimum-quanto's layout (int3 / int5 / int6 widths and outlier rows "
+        "load into diffusers-mixdq's native weight backend, picked automatically)."
     )
     lines += ["", "## Plans in this repository", ""] + _plans_table(plans)
     for folder, plan in plans.items():
