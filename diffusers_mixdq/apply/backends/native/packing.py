@@ -54,27 +54,42 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed
 
 
-def unpack(packed: torch.Tensor, bits: int, rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The codes of :func:`pack` (``rows`` of them, uint8), written into ``out`` when given."""
+def unpack(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """The codes of :func:`pack` (``rows`` of them, uint8)."""
     per_byte = 8 // bits
     block = packed.shape[0]
-    if out is None:
-        out = torch.empty((block * per_byte,) + tuple(packed.shape[1:]), dtype=torch.uint8, device=packed.device)
+    out = torch.empty((block * per_byte,) + tuple(packed.shape[1:]), dtype=torch.uint8, device=packed.device)
     for j in range(per_byte):
         torch.bitwise_right_shift(packed, bits * j, out=out[j * block : (j + 1) * block])
     out.bitwise_and_(2**bits - 1)
     return out[:rows]
 
 
-def dequantize_into(out: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
-                    bits: int, codes: torch.Tensor | None = None) -> torch.Tensor:
-    """The weight (``out``'s shape and dtype) from its stored pieces, written into ``out`` in place (no
-    allocation when ``codes``, a uint8 buffer of the packed rows, is given for 4 / 2-bit weights)."""
+def _unpack_rows(packed: torch.Tensor, bits: int, start: int, stop: int) -> torch.Tensor:
+    """Codes ``start:stop`` of :func:`pack` (uint8, flattened after dim 0), read from the blocks holding them."""
+    block = packed.shape[0]
+    flat = packed.reshape(block, -1)
+    codes = torch.empty((stop - start, flat.shape[1]), dtype=torch.uint8, device=packed.device)
+    for j in range(8 // bits):
+        lo, hi = max(start, j * block), min(stop, (j + 1) * block)
+        if lo < hi:
+            torch.bitwise_right_shift(flat[lo - j * block : hi - j * block], bits * j, out=codes[lo - start : hi - start])
+    return codes.bitwise_and_(2**bits - 1)
+
+
+def dequantize_channels(data: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, bits: int,
+                        shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+    """Output channels ``start:stop`` of the weight of ``shape`` from its stored pieces, in fresh memory of the
+    scales' dtype, computed in place on it in quanto's order (``code * scale - shift``): the eager CPU path,
+    which dequantizes a large weight a slice at a time."""
+    out = torch.empty((stop - start,) + tuple(shape[1:]), dtype=scale.dtype, device=data.device)
     if bits == 8:
-        return out.copy_(data).mul_(scale)
-    rows, group = grouping(tuple(out.shape), bits)
-    flat = out.view(rows, -1) if group is not None else out
-    flat.copy_(unpack(data, bits, rows, codes)).mul_(scale).sub_(shift)
+        return out.copy_(data[start:stop]).mul_(scale[start:stop])
+    rows = grouping(tuple(shape), bits)[0]
+    per = rows // shape[0]  # stored rows (groups) per output channel
+    lo, hi = start * per, stop * per
+    out.view(hi - lo, -1).copy_(_unpack_rows(data, bits, lo, hi)).mul_(scale.view(rows, 1)[lo:hi]).sub_(
+        shift.view(rows, 1)[lo:hi])
     return out
 
 
