@@ -14,7 +14,9 @@ current group (:mod:`diffusers_mixdq.apply.timestep_groups`).
 
 Both quantize in the model's float dtype (round to the grid, clamp, rescale: the values an int8 / int4 / float8
 kernel would see). To add a scheme (e.g. per-token), subclass :class:`ActivationScheme`, register it with
-``ACTIVATION_SCHEMES.register("name", MyScheme())`` and make :func:`scheme_for` (or a plan flag) pick it.
+``ACTIVATION_SCHEMES.register("name", MyScheme())`` and make :func:`scheme_for` (or a plan flag) pick it; give it
+a :meth:`ActivationScheme.scale` too and real low-precision GEMMs (the native backend's on CUDA) take its layers,
+quantizing to the same codes (:func:`quantize_codes`).
 """
 
 from __future__ import annotations
