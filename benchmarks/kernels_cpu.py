@@ -47,12 +47,16 @@ def plan_of(kind: str):
 def quantized_copy(model, kind: str, backend: str):
     """``model`` with every planned layer replaced by a MixDQ module of ``backend`` (other tensors shared)."""
     from diffusers_mixdq.apply import quantize_module
+    from diffusers_mixdq.apply.memory import release_free_memory
 
     variant = copy.deepcopy(model, memo={id(t): t for t in list(model.parameters()) + list(model.buffers())})
     resolved = plan_of(kind).resolve(model, strict=False)
-    for name, spec in resolved.layer_specs().items():
+    for i, (name, spec) in enumerate(resolved.layer_specs().items()):
         if spec.is_quantized:
             variant.set_submodule(name, quantize_module(model.get_submodule(name), spec, backend=backend))
+        if i % 32 == 31:  # the float copies quantized so far leave heap holes between the kept int8 data
+            release_free_memory()
+    release_free_memory()
     return variant
 
 
