@@ -7,10 +7,12 @@ A real UNet config with random weights, one denoising step (one UNet call, class
 Every variant lives in the same process (quantized copies share the FP32 model's unquantized tensors) and the
 steps run round-robin, ``--reps`` rounds, so the machine's load hits every variant alike; the table gives each
 variant's best step time over FP32's (on a shared machine a slow round is someone else's load; the medians are
-in the JSON). Memory: the bytes the model's tensors hold (quantized weights as stored,
-dequantize-once caches included) and the peak RSS rise during a step (activations, dequantized temporaries),
-sampled every 5 ms, and their sum with the native backend's dequantization workspace (allocated at the first
-step, kept after it): the peak a process holding only that variant reaches beyond the model's other tensors.
+in the JSON). Memory, per variant: the bytes the model's tensors hold (quantized weights as stored,
+dequantize-once caches included) and the peak of the bytes held by tensors allocated during a step (activations,
+dequantized weights), counted exactly from the allocation events of one extra, untimed step under
+``torch.profiler`` (the RSS of a process holding every variant says little about one of them; its peak rise,
+sampled every 5 ms, is in the JSON). Their sum is the peak a process holding only that variant reaches beyond
+the model's other tensors. ``--threads`` sets torch's thread count (default: ``OMP_NUM_THREADS``).
 Results go to ``benchmarks/results/kernels_cpu[_<name>].json``.
 """
 
@@ -46,12 +48,16 @@ def quantized_copy(model, kind: str, backend: str, specs: dict | None = None):
     """``model`` with every planned layer replaced by a MixDQ module of ``backend`` (other tensors shared); ``specs``
     (layer name -> LayerSpec) instead of the plan of ``kind`` (benchmarks/act_token_cost.py)."""
     from diffusers_mixdq.apply import quantize_module
+    from diffusers_mixdq.apply.memory import release_free_memory
 
     variant = copy.deepcopy(model, memo={id(t): t for t in list(model.parameters()) + list(model.buffers())})
     specs = plan_of(kind).resolve(model, strict=False).layer_specs() if specs is None else specs
-    for name, spec in specs.items():
+    for i, (name, spec) in enumerate(specs.items()):
         if spec.is_quantized:
             variant.set_submodule(name, quantize_module(model.get_submodule(name), spec, backend=backend))
+        if i % 32 == 31:  # the float copies quantized so far leave heap holes between the kept int8 data
+            release_free_memory()
+    release_free_memory()
     return variant
 
 
@@ -78,11 +84,19 @@ def step(model, kwargs) -> tuple[float, int]:
     return seconds, max(0, peak.peak_rss - before)
 
 
-def workspace_bytes() -> int:
-    from diffusers_mixdq.apply.backends.native import kernels
+def tensor_peak(model, kwargs) -> int:
+    """Peak bytes held by the tensors allocated during one UNet call (from the profiler's allocation events)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    buffers = getattr(kernels._LOCAL, "buffers", {})
-    return sum(b.numel() * b.element_size() for b in buffers.values())
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(**kwargs)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
 
 
 def run(config_path: Path, latent: int, reps: int, kinds=("W8A16", "W4A16", "W8A8"),
@@ -95,9 +109,10 @@ def run(config_path: Path, latent: int, reps: int, kinds=("W8A16", "W4A16", "W8A
     models = {name: fp32 if kind is None else quantized_copy(fp32, kind, backend)
               for name, kind, backend in VARIANTS if kind is None or (kind in kinds and backend in backends)}
     warm = inputs(config, 8)
-    for model in models.values():  # first call: lazy allocations (workspace, oneDNN primitives)
+    for model in models.values():  # first call: lazy allocations (oneDNN primitives)
         step(model, warm)
     kwargs = inputs(config, latent)
+    peaks = {name: tensor_peak(model, kwargs) for name, model in models.items()}
     times = {name: [] for name in models}
     rises = {name: 0 for name in models}
     for _ in range(reps):
@@ -106,42 +121,28 @@ def run(config_path: Path, latent: int, reps: int, kinds=("W8A16", "W4A16", "W8A
             times[name].append(seconds)
             rises[name] = max(rises[name], rise)
     fp = min(times["FP32"])
-    held = workspace_bytes()
     rows = [{"variant": name, "best_s": min(ts), "ratio_vs_fp32": min(ts) / fp, "median_s": statistics.median(ts),
-             "times_s": ts, "weights_bytes": storage_bytes(models[name]), "step_peak_rise_bytes": rises[name],
-             "workspace_bytes": held if name.endswith("native") else 0} for name, ts in times.items()]
+             "times_s": ts, "weights_bytes": storage_bytes(models[name]), "step_tensor_peak_bytes": peaks[name],
+             "step_peak_rss_rise_bytes": rises[name]} for name, ts in times.items()]
     for row in rows:  # what a process running only this variant would peak at, beyond the rest of the model
-        row["peak_bytes"] = row["weights_bytes"] + row["workspace_bytes"] + row["step_peak_rise_bytes"]
+        row["peak_bytes"] = row["weights_bytes"] + row["step_tensor_peak_bytes"]
     return {"config": config_path.name, "latent": latent, "batch": 2, "reps": reps,
-            "threads": torch.get_num_threads(), "native_workspace_bytes": workspace_bytes(),
+            "threads": torch.get_num_threads(),
             "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
             "rows": rows}
 
 
 def table(result: dict) -> str:
     lines = [f"{result['config']}, latent {result['latent']}, batch 2, {result['threads']} thread(s), "
-             f"best of {result['reps']} round-robin steps; native workspace "
-             f"{result['native_workspace_bytes'] / 2**20:.0f} MiB",
-             "", "| variant | step (s) | ratio vs FP32 | weights (MiB) | step peak rise (MiB) "
-             "| weights + workspace + rise (MiB) |",
+             f"best of {result['reps']} round-robin steps",
+             "", "| variant | step (s) | ratio vs FP32 | weights (MiB) | step tensor peak (MiB) "
+             "| weights + step peak (MiB) |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['variant']} | {r['best_s']:.2f} | {r['ratio_vs_fp32']:.2f}x | "
-                     f"{r['weights_bytes'] / 2**20:.0f} | {r['step_peak_rise_bytes'] / 2**20:.0f} | "
+                     f"{r['weights_bytes'] / 2**20:.0f} | {r['step_tensor_peak_bytes'] / 2**20:.0f} | "
                      f"{r['peak_bytes'] / 2**20:.0f} |")
     return "\n".join(lines)
-
-
-def retable(path: Path) -> str:
-    """The table of a results file written before the best-of ratio existed (``times_s`` are kept)."""
-    result = json.loads(path.read_text())
-    fp = min(next(r for r in result["rows"] if r["variant"] == "FP32")["times_s"])
-    for r in result["rows"]:
-        r.update(best_s=min(r["times_s"]), ratio_vs_fp32=min(r["times_s"]) / fp)
-        r.setdefault("workspace_bytes", result["native_workspace_bytes"] if r["variant"].endswith("native") else 0)
-        r["peak_bytes"] = r["weights_bytes"] + r["workspace_bytes"] + r["step_peak_rise_bytes"]
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return table(result)
 
 
 def main(argv=None):
@@ -151,13 +152,12 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--kinds", default="W8A16,W4A16,W8A8", help="plans to run beside FP32 (comma-separated)")
     parser.add_argument("--backends", default="quanto,native", help="weight backends to run (comma-separated)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS, else every core)")
     parser.add_argument("--name", default="", help="suffix of the results file")
-    parser.add_argument("--retable", type=Path, help="only re-print (and update) the table of a results file")
     args = parser.parse_args(argv)
-    if args.retable:
-        print(retable(args.retable))
-        return
-    if os.environ.get("OMP_NUM_THREADS") is None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif os.environ.get("OMP_NUM_THREADS") is None:
         print("note: OMP_NUM_THREADS is not set; this uses every core (set it to pin the thread count)")
     result = run(args.config, args.latent, args.reps, tuple(args.kinds.split(",")),
                  tuple(args.backends.split(",")))

@@ -14,7 +14,9 @@ current group (:mod:`diffusers_mixdq.apply.timestep_groups`).
 
 Both quantize in the model's float dtype (round to the grid, clamp, rescale: the values an int8 / int4 / float8
 kernel would see). To add a scheme (e.g. per-token), subclass :class:`ActivationScheme`, register it with
-``ACTIVATION_SCHEMES.register("name", MyScheme())`` and make :func:`scheme_for` (or a plan flag) pick it.
+``ACTIVATION_SCHEMES.register("name", MyScheme())`` and make :func:`scheme_for` (or a plan flag) pick it; give it
+a :meth:`ActivationScheme.scale` too and real low-precision GEMMs (the native backend's on CUDA) take its layers,
+quantizing to the same codes (:func:`quantize_codes`).
 """
 
 from __future__ import annotations
@@ -37,18 +39,24 @@ def activation_scale(dtype: str, absmax: float) -> float:
     return max(float(absmax), 1e-12) / ACT_QMAX[dtype]
 
 
+def quantize_codes(x: torch.Tensor, dtype: str, scale: torch.Tensor) -> torch.Tensor:
+    """The codes of ``x`` quantized per ``scale`` (already in ``x``'s dtype) to ``dtype``: integer codes held in
+    ``x``'s dtype (rounded, clamped), float8 values as float8. The simulated path rescales them
+    (:func:`fake_quantize`); a real low-precision GEMM takes them as they are."""
+    if dtype in ("int8", "int4"):
+        qmax = ACT_QMAX[dtype]
+        return (x / scale).round_().clamp_(-qmax - 1, qmax)
+    if dtype == "float8":
+        return torch.clamp(x / scale, -_FLOAT8_MAX, _FLOAT8_MAX).to(_FLOAT8)
+    raise ValueError(f"unknown activation dtype {dtype!r}")
+
+
 def fake_quantize(x: torch.Tensor, dtype: str, scale: torch.Tensor) -> torch.Tensor:
     """``x`` quantized per tensor to ``dtype`` with ``scale`` and back, in ``x``'s dtype: one new tensor, the
     rounding, clamping and rescaling done in place on it (torch.compile fuses the four into one loop)."""
     scale = scale.to(x.dtype)
-    if dtype in ("int8", "int4"):
-        qmax = ACT_QMAX[dtype]
-        q = x / scale
-        return q.round_().clamp_(-qmax - 1, qmax).mul_(scale)
-    if dtype == "float8":
-        q = torch.clamp(x / scale, -_FLOAT8_MAX, _FLOAT8_MAX).to(_FLOAT8)
-        return q.to(x.dtype).mul_(scale)
-    raise ValueError(f"unknown activation dtype {dtype!r}")
+    codes = quantize_codes(x, dtype, scale)
+    return codes.mul_(scale) if codes.dtype == x.dtype else codes.to(x.dtype).mul_(scale)
 
 
 def absmax(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +78,11 @@ class ActivationScheme(ABC):
         """The scheme as used by ``module`` (a Linear / Conv2d MixDQ module); the same object by default."""
         return self
 
+    def scale(self, x: torch.Tensor, dtype: str, input_scale: torch.Tensor) -> torch.Tensor | None:
+        """The scale :meth:`quantize` uses for ``x`` (0-dim per tensor, a kept dim per token), for the real
+        low-precision GEMMs; ``None`` (the default): the scheme has none of its own (its layers are simulated)."""
+        return None
+
     @abstractmethod
     def quantize(self, x: torch.Tensor, dtype: str, input_scale: torch.Tensor) -> torch.Tensor:
         """``x`` fake-quantized to activation ``dtype``."""
@@ -83,8 +96,11 @@ class StaticPerTensor(ActivationScheme):
     def initial_scale(self, spec: LayerSpec) -> float:
         return activation_scale(spec.activations, float(spec.act_range))
 
+    def scale(self, x: torch.Tensor, dtype: str, input_scale: torch.Tensor) -> torch.Tensor:
+        return input_scale
+
     def quantize(self, x: torch.Tensor, dtype: str, input_scale: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, dtype, input_scale)
+        return fake_quantize(x, dtype, self.scale(x, dtype, input_scale))
 
 
 class DynamicPerTensor(ActivationScheme):
@@ -92,9 +108,11 @@ class DynamicPerTensor(ActivationScheme):
 
     name = "dynamic"
 
+    def scale(self, x: torch.Tensor, dtype: str, input_scale: torch.Tensor) -> torch.Tensor:
+        return absmax(x).float().clamp_min(1e-12) / ACT_QMAX[dtype]
+
     def quantize(self, x: torch.Tensor, dtype: str, input_scale: torch.Tensor) -> torch.Tensor:
-        scale = absmax(x).float().clamp_min(1e-12) / ACT_QMAX[dtype]
-        return fake_quantize(x, dtype, scale)
+        return fake_quantize(x, dtype, self.scale(x, dtype, input_scale))
 
 
 class DynamicPerToken(ActivationScheme):
@@ -109,10 +127,12 @@ class DynamicPerToken(ActivationScheme):
     def bind(self, module) -> ActivationScheme:
         return DynamicPerToken(1 if isinstance(module, torch.nn.Conv2d) else -1)
 
-    def quantize(self, x: torch.Tensor, dtype: str, input_scale: torch.Tensor) -> torch.Tensor:
+    def scale(self, x: torch.Tensor, dtype: str, input_scale: torch.Tensor) -> torch.Tensor:
         dim = self.channel_dim if x.dim() > 1 else -1
-        scale = x.detach().abs().amax(dim=dim, keepdim=True).float().clamp_min(1e-12) / ACT_QMAX[dtype]
-        return fake_quantize(x, dtype, scale)
+        return x.detach().abs().amax(dim=dim, keepdim=True).float().clamp_min(1e-12) / ACT_QMAX[dtype]
+
+    def quantize(self, x: torch.Tensor, dtype: str, input_scale: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, dtype, self.scale(x, dtype, input_scale))
 
 
 ACTIVATION_SCHEMES: Registry[ActivationScheme] = Registry("activation scheme")

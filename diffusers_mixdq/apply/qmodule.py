@@ -73,11 +73,19 @@ class MixDQModuleMixin:
             buf = getattr(self, name)
             destination[prefix + name] = buf if keep_vars else buf.detach()
 
+    def static_input_scale(self) -> torch.Tensor:
+        """The calibrated input scale for this call (the current timestep group's, if the layer has groups)."""
+        return group_scale(self) if has_groups(self) else self.input_scale
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self._act_scheme is None:
             return x
-        scale = group_scale(self) if has_groups(self) else self.input_scale
-        return self._act_scheme.quantize(x, self.act_dtype, scale)
+        return self._act_scheme.quantize(x, self.act_dtype, self.static_input_scale())
+
+    def input_quant_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The scale :meth:`quantize_input` would quantize ``x`` with (``None``: no separable scale), for a
+        backend's real low-precision GEMM."""
+        return self._act_scheme.scale(x, self.act_dtype, self.static_input_scale())
 
     def move_scales_to_weight_device(self) -> None:
         device = self.weight.device

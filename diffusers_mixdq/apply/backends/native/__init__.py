@@ -4,7 +4,7 @@ Pick it with ``MixDQConfig(plan=..., weight_backend="native")`` (or, for a saved
 diffusers_mixdq.use_weight_backend("native"): ...from_pretrained(path)``). It stores every quantized weight in
 the layout of the quanto backend (:mod:`..layout`: same numerics, same state-dict keys), so plans and checkpoints
 made with either backend load into the other, and it needs nothing but torch to quantize, load and run. How each
-call runs (packed kernels, dequantize into a reused workspace, opt-in caches) is in :mod:`.kernels` and
+call runs (packed kernels, dequantize a slice at a time, opt-in caches) is in :mod:`.kernels` and
 :mod:`.cache`. Nothing here is imported by ``import diffusers_mixdq`` until a model uses the backend.
 """
 

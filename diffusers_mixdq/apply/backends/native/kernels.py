@@ -7,16 +7,18 @@ beat dequantize + matmul only for a few rows in bf16 (the time-embedding layers 
 
 * few rows (``<= PACKED_MAX_ROWS``), bf16, a Linear or a 1x1 Conv2d: the packed int8 kernel (int8 weights
   as stored, no copy) or the packed int4 kernel (when :func:`~.cache.prepare_int4_kernels` packed the weight);
-* otherwise: dequantize (into a per-thread workspace reused by every layer of up to ``WORKSPACE_MAX_BYTES``, so
-  no fresh allocation and page faults per call; quanto's dequantization allocates each time) and run the float
-  GEMM / convolution;
+* otherwise, eager on the CPU: dequantize in place into fresh memory and run the float GEMM / convolution, a
+  weight larger than ``CHUNK_BYTES`` (in the float dtype) a slice of output channels at a time (GEMM slices
+  written into the output, convolution slices copied into it). A call never holds more than ``CHUNK_BYTES`` of
+  dequantized weight, where quanto holds the whole weight (up to 112 MiB for an SD-2.1 convolution), so the
+  step's peak memory is at most quanto's; and slices of at most 16 MiB come back from the allocator's free
+  lists instead of fresh pages of memory, which a whole large weight would page-fault in on every call;
 * a module with a dequantize-once cache (:func:`~.cache.cache_dequantized`, opt-in) uses the cached weight;
-* under ``torch.compile`` the dequantization is plain out-of-place ops, which inductor fuses into one loop.
+* under ``torch.compile`` (or with autograd) the dequantization is plain out-of-place ops on the whole weight,
+  which inductor fuses into one loop.
 """
 
 from __future__ import annotations
-
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -25,60 +27,48 @@ from . import packing
 
 #: rows (tokens x batch) up to which the packed weight-only kernels run, for bf16 inputs on the CPU
 PACKED_MAX_ROWS = 16
-#: largest weight (bytes, in the float dtype) dequantized into the shared workspace; larger ones get memory of
-#: their own per call, as quanto does, so the workspace adds at most this to the peak memory of a step
-WORKSPACE_MAX_BYTES = 64 * 2**20
+#: largest slice of a weight (bytes, in the float dtype) dequantized at a time on the eager CPU path
+CHUNK_BYTES = 16 * 2**20
 _PACKED_DTYPES = (torch.bfloat16,)  # fp16 GEMV kernels are slower than dequantize + GEMM here
-_LOCAL = threading.local()
-
-
-def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat buffer of ``numel`` elements owned by this thread, grown as needed and reused by every layer
-    (a fresh tensor above :data:`WORKSPACE_MAX_BYTES`)."""
-    if numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
-        return torch.empty(numel, dtype=dtype, device=device)
-    buffers = _LOCAL.__dict__.setdefault("buffers", {})
-    key = (dtype, device)
-    buf = buffers.get(key)
-    if buf is None or buf.numel() < numel:
-        buffers.pop(key, None)
-        buf = torch.empty(numel, dtype=dtype, device=device)
-        buffers[key] = buf
-    return buf[:numel]
-
-
-def release_workspace() -> int:
-    """Free this thread's dequantization buffers; returns the bytes freed."""
-    buffers = _LOCAL.__dict__.pop("buffers", {})
-    return sum(b.numel() * b.element_size() for b in buffers.values())
 
 
 def _eager_inplace(x: torch.Tensor) -> bool:
-    """Whether the weight may be dequantized into the shared workspace: eager CPU, and no autograd graph that
-    could keep the weight for a backward pass."""
+    """Whether the weight may be dequantized in place, in slices: eager CPU, and no autograd graph that could
+    keep the weight for a backward pass."""
     if torch.compiler.is_compiling() or x.device.type != "cpu":
         return False
     return not (torch.is_grad_enabled() and x.requires_grad)
 
 
 def weight(module, x: torch.Tensor) -> torch.Tensor:
-    """The module's weight in floating point, for a call on ``x``."""
+    """The module's whole weight in floating point, for a call on ``x``."""
     cached = module.dequantized_cache
     if cached is not None:
         return cached
-    data = module.stored_data()
     shape = tuple(module.weight_shape)
     if _eager_inplace(x):
-        numel = 1
-        for s in shape:
-            numel *= s
-        out = workspace(numel, module.qscale.dtype, x.device).view(shape)
-        codes = None
-        if module.qbits < 8:
-            rows = packing.code_buffer_rows(module.qbits, packing.grouping(shape, module.qbits)[0])
-            codes = workspace(data[0].numel() * rows, torch.uint8, x.device).view((rows,) + tuple(data.shape[1:]))
-        return packing.dequantize_into(out, data, module.qscale, module.qshift, module.qbits, codes)
-    return packing.dequantize(data, module.qscale, module.qshift, module.qbits, shape)
+        return channels(module, 0, shape[0])
+    return packing.dequantize(module.stored_data(), module.qscale, module.qshift, module.qbits, shape)
+
+
+def channels(module, start: int, stop: int) -> torch.Tensor:
+    """Output channels ``start:stop`` of the module's weight, dequantized in place into fresh memory."""
+    return packing.dequantize_channels(module.stored_data(), module.qscale, module.qshift, module.qbits,
+                                       tuple(module.weight_shape), start, stop)
+
+
+def slices(module, x: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Output-channel slices of about :data:`CHUNK_BYTES` each for this call, or ``None``: one whole weight
+    (small enough, a cached weight, or not the eager CPU path)."""
+    shape = module.weight_shape
+    per_channel = module.qscale.element_size()
+    for s in shape[1:]:
+        per_channel *= s
+    if module.dequantized_cache is not None or per_channel * shape[0] <= CHUNK_BYTES or not _eager_inplace(x):
+        return None
+    count = -(-per_channel * shape[0] // CHUNK_BYTES)
+    step = -(-shape[0] // count)
+    return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
 
 
 def _packed_kernel(module, rows: int, x: torch.Tensor):
@@ -104,11 +94,22 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, module.weight, module.bias)
     rows = x.numel() // x.shape[-1]
     kernel = _packed_kernel(module, rows, x)
-    if kernel is None:
+    if kernel is not None:
+        out = kernel(x.reshape(rows, x.shape[-1]).contiguous())
+        out = out.reshape(x.shape[:-1] + (out.shape[-1],))
+        return out if module.bias is None else out + module.bias
+    parts = slices(module, x)
+    if parts is None:
         return F.linear(x, weight(module, x), module.bias)
-    out = kernel(x.reshape(rows, x.shape[-1]).contiguous())
-    out = out.reshape(x.shape[:-1] + (out.shape[-1],))
-    return out if module.bias is None else out + module.bias
+    x2d = x.reshape(rows, x.shape[-1])
+    out = x2d.new_empty((rows, module.weight_shape[0]))
+    for a, b in parts:
+        w = channels(module, a, b).t()
+        if module.bias is None:
+            torch.mm(x2d, w, out=out[:, a:b])
+        else:
+            torch.addmm(module.bias[a:b], x2d, w, out=out[:, a:b])
+    return out.reshape(x.shape[:-1] + (out.shape[-1],))
 
 
 def conv2d(module, x: torch.Tensor) -> torch.Tensor:
@@ -123,4 +124,14 @@ def conv2d(module, x: torch.Tensor) -> torch.Tensor:
             out = kernel(x2d)
             out = out if module.bias is None else out + module.bias
             return out.reshape(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)
-    return module._conv_forward(x, weight(module, x), module.bias)
+    parts = slices(module, x) if x.dim() == 4 else None
+    if parts is None:
+        return module._conv_forward(x, weight(module, x), module.bias)
+    out = None
+    for a, b in parts:
+        part = module._conv_forward(x, channels(module, a, b), None if module.bias is None else module.bias[a:b])
+        if out is None:
+            out = part.new_empty((part.shape[0], module.weight_shape[0]) + tuple(part.shape[2:]))
+        out[:, a:b].copy_(part)
+        del part
+    return out

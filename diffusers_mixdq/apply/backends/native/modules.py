@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...outliers import has_outliers, outlier_forward
 from ...qmodule import MixDQModuleMixin, is_mixdq_module
 from .. import layout
 from . import cuda, kernels, packing
@@ -149,20 +150,24 @@ class _NativeWeight:
 class NativeLinear(_NativeWeight, MixDQModuleMixin, nn.Linear):
     """A Linear whose weight is stored quantized and run by :mod:`.kernels` (W8A8 / FP8 on CUDA by :mod:`.cuda`)."""
 
-    def _real_gemm_candidate(self, x: torch.Tensor) -> bool:
-        return x.is_cuda and self.qdata is not None and self.act_dtype != "none"
-
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self._real_gemm_candidate(x):
-            return x  # quantized in _qforward: by the real GEMM, or simulated there when it does not take the call
+        if cuda.accepts(self, x):
+            return x  # quantized in _quantized_op, into the codes the real GEMM takes
         return super().quantize_input(x)
 
+    def _quantized_op(self, x: torch.Tensor) -> torch.Tensor:
+        """The real GEMM where :mod:`.cuda` takes the call (the input balanced but not yet quantized: the same
+        scale and codes as the simulated path), else the mixin's simulated op."""
+        if not cuda.accepts(self, x):
+            return super()._quantized_op(x)  # x already quantized by quantize_input
+        scale = self.input_quant_scale(x)
+        if scale is None:  # a scheme without a separable scale (the distiller's straight-through one)
+            return super()._quantized_op(super().quantize_input(x))
+        codes, row_scales = cuda.prepare_input(self, x, scale)
+        y = cuda.gemm(self, codes, row_scales, x)
+        return outlier_forward(self, cuda.dequantized_input(codes, row_scales, x), y) if has_outliers(self) else y
+
     def _qforward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._real_gemm_candidate(x):
-            y = cuda.real_linear(self, x)
-            if y is not None:
-                return y
-            x = super().quantize_input(x)
         if self._stored_rows_only():
             return self.rows_forward(x, torch.nn.functional.linear, -1)
         return kernels.linear(self, x)

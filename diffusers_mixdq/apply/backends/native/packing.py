@@ -78,12 +78,10 @@ def _unpack_plane(packed: torch.Tensor, bits: int, out: torch.Tensor) -> torch.T
     return out.bitwise_and_(2**bits - 1)
 
 
-def unpack(packed: torch.Tensor, bits: int, rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The codes of :func:`pack` (``rows`` of them, uint8), written into ``out`` (at least
-    :func:`code_buffer_rows` rows) when given."""
-    if out is None:
-        out = torch.empty((code_buffer_rows(bits, rows),) + tuple(packed.shape[1:]), dtype=torch.uint8,
-                          device=packed.device)
+def unpack(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """The codes of :func:`pack` (``rows`` of them, uint8)."""
+    out = torch.empty((code_buffer_rows(bits, rows),) + tuple(packed.shape[1:]), dtype=torch.uint8,
+                      device=packed.device)
     if bits not in SPLIT_PLANES:
         return _unpack_plane(packed, bits, out)[:rows]
     low, high = SPLIT_PLANES[bits]
@@ -93,15 +91,43 @@ def unpack(packed: torch.Tensor, bits: int, rows: int, out: torch.Tensor | None 
     return codes.bitwise_or_(top.bitwise_left_shift_(low))
 
 
-def dequantize_into(out: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
-                    bits: int, codes: torch.Tensor | None = None) -> torch.Tensor:
-    """The weight (``out``'s shape and dtype) from its stored pieces, written into ``out`` in place (no
-    allocation when ``codes``, a uint8 buffer of :func:`code_buffer_rows` rows, is given for 2- to 6-bit weights)."""
+def _plane_rows(packed: torch.Tensor, bits: int, start: int, stop: int) -> torch.Tensor:
+    """Codes ``start:stop`` of one plane packed by :func:`_pack_plane` (uint8, flattened after dim 0), read from
+    the blocks holding them."""
+    block = packed.shape[0]
+    flat = packed.reshape(block, -1)
+    codes = torch.empty((stop - start, flat.shape[1]), dtype=torch.uint8, device=packed.device)
+    for j in range(8 // bits):
+        lo, hi = max(start, j * block), min(stop, (j + 1) * block)
+        if lo < hi:
+            torch.bitwise_right_shift(flat[lo - j * block : hi - j * block], bits * j,
+                                      out=codes[lo - start : hi - start])
+    return codes.bitwise_and_(2**bits - 1)
+
+
+def _unpack_rows(packed: torch.Tensor, bits: int, rows: int, start: int, stop: int) -> torch.Tensor:
+    """Codes ``start:stop`` of the ``rows`` codes :func:`pack` packed (both planes of int3 / int5 / int6)."""
+    if bits not in SPLIT_PLANES:
+        return _plane_rows(packed, bits, start, stop)
+    low, high = SPLIT_PLANES[bits]
+    n_low = packed_rows(low, rows)
+    codes = _plane_rows(packed[:n_low], low, start, stop)
+    return codes.bitwise_or_(_plane_rows(packed[n_low:], high, start, stop).bitwise_left_shift_(low))
+
+
+def dequantize_channels(data: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, bits: int,
+                        shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+    """Output channels ``start:stop`` of the weight of ``shape`` from its stored pieces, in fresh memory of the
+    scales' dtype, computed in place on it in quanto's order (``code * scale - shift``): the eager CPU path,
+    which dequantizes a large weight a slice at a time."""
+    out = torch.empty((stop - start,) + tuple(shape[1:]), dtype=scale.dtype, device=data.device)
     if bits == 8:
-        return out.copy_(data).mul_(scale)
-    rows, group = grouping(tuple(out.shape), bits)
-    flat = out.view(rows, -1) if group is not None else out
-    flat.copy_(unpack(data, bits, rows, codes)).mul_(scale).sub_(shift)
+        return out.copy_(data[start:stop]).mul_(scale[start:stop])
+    rows = grouping(tuple(shape), bits)[0]
+    per = rows // shape[0]  # stored rows (groups) per output channel
+    lo, hi = start * per, stop * per
+    out.view(hi - lo, -1).copy_(_unpack_rows(data, bits, rows, lo, hi)).mul_(scale.view(rows, 1)[lo:hi]).sub_(
+        shift.view(rows, 1)[lo:hi])
     return out
 
 
