@@ -109,7 +109,7 @@ def test_scheme_without_a_scale_and_refused_shapes_stay_simulated(on_cpu):
     assert on_cpu == []
 
 
-WEIGHTS = ["int8", "int4", "int2", "float8"]
+WEIGHTS = ["int8", "int6", "int5", "int4", "int3", "int2", "float8"]  # int3 / 5 / 6: two bit planes
 
 
 def _layers():
@@ -125,7 +125,7 @@ def test_large_weights_run_a_slice_of_channels_at_a_time(kind, weights, monkeypa
     x = torch.randn(2, 6, 288) if kind == "linear" else torch.randn(2, module.in_channels, 9, 9)
     full = module.weight.dequantize()
     n = full.shape[0]
-    for a, b in ((0, n), (0, 5), (1, n - 3), (n - 1, n)):  # slices across int4 / int2 packing blocks
+    for a, b in ((0, n), (0, 5), (1, n - 3), (n - 1, n)):  # slices across packing blocks (and planes)
         assert torch.equal(kernels.channels(module, a, b), full[a:b])
     with torch.no_grad():
         whole = module(x)
