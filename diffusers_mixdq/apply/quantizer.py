@@ -31,7 +31,8 @@ from .embeddings import TABLE_BUFFERS, swap_tables
 from .guards import guard_model
 from .outliers import OUTLIER_BUFFERS
 from .swap import (OneDeviceLoad, check_loaded, check_unloaded, config_for, finish_full_precision_load,
-                   install_saved_weight, load_dtype, make_modules, quantize_placed_weight_, refuse_quantized)
+                   install_saved_weight, load_dtype, make_modules, quantize_placed_weight_, refuse_quantized,
+                   settle_modules)
 from .timestep_groups import GROUP_BUFFERS, install_clock
 
 if TYPE_CHECKING:
@@ -201,12 +202,7 @@ class MixDQQuantizer(OneDeviceLoad, DiffusersQuantizer):
             memory.detach_from_checkpoint(model, skip=quantized)
         memory.release_free_memory()
         check_unloaded(self.backend, self._modules)
-        for module in self._modules.values():
-            module.move_scales_to_weight_device()
-            if self.pre_quantized:
-                module.cast_buffers_(self.torch_dtype)
-        if self.pre_quantized:
-            saved_weights.check_small_buffers(self._modules)
+        settle_modules(self._modules, self.pre_quantized, self.torch_dtype)
         check_loaded(model)
         return model
 

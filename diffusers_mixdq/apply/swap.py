@@ -187,3 +187,14 @@ def check_unloaded(backend, modules) -> None:
             + (" ..." if len(unloaded) > 8 else "")
             + ". The checkpoint does not match the model class."
         )
+
+
+def settle_modules(modules: "dict[str, torch.nn.Module]", pre_quantized: bool, torch_dtype) -> None:
+    """After loading: each module's scales on its weight's device, a pre-quantized checkpoint's small buffers cast
+    to the model's dtype and checked."""
+    for module in modules.values():
+        module.move_scales_to_weight_device()
+        if pre_quantized:
+            module.cast_buffers_(torch_dtype)
+    if pre_quantized:
+        saved_weights.check_small_buffers(modules)

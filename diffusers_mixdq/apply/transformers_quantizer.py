@@ -31,7 +31,8 @@ from ..errors import MixDQError
 from . import checkpoint, saved_weights
 from .embeddings import swap_tables
 from .swap import (OneDeviceLoad, check_loaded, check_unloaded, config_for, finish_full_precision_load,
-                   install_saved_weight, load_dtype, make_modules, quantize_placed_weight_, refuse_quantized)
+                   install_saved_weight, load_dtype, make_modules, quantize_placed_weight_, refuse_quantized,
+                   settle_modules)
 
 
 class _MixDQOp(ConversionOps):
@@ -186,12 +187,7 @@ class MixDQTransformersQuantizer(OneDeviceLoad, HfQuantizer):
         check_unloaded(self.backend, self.modules)
         if not self.pre_quantized:
             finish_full_precision_load(self.modules, self.torch_dtype)
-        for module in self.modules.values():
-            module.move_scales_to_weight_device()
-            if self.pre_quantized:
-                module.cast_buffers_(self.torch_dtype)
-        if self.pre_quantized:
-            saved_weights.check_small_buffers(self.modules)
+        settle_modules(self.modules, self.pre_quantized, self.torch_dtype)
         conversions = getattr(model, "_weight_conversions", None)
         if conversions:
             model._weight_conversions = [c for c in conversions if not _is_ours(c)]
