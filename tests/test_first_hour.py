@@ -333,12 +333,14 @@ def test_commands_filter_the_torchvision_fallback_warning_only():
 
 
 def test_readme_quotes_the_error_of_a_load_without_the_import(tmp_path):
-    """diffusers has no plug-in discovery for quantizers: the README names its exact error and the fix."""
+    """diffusers has no plug-in discovery for quantizers: the README names its exact error and the fix (the error a
+    user meets when the startup file is missing or turned off, as here; tests/test_startup_file.py: when it acts)."""
     import re
 
     config = {"_class_name": "UNet2DConditionModel", "quantization_config": {"quant_method": "mixdq"}}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    r = _python(f"from diffusers import UNet2DConditionModel\nUNet2DConditionModel.from_pretrained({str(tmp_path)!r})")
+    r = _python(f"from diffusers import UNet2DConditionModel\nUNet2DConditionModel.from_pretrained({str(tmp_path)!r})",
+                DIFFUSERS_MIXDQ_NO_AUTOLOAD="1")
     error = r.stderr.strip().splitlines()[-1]
     assert error.startswith("ValueError: Unknown quantization type, got mixdq - supported types are: ['"), error
     readme = (ROOT / "README.md").read_text()
