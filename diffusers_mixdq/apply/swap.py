@@ -45,8 +45,7 @@ class OneDeviceLoad:
 
     def _pick_backend(self, quantization_config) -> None:
         self._backend_name = getattr(quantization_config, "weight_backend", None)
-        self.backend = backend_named(self._backend_name)
-        self.required_packages = [*self.backend.required_packages, *self.library_packages]
+        self._use(backend_named(self._backend_name))
 
     def _fit_backend(self, resolved) -> None:
         """The backend that stores every weight dtype of the resolved plan (:func:`~.backends.backend_for`), its
@@ -54,8 +53,11 @@ class OneDeviceLoad:
         backend = backend_for(self._backend_name, resolved.layer_specs().values())
         if backend is not self.backend:
             check_backend_installed(backend)
-            self.backend = backend
-            self.required_packages = [*backend.required_packages, *self.library_packages]
+            self._use(backend)
+
+    def _use(self, backend) -> None:
+        self.backend = backend
+        self.required_packages = [*backend.required_packages, *self.library_packages]
 
     def validate_environment(self, *args, **kwargs):
         check_backend_installed(self.backend)

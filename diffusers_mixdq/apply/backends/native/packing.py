@@ -65,32 +65,6 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat([_pack_plane(codes & (2**low - 1), low), _pack_plane(codes >> low, high)])
 
 
-def code_buffer_rows(bits: int, rows: int) -> int:
-    """Rows of the uint8 buffer :func:`unpack` writes ``rows`` rows of ``bits``-bit codes into."""
-    planes = SPLIT_PLANES.get(bits, (bits,))
-    return sum(packed_rows(b, rows) * (8 // b) for b in planes)
-
-
-def _unpack_plane(packed: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
-    per_byte, block = 8 // bits, packed.shape[0]
-    for j in range(per_byte):
-        torch.bitwise_right_shift(packed, bits * j, out=out[j * block : (j + 1) * block])
-    return out.bitwise_and_(2**bits - 1)
-
-
-def unpack(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """The codes of :func:`pack` (``rows`` of them, uint8)."""
-    out = torch.empty((code_buffer_rows(bits, rows),) + tuple(packed.shape[1:]), dtype=torch.uint8,
-                      device=packed.device)
-    if bits not in SPLIT_PLANES:
-        return _unpack_plane(packed, bits, out)[:rows]
-    low, high = SPLIT_PLANES[bits]
-    n_low = packed_rows(low, rows)
-    codes = _unpack_plane(packed[:n_low], low, out[: n_low * (8 // low)])[:rows]
-    top = _unpack_plane(packed[n_low:], high, out[n_low * (8 // low):])[:rows]
-    return codes.bitwise_or_(top.bitwise_left_shift_(low))
-
-
 def _plane_rows(packed: torch.Tensor, bits: int, start: int, stop: int) -> torch.Tensor:
     """Codes ``start:stop`` of one plane packed by :func:`_pack_plane` (uint8, flattened after dim 0), read from
     the blocks holding them."""
@@ -113,6 +87,11 @@ def _unpack_rows(packed: torch.Tensor, bits: int, rows: int, start: int, stop: i
     n_low = packed_rows(low, rows)
     codes = _plane_rows(packed[:n_low], low, start, stop)
     return codes.bitwise_or_(_plane_rows(packed[n_low:], high, start, stop).bitwise_left_shift_(low))
+
+
+def unpack(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """The codes of :func:`pack` (``rows`` of them, uint8)."""
+    return _unpack_rows(packed, bits, rows, 0, rows).view((rows,) + tuple(packed.shape[1:]))
 
 
 def dequantize_channels(data: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, bits: int,
