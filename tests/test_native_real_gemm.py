@@ -1,7 +1,7 @@
-"""The native backend's real low-precision GEMM path (``torch._int_mm`` / ``torch._scaled_mm``, CUDA by default),
-run here on the CPU (both ops have CPU kernels) by widening the devices it takes: the input goes through the same
-balancing, activation scheme, timestep-group scale and outlier rows as on the simulated path; and the eager CPU
-path's dequantization of large weights a slice of output channels at a time."""
+"""The native backend's real low-precision GEMM path (``torch._int_mm`` on the CPU and CUDA, ``torch._scaled_mm`` on
+CUDA), forced on here for the CPU (the int8 GEMM on any CPU, the float8 one by widening its devices): the input goes
+through the same balancing, activation scheme, timestep-group scale and outlier rows as on the simulated path; and
+the eager CPU path's dequantization of large weights a slice of output channels at a time."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import rel_err
 from diffusers_mixdq import LayerSpec
 from diffusers_mixdq.apply import quantize_module
 from diffusers_mixdq.apply.activations import ActivationScheme
-from diffusers_mixdq.apply.backends.native import cuda, kernels
+from diffusers_mixdq.apply.backends.native import kernels, real_gemm
 from diffusers_mixdq.apply.qmodule import MixDQModuleMixin
 from diffusers_mixdq.apply.timestep_groups import CLOCK_ATTR, TimestepClock
 from diffusers_mixdq.plan.layer_tensors import balance_key
@@ -45,10 +45,15 @@ def make(case: str):
 def on_cpu(monkeypatch):
     """The real GEMMs take CPU calls; returns the list of their calls."""
     calls = []
-    gemm = cuda.gemm
-    monkeypatch.setattr(cuda, "DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(cuda, "gemm", lambda *a: calls.append(a[1].dtype) or gemm(*a))
+    gemm = real_gemm.gemm
+    monkeypatch.setattr(real_gemm, "FP8_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(real_gemm, "_cpu_int8", True)
+    monkeypatch.setattr(real_gemm, "gemm", lambda *a: calls.append(_kind(a[0])) or gemm(*a))
     return calls
+
+
+def _kind(module):
+    return torch.float8_e4m3fn if module.act_dtype == "float8" else torch.int8
 
 
 def _with_clock(module, t: float | None) -> None:
@@ -63,8 +68,9 @@ def test_real_gemm_takes_the_same_input_transformation(case, on_cpu, monkeypatch
     _with_clock(module, 700.0)
     with torch.no_grad():
         with monkeypatch.context() as m:
-            m.setattr(cuda, "DEVICES", ("cuda",))  # the default: CPU calls are simulated
-            assert not cuda.accepts(module, x)
+            m.setattr(real_gemm, "FP8_DEVICES", ("cuda",))  # CPU calls simulated
+            m.setattr(real_gemm, "_cpu_int8", False)
+            assert not real_gemm.accepts(module, x)
             simulated = module(x)
         real = module(x)
     # a layer storing outlier rows apart (valid plans: int2 ... int6 weights, never a real-GEMM layer) stays simulated
@@ -78,10 +84,11 @@ def test_prepared_codes_are_the_simulated_quantization(case):
     module, x = make(case)
     _with_clock(module, 700.0)
     x = x / module.mixdq_balance if hasattr(module, "mixdq_balance") else x
-    codes, row_scales = cuda.prepare_input(module, x, module.input_quant_scale(x))
+    codes, row_scales = real_gemm.prepare_input(module, x, module.input_quant_scale(x))
     assert codes.dtype == (torch.int8 if module.act_dtype == "int8" else torch.float8_e4m3fn)
-    assert row_scales.shape == (48, 1)
-    assert torch.equal(cuda.dequantized_input(codes, row_scales, x), MixDQModuleMixin.quantize_input(module, x))
+    assert row_scales.shape == ((48, 1) if module.mixdq_spec.act_range == "dynamic-token" else (1, 1))
+    rescaled = (codes.to(x.dtype) * row_scales.to(x.dtype)).reshape(x.shape)
+    assert torch.equal(rescaled, MixDQModuleMixin.quantize_input(module, x))
 
 
 def test_timestep_group_scale_reaches_the_real_gemm(on_cpu):
@@ -103,10 +110,11 @@ class _NoScale(ActivationScheme):
 def test_scheme_without_a_scale_and_refused_shapes_stay_simulated(on_cpu):
     module, x = make("static")
     with torch.no_grad():
-        module(x[:, :8])  # 16 rows: cuBLASLt's int8 GEMM wants more
+        module(x[:, :8])  # 16 rows: cuBLASLt's int8 GEMM wants more, the CPU's takes them
+        assert on_cpu == [torch.int8]
         module._act_scheme = _NoScale()
         assert torch.equal(module(x), kernels.linear(module, x))
-    assert on_cpu == []
+    assert on_cpu == [torch.int8]
 
 
 WEIGHTS = ["int8", "int6", "int5", "int4", "int3", "int2", "float8"]  # int3 / 5 / 6: two bit planes

@@ -1,0 +1,150 @@
+"""Real low-precision GEMMs for layers whose plan quantizes both weight and input: int8 weights x int8 (or int4)
+input codes through ``torch._int_mm`` on the CPU and on CUDA, float8 x float8 through ``torch._scaled_mm`` on CUDA.
+
+The input goes through the same transformation as on the simulated path: channel balancing and the low-rank
+branch (the mixin's, around this op), the layer's activation scheme (static, with the current timestep group's
+scale; dynamic per tensor; dynamic per token) and its codes (:func:`~...activations.quantize_codes`), so the
+real GEMM sees exactly the codes the simulated path rescales. The integer GEMM is exact (int32 accumulation) where
+the simulated path rounds in the float dtype; the output is ``acc * s_x * s_w + bias``, computed in fp32.
+
+Which calls take it (:func:`accepts`): a native Linear with int8 weights (symmetric, a scale per output channel)
+and an int8 / int4 activation scheme that has a scale (every built-in one; activations have no zero point), no
+outlier rows stored apart, no autograd graph to keep (the integer GEMM has no gradient), and
+
+* on CUDA: more than 16 rows, K and N multiples of 8 (cuBLASLt's int8 GEMM);
+* on the CPU: when :func:`cpu_int8_gemm_enabled` (default: the CPU has AVX-512 VNNI or AMX int8 instructions,
+  where oneDNN's int8 GEMM runs 3-5x faster than the fp32 one; without them it is not faster, so calls stay
+  simulated). ``DIFFUSERS_MIXDQ_CPU_INT8_GEMM=1`` / ``0`` or :func:`use_cpu_int8_gemm` force it either way. Eager
+  CPU calls run a chunk of rows at a time (:data:`CHUNK_BYTES`): the input codes, the int32 accumulator and the
+  rescaled rows stay in cache instead of page-faulting full-size temporaries;
+* float8 weights x float8 inputs: bf16 models on GPUs with FP8 tensor cores (compute capability 8.9+), row-wise
+  scales (the tests add the CPU to :data:`FP8_DEVICES`).
+
+The weight is used as stored (``qdata``, ``(N, K)`` int8, passed transposed as a view: oneDNN reads that layout
+as fast as, or faster than, a transposed-contiguous copy, measured), so nothing is added to memory. Other layers
+(int2 ... int6 weights, 3x3 convolutions, a scheme without a separable scale) run the simulated path, which gives
+the same values up to float rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ...activations import quantize_codes
+
+#: environment variable: ``1`` runs CPU calls through the int8 GEMM, ``0`` keeps them simulated; unset: by CPU
+CPU_INT8_ENV = "DIFFUSERS_MIXDQ_CPU_INT8_GEMM"
+#: device types whose bf16 calls take the float8 GEMM (the tests add "cpu")
+FP8_DEVICES = ("cuda",)
+#: activation dtypes whose codes are integers that fit int8
+INT_ACTIVATIONS = ("int8", "int4")
+#: bytes of one chunk's int32 accumulator (or of its input rows in fp32) on the eager CPU path
+CHUNK_BYTES = 1 << 20
+
+
+def cpu_has_int8_instructions() -> bool:
+    """Whether this CPU has AVX-512 VNNI or AMX int8 instructions (oneDNN's fast int8 GEMMs)."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_vnni_supported", "_is_amx_tile_supported"))
+    return any(check is not None and check() for check in checks)
+
+
+def _from_environment() -> bool:
+    value = os.environ.get(CPU_INT8_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return cpu_has_int8_instructions()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    from ....errors import MixDQError
+
+    raise MixDQError(f"{CPU_INT8_ENV}={value!r} is not understood; set it to 1 (int8 GEMM on the CPU), 0 (simulated) "
+                     "or leave it unset (on where the CPU has VNNI / AMX).")
+
+
+_cpu_int8 = _from_environment()
+
+
+def cpu_int8_gemm_enabled() -> bool:
+    """Whether CPU calls of W8A8 layers run the int8 GEMM (see the module docstring)."""
+    return _cpu_int8
+
+
+def use_cpu_int8_gemm(enabled: bool | None) -> bool:
+    """Force CPU calls of W8A8 layers through the int8 GEMM (``True``) or the simulated path (``False``);
+    ``None``: back to the default (environment variable, else the CPU's instructions). Returns the previous
+    setting."""
+    global _cpu_int8
+    previous = _cpu_int8
+    _cpu_int8 = _from_environment() if enabled is None else bool(enabled)
+    return previous
+
+
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def accepts(module, x: torch.Tensor) -> bool:
+    """Whether a real GEMM takes this call of a native Linear (before its input is quantized)."""
+    if module.qdata is None or module.act_dtype == "none" or getattr(module, "outlier_weight", None) is not None:
+        return False  # outlier rows (stored apart): the simulated path scatters them
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    k, n, device = x.shape[-1], module.weight_shape[0], x.device.type
+    if module.act_dtype in INT_ACTIVATIONS and module.qbits == 8 and not module.qfloat8:
+        if device == "cuda":  # cuBLASLt int8 GEMM: more than 16 rows, K and N multiples of 8
+            return x.numel() // k > 16 and k % 8 == 0 and n % 8 == 0
+        return device == "cpu" and _cpu_int8
+    if module.act_dtype == "float8" and module.qfloat8 and x.dtype == torch.bfloat16 and device in FP8_DEVICES:
+        return k % 16 == 0 and n % 16 == 0 and (device != "cuda" or has_fp8_tensor_cores(x.device))
+    return False
+
+
+def prepare_input(module, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, row scales)`` of the (already balanced) input: the codes as the simulated path computes them
+    (int8 / float8, ``(rows, K)``) and the scale of each row in fp32 (``(rows, 1)``, or ``(1, 1)`` per tensor)."""
+    scale = scale.to(x.dtype)
+    codes = quantize_codes(x, module.act_dtype, scale).reshape(-1, x.shape[-1])
+    codes = codes if codes.dtype == torch.float8_e4m3fn else codes.to(torch.int8)
+    return codes, scale.float().reshape(-1, 1)
+
+
+def _chunk_rows(module, x2d: torch.Tensor) -> int:
+    """Rows per chunk: all of them on CUDA, under torch.compile or with few rows; else about CHUNK_BYTES each."""
+    rows = x2d.shape[0]
+    if x2d.device.type != "cpu" or torch.compiler.is_compiling():
+        return rows
+    return max(32, CHUNK_BYTES // (4 * max(x2d.shape[1], module.weight_shape[0])))
+
+
+def _int8_rows(module, x2d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(codes @ W_codes^T) * s_x * s_w + bias`` of rows ``x2d`` (their scale ``(rows or 1, 1)``), in fp32."""
+    codes, row_scales = prepare_input(module, x2d, scale)
+    n = module.weight_shape[0]
+    acc = torch._int_mm(codes, module.qdata.reshape(n, -1).t())
+    y = acc.float().mul_(module.qscale.float().reshape(1, n)).mul_(row_scales)
+    return y if module.bias is None else y.add_(module.bias)
+
+
+def gemm(module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The layer's output on ``x`` (balanced, not yet quantized) whose activation scale is ``scale`` (0-dim per
+    tensor, a kept last dim per token), in ``x``'s dtype and shape."""
+    n, k = module.weight_shape[0], x.shape[-1]
+    if module.act_dtype == "float8":
+        codes, row_scales = prepare_input(module, x, scale)
+        weight = module.qdata.view(torch.float8_e4m3fn).reshape(n, k)
+        y = torch._scaled_mm(codes, weight.t(), scale_a=row_scales.expand(codes.shape[0], 1).contiguous(),
+                             scale_b=module.qscale.float().reshape(1, n), bias=module.bias, out_dtype=x.dtype)
+        return y.reshape(x.shape[:-1] + (n,))
+    x2d = x.reshape(-1, k)
+    rows, step = x2d.shape[0], _chunk_rows(module, x2d)
+    per_row = scale.reshape(-1, 1) if scale.dim() else scale
+    if step >= rows:
+        return _int8_rows(module, x2d, per_row).to(x.dtype).reshape(x.shape[:-1] + (n,))
+    out = x2d.new_empty((rows, n))
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        out[a:b] = _int8_rows(module, x2d[a:b], per_row[a:b] if per_row.dim() else per_row)
+    return out.reshape(x.shape[:-1] + (n,))
