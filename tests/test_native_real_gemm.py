@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import cpu_int8_gemm, rel_err
 
 from diffusers_mixdq import LayerSpec
 from diffusers_mixdq.apply import quantize_module
@@ -15,7 +15,7 @@ from diffusers_mixdq.apply.activations import ActivationScheme
 from diffusers_mixdq.apply.backends.native import kernels, real_gemm
 from diffusers_mixdq.apply.qmodule import MixDQModuleMixin
 from diffusers_mixdq.apply.timestep_groups import CLOCK_ATTR, TimestepClock
-from diffusers_mixdq.plan.layer_tensors import balance_key
+from diffusers_mixdq.plan.layer_tensors import balance_key, lowrank_keys
 
 GROUPS = ((0.0, 499.0, 1.0), (500.0, 1000.0, 3.0))
 CASES = {
@@ -141,3 +141,90 @@ def test_large_weights_run_a_slice_of_channels_at_a_time(kind, weights, monkeypa
         assert len(kernels.slices(module, x)) == -(-n // 5)
         sliced = module(x)
     assert sliced.shape == whole.shape and rel_err(sliced, whole) < 1e-6
+
+
+# ----------------------------------------------------------------- the CPU int8 GEMM against the simulated path
+#: relative error (L2) of the int8 GEMM's output against the simulated path's, same input: fp32 rounds the
+#: simulated products / sums in fp32 (the integer sums are exact), bf16 rounds the simulated GEMM in bf16
+TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+SCHEMES = {"static": LayerSpec("int8", "int8", 4.0), "dynamic": LayerSpec("int8", "int8", "dynamic"),
+           "per-token": LayerSpec("int8", "int8", "dynamic-token"),
+           "timestep-groups": LayerSpec("int8", "int8", 8.0, act_groups=GROUPS),
+           "balance+lowrank": LayerSpec("int8", "int8", "dynamic-token", flags={"balance": True, "lowrank": True}),
+           "int4-activations": LayerSpec("int8", "int4", "dynamic")}
+
+
+def _odd_layer(spec, k, n, dtype):
+    g = torch.Generator().manual_seed(1)
+    tensors = {balance_key("l"): torch.rand(k, generator=g) + 0.5,
+               lowrank_keys("l")[0]: torch.randn(3, k, generator=g) * 0.1,
+               lowrank_keys("l")[1]: torch.randn(n, 3, generator=g) * 0.1}
+    return quantize_module(torch.nn.Linear(k, n).to(dtype), spec, tensors=tensors, name="l", backend="native")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n,shape", [(37, 13, (1, 5)), (200, 72, (3, 33)), (64, 8, (4,))])  # K, N: odd too
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_cpu_int8_gemm_equals_the_simulated_path(scheme, k, n, shape, dtype, on_cpu):
+    module = _odd_layer(SCHEMES[scheme], k, n, dtype)
+    _with_clock(module, 700.0)
+    x = (torch.randn(*shape, k, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    with torch.no_grad():
+        real = module(x)
+        with cpu_int8_gemm(False):
+            simulated = module(x)
+    assert on_cpu == [torch.int8] and real.dtype == dtype and real.shape == shape + (n,)
+    assert rel_err(real, simulated) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("scheme", ["static", "per-token"])
+def test_cpu_chunks_of_rows_give_the_same_output(scheme, on_cpu, monkeypatch):
+    module = _odd_layer(SCHEMES[scheme], 96, 40, torch.float32)
+    x = torch.randn(2, 150, 96, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = module(x)  # 300 rows: one chunk
+        monkeypatch.setattr(real_gemm, "CHUNK_BYTES", 4 * 96 * 64)  # 64 rows a chunk, the last one 44
+        assert real_gemm._chunk_rows(module, x.reshape(-1, 96)) == 64
+        assert torch.equal(module(x), whole)
+
+
+def _recorded_layers(model, plan, inputs):
+    """``{name: (module, input, output)}`` of every native W8A8 Linear of ``model`` quantized with ``plan``, run once
+    with the int8 GEMM on."""
+    resolved = plan.resolve(model, strict=False)
+    for name, spec in resolved.layer_specs().items():
+        if spec.is_quantized:
+            model.set_submodule(name, quantize_module(model.get_submodule(name), spec, backend="native"))
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen.setdefault(name, (module, args[0], out))
+        return hook
+
+    hooks = [m.register_forward_hook(record(name))
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and hasattr(m, "mixdq_spec")]
+    with torch.no_grad(), cpu_int8_gemm(True):
+        model(**inputs)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("model_name", ["unet", "pixart"])
+@pytest.mark.parametrize("act_range", [4.0, "dynamic", "dynamic-token"])
+def test_every_layer_of_a_tiny_denoiser_matches_the_simulated_path(model_name, act_range):
+    from conftest import make_pixart, make_unet, pixart_inputs, unet_inputs
+
+    from diffusers_mixdq import BitPlan
+
+    if model_name == "unet":
+        x, t, e = unet_inputs()
+        model, inputs = make_unet(), dict(sample=x, timestep=t, encoder_hidden_states=e)
+    else:
+        model, inputs = make_pixart(), pixart_inputs()
+    seen = _recorded_layers(model, BitPlan.uniform("int8", activations="int8", act_range=act_range), inputs)
+    assert len(seen) >= 8
+    with torch.no_grad(), cpu_int8_gemm(False):
+        worst = max(rel_err(out, module(inp)) for module, inp, out in seen.values())
+    assert worst < TOLERANCE[torch.float32]

@@ -77,7 +77,8 @@ def _packed_kernel(module, rows: int, x: torch.Tensor):
         return None
     if module.dequantized_cache is not None or module.qscale.dtype != x.dtype:
         return None
-    if module.qbits == 8 and not module.qfloat8:
+    if module.qbits == 8 and not module.qfloat8 and x.shape[-1 if x.dim() != 4 else 1] % 16 == 0:
+        # torch 2.13's int8 kernel crashes (segfault) on K not a multiple of 16
         scales = module.qscale.reshape(-1)
         return lambda x2d: torch.ops.aten._weight_int8pack_mm(x2d, module.qdata.reshape(module.qdata.shape[0], -1),
                                                                scales)
