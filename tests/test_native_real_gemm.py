@@ -228,3 +228,20 @@ def test_every_layer_of_a_tiny_denoiser_matches_the_simulated_path(model_name, a
     with torch.no_grad(), cpu_int8_gemm(False):
         worst = max(rel_err(out, module(inp)) for module, inp, out in seen.values())
     assert worst < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("weights", ["int6", "int5", "int4", "int3", "int2"])
+@pytest.mark.parametrize("act_range", [4.0, "dynamic-token"])
+def test_low_width_weights_with_a_group_per_channel_take_the_int8_gemm(weights, act_range, on_cpu):
+    """Affine codes (``w = code * scale - shift``) as int8, the shift's term exactly from the input codes' row
+    sums; grouped weights (K > 128, a multiple of 32) stay simulated (per-group integer GEMMs measured slower)."""
+    for k, n, takes in ((96, 40, True), (37, 13, True), (256, 24, False)):
+        module = _odd_layer(LayerSpec(weights, "int8", act_range), k, n, torch.float32)
+        x = torch.randn(3, 21, k, generator=torch.Generator().manual_seed(2)) * 3
+        with torch.no_grad():
+            real = module(x)
+            with cpu_int8_gemm(False):
+                simulated = module(x)
+        assert real_gemm.integer_weight(module) is takes
+        assert rel_err(real, simulated) < TOLERANCE[torch.float32]
+    assert on_cpu == [torch.int8, torch.int8]

@@ -33,6 +33,8 @@ import os
 import torch
 
 from ...activations import quantize_codes
+from .. import layout
+from . import packing
 
 #: environment variable: ``1`` runs CPU calls through the int8 GEMM, ``0`` keeps them simulated; unset: by CPU
 CPU_INT8_ENV = "DIFFUSERS_MIXDQ_CPU_INT8_GEMM"
@@ -93,13 +95,21 @@ def accepts(module, x: torch.Tensor) -> bool:
     if torch.is_grad_enabled() and x.requires_grad:
         return False
     k, n, device = x.shape[-1], module.weight_shape[0], x.device.type
-    if module.act_dtype in INT_ACTIVATIONS and module.qbits == 8 and not module.qfloat8:
+    if module.act_dtype in INT_ACTIVATIONS and integer_weight(module):
         if device == "cuda":  # cuBLASLt int8 GEMM: more than 16 rows, K and N multiples of 8
             return x.numel() // k > 16 and k % 8 == 0 and n % 8 == 0
         return device == "cpu" and _cpu_int8
     if module.act_dtype == "float8" and module.qfloat8 and x.dtype == torch.bfloat16 and device in FP8_DEVICES:
         return k % 16 == 0 and n % 16 == 0 and (device != "cuda" or has_fp8_tensor_cores(x.device))
     return False
+
+
+def integer_weight(module) -> bool:
+    """Whether the weight's codes fit int8 with one scale (and shift) per output channel: int8, or int2 ... int6
+    with one group per output channel (``K`` <= 128 or not a multiple of 32; grouped weights are simulated)."""
+    if module.qbits == 8:
+        return not module.qfloat8
+    return module.qbits > 0 and layout.grouping(tuple(module.weight_shape), module.qbits)[1] is None
 
 
 def prepare_input(module, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,12 +129,26 @@ def _chunk_rows(module, x2d: torch.Tensor) -> int:
     return max(32, CHUNK_BYTES // (4 * max(x2d.shape[1], module.weight_shape[0])))
 
 
-def _int8_rows(module, x2d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``(codes @ W_codes^T) * s_x * s_w + bias`` of rows ``x2d`` (their scale ``(rows or 1, 1)``), in fp32."""
-    codes, row_scales = prepare_input(module, x2d, scale)
+def weight_codes(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(codes, shift)``: the weight's integer codes ``(N, K)`` in int8 and, for an affine (2- to 6-bit, one group
+    per output channel) weight, its shift ``(1, N)`` in fp32 (``w = code * scale - shift``); int8: ``None``."""
     n = module.weight_shape[0]
-    acc = torch._int_mm(codes, module.qdata.reshape(n, -1).t())
-    y = acc.float().mul_(module.qscale.float().reshape(1, n)).mul_(row_scales)
+    if module.qbits == 8:
+        return module.qdata.reshape(n, -1), None
+    codes = packing.unpack(module.qdata, module.qbits, n).reshape(n, -1).view(torch.int8)  # 0 ... 2^bits - 1
+    return codes, module.qshift.float().reshape(1, n)
+
+
+def _int8_rows(module, x2d: torch.Tensor, scale: torch.Tensor, w_codes: torch.Tensor,
+               shift: torch.Tensor | None) -> torch.Tensor:
+    """``x_codes @ W^T`` rescaled (``s_x * (s_w * (x_codes @ W_codes^T) - shift * sum(x_codes))`` + bias) of rows
+    ``x2d`` (their scale ``(rows or 1, 1)``), in fp32."""
+    codes, row_scales = prepare_input(module, x2d, scale)
+    acc = torch._int_mm(codes, w_codes.t())
+    y = acc.float().mul_(module.qscale.float().reshape(1, -1))
+    if shift is not None:  # the affine weight's zero point, exactly: sum_k x_k * shift = shift * sum_k x_k
+        y.addr_(codes.sum(1, dtype=torch.float32), shift.reshape(-1), alpha=-1)
+    y = y.mul_(row_scales)
     return y if module.bias is None else y.add_(module.bias)
 
 
@@ -138,13 +162,13 @@ def gemm(module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         y = torch._scaled_mm(codes, weight.t(), scale_a=row_scales.expand(codes.shape[0], 1).contiguous(),
                              scale_b=module.qscale.float().reshape(1, n), bias=module.bias, out_dtype=x.dtype)
         return y.reshape(x.shape[:-1] + (n,))
-    x2d = x.reshape(-1, k)
+    x2d, (w_codes, shift) = x.reshape(-1, k), weight_codes(module)
     rows, step = x2d.shape[0], _chunk_rows(module, x2d)
     per_row = scale.reshape(-1, 1) if scale.dim() else scale
     if step >= rows:
-        return _int8_rows(module, x2d, per_row).to(x.dtype).reshape(x.shape[:-1] + (n,))
+        return _int8_rows(module, x2d, per_row, w_codes, shift).to(x.dtype).reshape(x.shape[:-1] + (n,))
     out = x2d.new_empty((rows, n))
     for a in range(0, rows, step):
         b = min(a + step, rows)
-        out[a:b] = _int8_rows(module, x2d[a:b], per_row[a:b] if per_row.dim() else per_row)
+        out[a:b] = _int8_rows(module, x2d[a:b], per_row[a:b] if per_row.dim() else per_row, w_codes, shift)
     return out.reshape(x.shape[:-1] + (n,))
