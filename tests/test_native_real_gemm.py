@@ -245,3 +245,25 @@ def test_low_width_weights_with_a_group_per_channel_take_the_int8_gemm(weights, 
         assert real_gemm.integer_weight(module) is takes
         assert rel_err(real, simulated) < TOLERANCE[torch.float32]
     assert on_cpu == [torch.int8, torch.int8]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", ["static", "dynamic", "per-token", "balance+lowrank"])
+def test_pointwise_convolutions_take_the_int8_gemm_and_3x3_ones_do_not(scheme, dtype, on_cpu):
+    g = torch.Generator().manual_seed(1)
+    spec = SCHEMES[scheme]
+    outs = []
+    for conv in (torch.nn.Conv2d(37, 13, 1), torch.nn.Conv2d(37, 13, 3, padding=1)):
+        tensors = {balance_key("c"): torch.rand(37, generator=g) + 0.5,
+                   lowrank_keys("c")[0]: torch.randn(3, 37 * conv.kernel_size[0] ** 2, generator=g) * 0.1,
+                   lowrank_keys("c")[1]: torch.randn(13, 3, generator=g) * 0.1}
+        module = quantize_module(conv.to(dtype), spec, tensors=tensors, name="c", backend="native")
+        x = (torch.randn(3, 37, 5, 7, generator=g) * 3).to(dtype)
+        with torch.no_grad():
+            real = module(x)
+            with cpu_int8_gemm(False):
+                simulated = module(x)
+        assert real.shape == (3, 13, 5, 7) and real.is_contiguous() and real.dtype == dtype
+        outs.append(rel_err(real, simulated))
+    assert on_cpu == [torch.int8]  # the 1x1 convolution only
+    assert outs[0] < TOLERANCE[dtype] and outs[1] == 0

@@ -146,8 +146,9 @@ class _NativeWeight:
                                       error_msgs)
 
 
-class NativeLinear(_NativeWeight, MixDQModuleMixin, nn.Linear):
-    """A Linear whose weight is stored quantized and run by :mod:`.kernels` (W8A8 / FP8 by :mod:`.real_gemm`)."""
+class _RealGemm:
+    """Where :mod:`.real_gemm` takes a call, its input is quantized by the real GEMM itself (the same scale and codes
+    as the simulated path); every other call runs the mixin's simulated op."""
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if real_gemm.accepts(self, x):
@@ -155,8 +156,7 @@ class NativeLinear(_NativeWeight, MixDQModuleMixin, nn.Linear):
         return super().quantize_input(x)
 
     def _quantized_op(self, x: torch.Tensor) -> torch.Tensor:
-        """The real GEMM where :mod:`.real_gemm` takes the call (the input balanced but not yet quantized: the
-        same scale and codes as the simulated path), else the mixin's simulated op."""
+        """The real GEMM on the balanced, not yet quantized input, else the mixin's simulated op."""
         if not real_gemm.accepts(self, x):
             return super()._quantized_op(x)  # x already quantized by quantize_input
         scale = self.input_quant_scale(x)
@@ -164,14 +164,19 @@ class NativeLinear(_NativeWeight, MixDQModuleMixin, nn.Linear):
             return super()._quantized_op(super().quantize_input(x))
         return real_gemm.gemm(self, x, scale)
 
+
+class NativeLinear(_NativeWeight, _RealGemm, MixDQModuleMixin, nn.Linear):
+    """A Linear whose weight is stored quantized and run by :mod:`.kernels` (W8A8 / FP8 by :mod:`.real_gemm`)."""
+
     def _qforward(self, x: torch.Tensor) -> torch.Tensor:
         if self._stored_rows_only():
             return self.rows_forward(x, torch.nn.functional.linear, -1)
         return kernels.linear(self, x)
 
 
-class NativeConv2d(_NativeWeight, MixDQModuleMixin, nn.Conv2d):
-    """A Conv2d whose weight is stored quantized (1x1 convolutions may run as a Linear)."""
+class NativeConv2d(_NativeWeight, _RealGemm, MixDQModuleMixin, nn.Conv2d):
+    """A Conv2d whose weight is stored quantized (1x1 convolutions may run as a Linear, and W8A8 ones through
+    :mod:`.real_gemm`)."""
 
     is_pointwise: bool = False
 

@@ -7,7 +7,7 @@ scale; dynamic per tensor; dynamic per token) and its codes (:func:`~...activati
 real GEMM sees exactly the codes the simulated path rescales. The integer GEMM is exact (int32 accumulation) where
 the simulated path rounds in the float dtype; the output is ``acc * s_x * s_w + bias``, computed in fp32.
 
-Which calls take it (:func:`accepts`): a native Linear with int8 weights (symmetric, a scale per output channel)
+Which calls take it (:func:`accepts`): a native Linear (or 1x1 Conv2d, as the GEMM of its pixels) with int8 weights (symmetric, a scale per output channel)
 and an int8 / int4 activation scheme that has a scale (every built-in one; activations have no zero point), no
 outlier rows stored apart, no autograd graph to keep (the integer GEMM has no gradient), and
 
@@ -22,7 +22,7 @@ outlier rows stored apart, no autograd graph to keep (the integer GEMM has no gr
 
 The weight is used as stored (``qdata``, ``(N, K)`` int8, passed transposed as a view: oneDNN reads that layout
 as fast as, or faster than, a transposed-contiguous copy, measured), so nothing is added to memory. Other layers
-(int2 ... int6 weights, 3x3 convolutions, a scheme without a separable scale) run the simulated path, which gives
+(grouped int2 ... int6 weights, 3x3 convolutions, a scheme without a separable scale) run the simulated path, which gives
 the same values up to float rounding.
 """
 
@@ -94,12 +94,16 @@ def accepts(module, x: torch.Tensor) -> bool:
         return False  # outlier rows (stored apart): the simulated path scatters them
     if torch.is_grad_enabled() and x.requires_grad:
         return False
-    k, n, device = x.shape[-1], module.weight_shape[0], x.device.type
+    conv = isinstance(module, torch.nn.Conv2d)
+    if conv and not (module.is_pointwise and x.dim() == 4):
+        return False  # 3x3 convolutions: dequantize + convolution
+    k, n, device = x.shape[1 if conv else -1], module.weight_shape[0], x.device.type
     if module.act_dtype in INT_ACTIVATIONS and integer_weight(module):
         if device == "cuda":  # cuBLASLt int8 GEMM: more than 16 rows, K and N multiples of 8
             return x.numel() // k > 16 and k % 8 == 0 and n % 8 == 0
         return device == "cpu" and _cpu_int8
-    if module.act_dtype == "float8" and module.qfloat8 and x.dtype == torch.bfloat16 and device in FP8_DEVICES:
+    if module.act_dtype == "float8" and module.qfloat8 and x.dtype == torch.bfloat16 and device in FP8_DEVICES \
+            and not conv:
         return k % 16 == 0 and n % 16 == 0 and (device != "cuda" or has_fp8_tensor_cores(x.device))
     return False
 
@@ -155,6 +159,15 @@ def _int8_rows(module, x2d: torch.Tensor, scale: torch.Tensor, w_codes: torch.Te
 def gemm(module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The layer's output on ``x`` (balanced, not yet quantized) whose activation scale is ``scale`` (0-dim per
     tensor, a kept last dim per token), in ``x``'s dtype and shape."""
+    if x.dim() == 4:  # a 1x1 convolution: the GEMM of its pixels (a scale per pixel when per token), NCHW out
+        b, _, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(b * h * w, -1)
+        y = _gemm(module, rows, scale.permute(0, 2, 3, 1).reshape(-1, 1) if scale.dim() else scale)
+        return y.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+    return _gemm(module, x, scale)
+
+
+def _gemm(module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     n, k = module.weight_shape[0], x.shape[-1]
     if module.act_dtype == "float8":
         codes, row_scales = prepare_input(module, x, scale)
