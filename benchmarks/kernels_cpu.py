@@ -112,7 +112,7 @@ def tensor_peak(model, kwargs) -> int:
 
 
 def run(config_path: Path, latent: int, reps: int, kinds=("W8A16", "W4A16", "W8A8"),
-        backends=("quanto", "native", "native-sim")) -> dict:
+        backends=("quanto", "native", "native-sim"), peaks_too: bool = True) -> dict:
     from diffusers import UNet2DConditionModel
 
     config = json.loads(config_path.read_text())
@@ -131,7 +131,7 @@ def run(config_path: Path, latent: int, reps: int, kinds=("W8A16", "W4A16", "W8A
         step(model, warm)
     kwargs = inputs(config, latent)
     peaks = {}
-    for name, model in models.items():
+    for name, model in models.items() if peaks_too else ():
         _int8_gemm_for(backend_of[name])
         peaks[name] = tensor_peak(model, kwargs)
     times = {name: [] for name in models}
@@ -144,7 +144,7 @@ def run(config_path: Path, latent: int, reps: int, kinds=("W8A16", "W4A16", "W8A
             rises[name] = max(rises[name], rise)
     fp = min(times["FP32"])
     rows = [{"variant": name, "best_s": min(ts), "ratio_vs_fp32": min(ts) / fp, "median_s": statistics.median(ts),
-             "times_s": ts, "weights_bytes": storage_bytes(models[name]), "step_tensor_peak_bytes": peaks[name],
+             "times_s": ts, "weights_bytes": storage_bytes(models[name]), "step_tensor_peak_bytes": peaks.get(name, 0),
              "step_peak_rss_rise_bytes": rises[name]} for name, ts in times.items()]
     for row in rows:  # what a process running only this variant would peak at, beyond the rest of the model
         row["peak_bytes"] = row["weights_bytes"] + row["step_tensor_peak_bytes"]
@@ -185,13 +185,14 @@ def main(argv=None):
                         help="weight backends to run (comma-separated; native-sim: native with its CPU int8 GEMM off)")
     parser.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS, else every core)")
     parser.add_argument("--name", default="", help="suffix of the results file")
+    parser.add_argument("--no-peaks", action="store_true", help="skip the profiled step (memory peaks read 0)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     elif os.environ.get("OMP_NUM_THREADS") is None:
         print("note: OMP_NUM_THREADS is not set; this uses every core (set it to pin the thread count)")
     result = run(args.config, args.latent, args.reps, tuple(args.kinds.split(",")),
-                 tuple(args.backends.split(",")))
+                 tuple(args.backends.split(",")), peaks_too=not args.no_peaks)
     path = RESULTS / f"kernels_cpu{'_' + args.name if args.name else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

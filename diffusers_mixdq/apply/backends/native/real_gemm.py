@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from ...activations import quantize_codes
+from ...activations import ACT_QMAX, quantize_codes
 from .. import layout
 from . import packing
 
@@ -125,14 +125,6 @@ def prepare_input(module, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.T
     return codes, scale.float().reshape(-1, 1)
 
 
-def _chunk_rows(module, x2d: torch.Tensor) -> int:
-    """Rows per chunk: all of them on CUDA, under torch.compile or with few rows; else about CHUNK_BYTES each."""
-    rows = x2d.shape[0]
-    if x2d.device.type != "cpu" or torch.compiler.is_compiling():
-        return rows
-    return max(32, CHUNK_BYTES // (4 * max(x2d.shape[1], module.weight_shape[0])))
-
-
 def weight_codes(module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(codes, shift)``: the weight's integer codes ``(N, K)`` in int8 and, for an affine (2- to 6-bit, one group
     per output channel) weight, its shift ``(1, N)`` in fp32 (``w = code * scale - shift``); int8: ``None``."""
@@ -176,12 +168,36 @@ def _gemm(module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
                              scale_b=module.qscale.float().reshape(1, n), bias=module.bias, out_dtype=x.dtype)
         return y.reshape(x.shape[:-1] + (n,))
     x2d, (w_codes, shift) = x.reshape(-1, k), weight_codes(module)
-    rows, step = x2d.shape[0], _chunk_rows(module, x2d)
     per_row = scale.reshape(-1, 1) if scale.dim() else scale
-    if step >= rows:
-        return _int8_rows(module, x2d, per_row, w_codes, shift).to(x.dtype).reshape(x.shape[:-1] + (n,))
-    out = x2d.new_empty((rows, n))
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _cpu_chunks(module, x2d, per_row, w_codes, shift).to(x.dtype).reshape(x.shape[:-1] + (n,))
+    return _int8_rows(module, x2d, per_row, w_codes, shift).to(x.dtype).reshape(x.shape[:-1] + (n,))
+
+
+def _cpu_chunks(module, x2d: torch.Tensor, scale: torch.Tensor, w_codes: torch.Tensor,
+                shift: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_int8_rows` on the eager CPU path, in fp32: a chunk of rows at a time through buffers made once per
+    call (so every pass stays in cache and nothing is allocated per chunk), written into the output."""
+    (rows, k), n = x2d.shape, w_codes.shape[0]
+    step = min(rows, max(32, CHUNK_BYTES // (4 * max(k, n))))
+    per_token = scale.dim() > 0 and scale.shape[0] > 1
+    scale = scale.to(x2d.dtype)
+    w_scale = module.qscale.float().reshape(1, n)
+    w_scale = w_scale if per_token or shift is not None else w_scale * scale.float()  # one multiply per element
+    lo, hi = -ACT_QMAX[module.act_dtype] - 1, ACT_QMAX[module.act_dtype]
+    tmp, codes = x2d.new_empty((step, k)), torch.empty((step, k), dtype=torch.int8)
+    acc, out = torch.empty((step, n), dtype=torch.int32), torch.empty((rows, n))
     for a in range(0, rows, step):
-        b = min(a + step, rows)
-        out[a:b] = _int8_rows(module, x2d[a:b], per_row[a:b] if per_row.dim() else per_row, w_codes, shift)
-    return out.reshape(x.shape[:-1] + (n,))
+        r = min(step, rows - a)
+        s = scale[a:a + r] if per_token else scale
+        torch.div(x2d[a:a + r], s, out=tmp[:r]).round_().clamp_(lo, hi)  # the simulated path's codes
+        c = codes[:r].copy_(tmp[:r])
+        torch._int_mm(c, w_codes.t(), out=acc[:r])
+        y = out[a:a + r].copy_(acc[:r]).mul_(w_scale)
+        if shift is not None:
+            y.addr_(c.sum(1, dtype=torch.float32), shift.reshape(-1), alpha=-1)
+        if per_token or shift is not None:
+            y.mul_(s.float())
+        if module.bias is not None:
+            y.add_(module.bias)
+    return out
