@@ -184,6 +184,7 @@ def test_cpu_chunks_of_rows_give_the_same_output(scheme, on_cpu, monkeypatch):
     with torch.no_grad():
         whole = module(x)  # 300 rows: one chunk
         monkeypatch.setattr(real_gemm, "CHUNK_BYTES", 4 * 96 * 64)  # 64 rows a chunk, the last one 44
+        monkeypatch.setattr(real_gemm, "MIN_CHUNK_ROWS", 16)
         calls, int_mm = [], torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b, out: calls.append(a.shape[0]) or int_mm(a, b, out=out))
         assert torch.equal(module(x), whole)

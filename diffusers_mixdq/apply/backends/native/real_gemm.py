@@ -44,6 +44,8 @@ FP8_DEVICES = ("cuda",)
 INT_ACTIVATIONS = ("int8", "int4")
 #: bytes of one chunk's int32 accumulator (or of its input rows in fp32) on the eager CPU path
 CHUNK_BYTES = 1 << 20
+#: fewest rows of a chunk (each chunk reads the whole weight again)
+MIN_CHUNK_ROWS = 256
 
 
 def cpu_has_int8_instructions() -> bool:
@@ -179,7 +181,7 @@ def _cpu_chunks(module, x2d: torch.Tensor, scale: torch.Tensor, w_codes: torch.T
     """:func:`_int8_rows` on the eager CPU path, in fp32: a chunk of rows at a time through buffers made once per
     call (so every pass stays in cache and nothing is allocated per chunk), written into the output."""
     (rows, k), n = x2d.shape, w_codes.shape[0]
-    step = min(rows, max(32, CHUNK_BYTES // (4 * max(k, n))))
+    step = min(rows, max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * max(k, n))))
     per_token = scale.dim() > 0 and scale.shape[0] > 1
     scale = scale.to(x2d.dtype)
     w_scale = module.qscale.float().reshape(1, n)
