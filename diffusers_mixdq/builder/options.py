@@ -128,6 +128,9 @@ def components_problem(o: Any) -> str | None:
     if o.context == "uniform" or o.pick_uniform:
         return ("<context> 'uniform' and <pick_uniform> measure and pick the denoiser alone; with text-encoder "
                 "<components> use context 'fp' and no pick_uniform.")
+    if o.refine.evaluations:
+        return ("<refine.evaluations> refines the denoiser's widths alone; with text-encoder <components> set it "
+                "to 0 (off).")
     stages = [n for n, on in (("balance", o.balance), ("lowrank_rank", o.lowrank_rank),
                               ("distill_seconds", o.distill_seconds), ("weights.outlier_fraction",
                                                                        o.weights.outlier_fraction)) if on]
@@ -204,6 +207,15 @@ class SensitivityFile(Strict):
     prefix: str = "model."
 
 
+class RefineOptions(Strict):
+    """The refine stage (:mod:`.refine`): whole-plan evaluations on the pick prompts (0: off), in-plan measuring
+    rounds, and the objective (``None``: ``pick_objective``)."""
+
+    evaluations: Annotated[int, BeforeValidator(_count(0))] = 0
+    rounds: Annotated[int, BeforeValidator(_count(1))] = 2
+    objective: Optional[Literal[PICK_OBJECTIVES]] = None
+
+
 class BuildOptions(Strict):
     """Every option a build takes from its caller, with its rules (see the module docstring)."""
 
@@ -250,6 +262,8 @@ class BuildOptions(Strict):
     budget_scope: Literal["joint", "per_component"] = "joint"
     component_budgets: dict[str, float] = {}
     text_encoder_widths: WeightWidths = [4, 8]
+    #: the refine stage after the pick (:mod:`.refine`)
+    refine: RefineOptions = RefineOptions()
 
     @model_validator(mode="after")
     def _components(self) -> "BuildOptions":
