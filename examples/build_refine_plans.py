@@ -30,8 +30,16 @@ from diffusers_mixdq.builder import BuildSettings, build_plan
 
 TOKEN = {"activations": "dynamic-token", "pick_objective": "psnr"}
 W3 = {"weight_bits": 3.0, "widths": {"content": [2, 4, 8], "quality": [2, 4, 8]}}
+#: the width ladder, only {2, 4, 8} measured by the measure stage (the refine stage measures in the plan)
+LADDER = {"widths": {"content": [2, 3, 4, 5, 6, 8], "quality": [3, 4, 5, 6, 8]}, "measure_widths": (2, 4, 8)}
+W3_LADDER = {"weight_bits": 3.0, "widths": {"content": [2, 3, 4, 5, 6, 8], "quality": [2, 3, 4, 5, 6, 8]},
+             "measure_widths": (2, 4, 8)}
 #: mixed plans: name -> builder settings on top of the common ones (refine settings added from the command line)
-MIXED = {"w4a8-mixed": {}, "w4a8-refine": {"refine": True}, "w3a8-mixed": W3, "w3a8-refine": {**W3, "refine": True}}
+MIXED = {"w4a8-mixed": {}, "w4a8-refine": {"refine": True}, "w4a8-ladder": LADDER,
+         "w4a8-ladder-refine": {**LADDER, "refine": True},
+         "w4a8-ladder-refine-pu": {**LADDER, "pick_uniform": True, "refine": True},
+         "w3a8-mixed": W3, "w3a8-refine": {**W3, "refine": True},
+         "w3a8-ladder-refine": {**W3_LADDER, "refine": True}}
 PLANS = ("w4a8-uniform", *MIXED)
 
 

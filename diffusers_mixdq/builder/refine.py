@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
 from .allocate import AllocationProblem, FixedLayer, LayerChoice, objective, solve
-from .allocate.moves import Move, size_bits, swap_moves
+from .allocate.moves import Move, paired_gain, size_bits, swap_moves
 from .allocate.result import average
 from .assign import Assignment, to_plan
 from .context import BuildContext
 from .measure import sweep_key
+from .noise_model import layer_deltas, noise, probe_widths
 from .plan_errors import image_errors
 from .progress import sweep_bar
 from .recording import Calibration
@@ -66,46 +66,56 @@ class _Run:
         allocation = replace(self.chosen.best, choice=dict(choice))
         return to_plan(self.ctx, self.calib, allocation, self.chosen.activations)
 
-    def value(self, choice: dict) -> float:
-        """The refine objective of ``choice`` on the pick prompts (its per-image errors cached by its widths)."""
+    def image_errors(self, choice: dict) -> list[float]:
+        """``choice``'s per-image MSE on the pick prompts (cached by its widths)."""
         key = _choice_key(choice)
         cached = [self.errors.get(f"{key}|{i}") for i in range(len(self.s.pick_settings.prompts))]
         if all(v is not None for v in cached):
             self.spent["reused_evaluations"] += 1
-            return objective(cached, self.kind)
+            return cached
         errors = image_errors(self.ctx, self.calib, self.plan(choice), self.chosen.reference)
         self.spent["evaluations"] += 1
         for i, e in enumerate(errors):
             self.errors.scores[f"{key}|{i}"] = e
         self.errors.put(f"{key}|n", float(len(errors)))  # one write per plan
-        return objective(errors, self.kind)
+        return errors
 
     def deltas(self, choice: dict) -> dict[str, dict[int, float]]:
-        """Each candidate layer's change of the output noise power at each candidate width, in the current plan."""
+        """Each candidate layer's change of the plan's error at each candidate width, in the current plan: measured
+        at its widest candidate and one step down (:func:`~.noise_model.probe_widths`), the other widths from the
+        layer's own share of the error, 4x per bit (:func:`~.noise_model.layer_deltas`)."""
         ctx, s = self.ctx, self.s
         current = {n: int(choice[n]) for n in ctx.candidates}
-        widths = {n: [w for w in s.widths[ctx.groups[n]] if w != current[n]] for n in ctx.candidates}
+        widths = {n: probe_widths(s.widths[ctx.groups[n]], current[n]) for n in ctx.candidates}
         cache = ScoreCache(None if self.base is None else
                            self.base.parent / f"{self.base.name}-context-{_choice_key(choice)}.json")
         plan = self.plan(choice)
         specs, originals = plan.layer_specs(), {n: ctx.denoiser.get_submodule(n) for n in ctx.candidates}
+        by_probes: dict[tuple, list[str]] = {}
+        for n in ctx.candidates:
+            by_probes.setdefault(tuple(widths[n]), []).append(n)
+        scores: dict[str, dict[int, float]] = {}
         with applied(ctx.denoiser, plan, self.calib.bos_state):
             base = cache.get("<plan>|0")
             if base is None:
                 base = replay_sqnr(ctx.denoiser, self.sub)
                 cache.put("<plan>|0", base)
-                self.spent["context_calls"] += self.sub.num_calls
-                self.spent["context_samples"] += self.sub.num_samples
-            result = layer_sensitivity(
-                ctx.denoiser, ctx.candidates, widths, {n: n for n in ctx.candidates},
-                lambda n, b: replace(specs[n], weights=f"int{b}"), self.sub, None, (0, 0),
-                bos_state=self.calib.bos_state, progress=ctx.progress, cache=cache, module_of=originals.__getitem__)
-        self.spent["context_calls"] += result.cost.calls
-        self.spent["context_samples"] += result.cost.samples
-        self.spent["context_reused"] += result.reused.samples
-        noise = lambda db: 0.0 if math.isinf(db) else 10 ** (-db / 10)  # noqa: E731
-        return {n: {current[n]: 0.0, **{b: noise(result.scores[n][b]) - noise(base) for b in widths[n]}}
-                for n in ctx.candidates}
+                self._spend(self.sub.num_calls, self.sub.num_samples)
+            for probes, names in by_probes.items():  # layers measured at the same widths: one sweep
+                result = layer_sensitivity(
+                    ctx.denoiser, names, {"content": list(probes)}, {n: "content" for n in names},
+                    lambda n, b: replace(specs[n], weights=f"int{b}"), self.sub, None, (0, 0),
+                    bos_state=self.calib.bos_state, progress=ctx.progress, cache=cache,
+                    module_of=originals.__getitem__)
+                scores.update(result.scores)
+                self._spend(result.cost.calls, result.cost.samples, result.reused.samples)
+        return {n: layer_deltas(s.widths[ctx.groups[n]], current[n], noise(base),
+                                {b: noise(scores[n][b]) for b in widths[n]}) for n in ctx.candidates}
+
+    def _spend(self, calls: int, samples: int, reused: int = 0) -> None:
+        self.spent["context_calls"] += calls
+        self.spent["context_samples"] += samples
+        self.spent["context_reused"] += reused
 
     def proposals(self, choice: dict, deltas: dict) -> list[Move]:
         """The joint ILP over the in-plan table, then the budget-keeping swaps (best predicted first)."""
@@ -130,41 +140,38 @@ def refine(ctx: BuildContext, calib: Calibration, chosen: Assignment) -> Assignm
     """``chosen`` refined (see the module docstring); its record in ``chosen.refine``, its costs in the report."""
     run, s = _Run(ctx, calib, chosen), ctx.settings
     current = {n: int(chosen.best.choice.get(n, 16)) for n in ctx.table}
-    start = best = run.value(current) if run.kind != s.pick_objective or not chosen.best_errors \
-        else objective(chosen.best_errors, run.kind)
-    rounds, queue, tried, kept = 0, [], {tuple(sorted(current.items()))}, []
+    start = best = chosen.best_errors or run.image_errors(current)
+    rounds, queue, seen, kept, tried = 0, [], {tuple(sorted(current.items()))}, [], []
     with sweep_bar("refine (plans evaluated)", s.refine_evaluations, 0, ctx.progress) as bar:
         while run.spent["evaluations"] + run.spent["reused_evaluations"] < s.refine_evaluations:
             if not queue:
-                if rounds >= s.refine_rounds or (rounds and not kept_since(kept, rounds)):
-                    break
+                if rounds >= s.refine_rounds or (rounds and not any(k["round"] == rounds for k in kept)):
+                    break  # re-measuring an unchanged plan would propose the same moves
                 queue, rounds = run.proposals(current, run.deltas(current)), rounds + 1
                 continue
             move = queue.pop(0)
             changes = {n: w for n, w in move.changes.items() if current[n] != w}  # a stale move: only what changes
             new = {**current, **changes}
             key = tuple(sorted(new.items()))
-            if not changes or key in tried or size_bits(new, run.sizes) > run.limit:
+            if not changes or key in seen or size_bits(new, run.sizes) > run.limit:
                 continue
-            tried.add(key)
-            value = run.value(new)
+            seen.add(key)
+            errors = run.image_errors(new)
             bar.update(1)
-            if value < best:
-                kept.append({"kind": move.kind, "round": rounds, "objective": value,
-                             "changes": {n: [current[n], w] for n, w in changes.items()}})
-                best, current = value, new
+            gain = paired_gain(errors, best, run.kind)
+            accepted = objective(errors, run.kind) < objective(best, run.kind) and gain > s.refine_significance
+            tried.append([move.kind, len(changes), objective(errors, run.kind), round(gain, 3), accepted])
+            if accepted:
+                kept.append({"kind": move.kind, "round": rounds, "objective": objective(errors, run.kind),
+                             "gain_se": gain, "changes": {n: [current[n], w] for n, w in changes.items()}})
+                best, current = errors, new
                 if rounds < s.refine_rounds:
                     queue = []  # re-measure inside the new plan
-    return _result(run, chosen, current, start, best, kept, rounds, len(tried) - 1)
+    return _result(run, chosen, current, objective(start, run.kind), objective(best, run.kind), kept, tried, rounds)
 
 
-def kept_since(kept: list, rounds: int) -> bool:
-    """Whether a proposal of the last measured round was kept (else re-measuring the same plan is pointless)."""
-    return any(k["round"] == rounds for k in kept)
-
-
-def _result(run: _Run, chosen: Assignment, choice: dict, start: float, best: float, kept: list, rounds: int,
-            tried: int) -> Assignment:
+def _result(run: _Run, chosen: Assignment, choice: dict, start: float, best: float, kept: list, tried: list,
+            rounds: int) -> Assignment:
     ctx, report = run.ctx, run.ctx.report
     calls, samples = _eval_cost(run)
     report.count("refine", calls * run.spent["evaluations"], samples * run.spent["evaluations"],
@@ -173,8 +180,8 @@ def _result(run: _Run, chosen: Assignment, choice: dict, start: float, best: flo
                  reused=(0, run.spent["context_reused"]))
     total_bits, avg = average(choice, run.sizes, run.sizes)
     best_alloc = replace(chosen.best, choice={**chosen.best.choice, **choice}, avg_bits=avg, total_bits=total_bits)
-    record = {"objective": run.kind, "start": start, "final": best, "rounds": rounds, "plans_evaluated": tried,
-              "kept": kept, "spent": {"max_evaluations": run.s.refine_evaluations,
+    record = {"objective": run.kind, "significance": run.s.refine_significance, "start": start, "final": best,
+              "rounds": rounds, "kept": kept, "tried": tried, "spent": {"max_evaluations": run.s.refine_evaluations,
                                            "max_rounds": run.s.refine_rounds, **run.spent}}
     return replace(chosen, best=best_alloc, plan=run.plan(choice), refine=record)
 

@@ -28,6 +28,7 @@ SETTINGS_LABELS = Labels(
         ("refine", "evaluations"): "refine_evaluations",
         ("refine", "rounds"): "refine_rounds",
         ("refine", "objective"): "refine_objective",
+        ("refine", "significance"): "refine_significance",
     },
     lambda loc: ".".join(map(str, loc)),
 )
@@ -128,7 +129,7 @@ class BuildSettings(StageSettings):
             "component_budgets": dict(self.component_budgets),
             "text_encoder_widths": _as_list(self.text_encoder_widths),
             "refine": {"evaluations": self.refine_evaluations, "rounds": self.refine_rounds,
-                       "objective": self.refine_objective},
+                       "objective": self.refine_objective, "significance": self.refine_significance},
         }
 
     def validate(self) -> None:

@@ -21,7 +21,8 @@ class StageSettings:
     per-image MSE). ``measure_widths``: the candidate weight widths actually measured (``None``: all); the others
     are estimated from them (:mod:`.width_ladder`). The refine stage (:mod:`.refine`, off while
     ``refine_evaluations`` is 0): at most that many whole-plan evaluations on the pick prompts and
-    ``refine_rounds`` in-plan measurements, judged by ``refine_objective`` (``None``: the pick's)."""
+    ``refine_rounds`` in-plan measurements, judged by ``refine_objective`` (``None``: the pick's); a proposal is
+    kept when its paired per-image improvement exceeds ``refine_significance`` standard errors."""
 
     balance: bool = False
     balance_alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75)
@@ -40,6 +41,7 @@ class StageSettings:
     refine_evaluations: int = 0
     refine_rounds: int = 2
     refine_objective: str | None = None
+    refine_significance: float = 2.0
 
     def stage_values(self) -> dict[str, Any]:
         """These settings by name (sequences as lists)."""
