@@ -26,13 +26,6 @@ SETTINGS = dict(prompts=["a red circle", "a blue square"], steps=2, guidance=3.0
 REFINE = dict(refine_evaluations=6, refine_rounds=2, refine_significance=0.0)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    p = make_pipeline()
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
 def test_swap_moves_keep_the_budget_and_come_best_predicted_first():
     sizes = {"a": 100.0, "b": 100.0, "c": 50.0, "fixed": 10.0}
     choice = {"a": 4, "b": 4, "c": 4, "fixed": 16}
@@ -92,6 +85,13 @@ def test_recipe_refine_reaches_the_settings():
     s = r.settings()
     assert (s.refine_evaluations, s.refine_rounds, s.refine_objective, s.refine_significance) == (12, 1, "tail", 1.5)
     assert load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}}).settings().refine_evaluations == 0
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    tiny = make_pipeline()
+    tiny.set_progress_bar_config(disable=True)
+    return tiny
 
 
 def _pick_objective(pipe, plan, s: BuildSettings, reference) -> float:
