@@ -3,20 +3,22 @@ measured image error of the whole plan on the pick (validation) prompts, within 
 
 Why: the allocator adds up per-layer scores measured with one layer quantized and the rest in full precision, and
 splits the budget between score scales by ``k``; how layers' errors combine in the quantized model is not modelled
-(on `scenes` the picked W4A8 plan's int2 layers cost ~0.5e-4 image MSE quantized together in full precision,
-while the whole plan is 3.4e-4 worse than uniform int4: BENCHMARKS.md "Refinement (issue 14)").
+(on `scenes` the picked W4A8 plan's int2 layers cost 0.5e-4 image MSE quantized together in full precision, while
+the whole plan is 3.4e-4 worse than uniform int4: BENCHMARKS.md "Refinement (issue 14)").
 
-Each **round** measures every candidate layer at each of its other candidate widths *inside the current plan*
-(the rest of the model quantized as planned): the noise power of the denoiser output on the recorded calls
-(``10^(-SQNR/10)``, one scale for every layer, replayed on ``sweep_fraction`` of the samples), as a change
-against the current plan's. From that table come proposals (:mod:`.allocate.moves`): first the joint ILP over
-every layer in that one unit (no ``k``), then budget-keeping swaps, best predicted first. Each proposal is
-applied and its images of the pick prompts compared with full precision (:func:`~.plan_errors.image_errors`);
-it is kept only when the refine objective (``psnr``, ``tail`` or ``mse``, default the pick's) improves. After a
-kept proposal the next round re-measures, while ``refine_rounds`` remain; it stops after
-``refine_evaluations`` plan evaluations or when no proposal is left. The result is never worse than the start on
-its objective and never over the budget. Plan evaluations and in-plan scores are cached in ``cache_dir``
-(``refine-<key>*.json``), so an interrupted build resumes; provenance records what was tried and kept.
+Each **round** measures every candidate layer *inside the current plan* (the rest of the model quantized as
+planned) at its widest candidate and one step down: the noise power of the denoiser output on the recorded calls
+(``10^(-SQNR/10)``, one scale for every layer, replayed on ``sweep_fraction`` of the samples); the other widths
+follow 4x per bit (:mod:`.noise_model`). From that table come proposals: first the joint ILP over every layer in
+that one unit (no ``k``), then budget-keeping swaps, best predicted first (:mod:`.allocate.moves`). Each proposal
+is applied and its images of the pick prompts compared with full precision (:func:`~.plan_errors.image_errors`);
+it is kept only when the refine objective (``psnr``, ``tail`` or ``mse``, default the pick's) improves by more than
+``refine_significance`` paired standard errors (:func:`~.allocate.moves.paired_gain`: a few prompts' mean moves by
+chance as much as a plan change moves it). After a kept proposal the next round re-measures, while
+``refine_rounds`` remain; it stops after ``refine_evaluations`` plan evaluations or when no proposal is left. The
+result is never worse than the start on its objective and never over the budget. Plan evaluations and in-plan
+scores are cached in ``cache_dir`` (``refine-<key>*.json``), so an interrupted build resumes to the same plan;
+the provenance records every proposal tried and what was kept.
 """
 
 from __future__ import annotations
