@@ -82,12 +82,12 @@ def random_swap(choice: dict, ctx, rng: random.Random, budget_bits: float) -> di
 def headroom(ctx, calib, chosen, choice: dict, widths: dict) -> dict:
     """What mixing can buy at all by the in-plan model: the output noise power of ``choice`` and, per candidate
     width set, the noise the joint ILP over the in-plan deltas predicts (first order), in dB against ``choice``."""
-    from diffusers_mixdq.builder.refine import _Run
+    from diffusers_mixdq.builder.refine import Refinement
 
     out = {}
     for label, ws in widths.items():
         ctx.settings = replace(ctx.settings, widths=ws)
-        run = _Run(ctx, calib, chosen)
+        run = Refinement(ctx, calib, chosen)
         deltas = run.deltas(choice)
         moves = run.proposals(choice, deltas)
         ilp = next((m for m in moves if m.kind == "ilp"), None)

@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=PLANS, default=list(PLANS[:3]), metavar="PLAN")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: <out>/cache")
     parser.add_argument("--evaluations", type=int, default=16, help="refine: whole-plan evaluations (default 16)")
-    parser.add_argument("--rounds", type=int, default=2, help="refine: in-plan measuring rounds (default 2)")
+    parser.add_argument("--rounds", type=int, default=1, help="refine: in-plan measuring rounds (default 1)")
     args = parser.parse_args()
 
     torch.manual_seed(0)

@@ -212,7 +212,7 @@ class RefineOptions(Strict):
     rounds, and the objective (``None``: ``pick_objective``)."""
 
     evaluations: Annotated[int, BeforeValidator(_count(0))] = 0
-    rounds: Annotated[int, BeforeValidator(_count(1))] = 2
+    rounds: Annotated[int, BeforeValidator(_count(1))] = 1
     objective: Optional[Literal[PICK_OBJECTIVES]] = None
     #: a proposal is kept when its paired per-image improvement exceeds this many standard errors (0: any gain)
     significance: Annotated[float, BeforeValidator(_non_negative)] = 2.0

@@ -46,7 +46,7 @@ def enabled(s) -> bool:
     return s.refine_evaluations > 0
 
 
-class _Run:
+class Refinement:
     """One refinement: the plans tried (cached by their widths), the costs, the record for the provenance."""
 
     def __init__(self, ctx: BuildContext, calib: Calibration, chosen: Assignment):
@@ -140,7 +140,7 @@ def _choice_key(choice: dict) -> str:
 
 def refine(ctx: BuildContext, calib: Calibration, chosen: Assignment) -> Assignment:
     """``chosen`` refined (see the module docstring); its record in ``chosen.refine``, its costs in the report."""
-    run, s = _Run(ctx, calib, chosen), ctx.settings
+    run, s = Refinement(ctx, calib, chosen), ctx.settings
     current = {n: int(chosen.best.choice.get(n, 16)) for n in ctx.table}
     start = best = chosen.best_errors or run.image_errors(current)
     rounds, queue, seen, kept, tried = 0, [], {tuple(sorted(current.items()))}, [], []
@@ -172,7 +172,7 @@ def refine(ctx: BuildContext, calib: Calibration, chosen: Assignment) -> Assignm
     return _result(run, chosen, current, objective(start, run.kind), objective(best, run.kind), kept, tried, rounds)
 
 
-def _result(run: _Run, chosen: Assignment, choice: dict, start: float, best: float, kept: list, tried: list,
+def _result(run: Refinement, chosen: Assignment, choice: dict, start: float, best: float, kept: list, tried: list,
             rounds: int) -> Assignment:
     ctx, report = run.ctx, run.ctx.report
     calls, samples = _eval_cost(run)
@@ -188,7 +188,7 @@ def _result(run: _Run, chosen: Assignment, choice: dict, start: float, best: flo
     return replace(chosen, best=best_alloc, plan=run.plan(choice), refine=record)
 
 
-def _eval_cost(run: _Run) -> tuple[int, int]:
+def _eval_cost(run: Refinement) -> tuple[int, int]:
     from .assign import pick_cost
 
     return pick_cost(run.calib, run.s)

@@ -39,7 +39,7 @@ class StageSettings:
     content_metric: str = "ssim"
     measure_widths: Sequence[int] | None = None
     refine_evaluations: int = 0
-    refine_rounds: int = 2
+    refine_rounds: int = 1
     refine_objective: str | None = None
     refine_significance: float = 2.0
 
