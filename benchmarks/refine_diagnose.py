@@ -95,8 +95,8 @@ def headroom(ctx, calib, chosen, choice: dict, widths: dict) -> dict:
         gain = ilp.predicted if ilp is not None else 0.0
         out[label] = {"base_noise": base, "ilp_predicted_noise": base + gain,
                       "predicted_gain_db": float(10 * np.log10(base / max(base + gain, 1e-30))),
-                      "raise_all_to_8_gain_db": float(10 * np.log10(base / max(base + sum(
-                          d[8] for d in deltas.values() if 8 in d), 1e-30))),
+                      # the layers' one-at-a-time gains at int8, summed, over the plan's noise (1: additive)
+                      "int8_gains_sum_over_noise": float(sum(-d[8] for d in deltas.values() if 8 in d) / base),
                       "ilp_changes": len(ilp.changes) if ilp is not None else 0}
         print(label, json.dumps(out[label]))
     return out
