@@ -106,7 +106,8 @@ def test_default_pick_uses_the_calibration_prompts(monkeypatch):
     plan, report = build_plan(pipe, BuildSettings(**{**SETTINGS, "split_ratios": (1.0,)}), progress=False)
     assert seen == [CALIBRATION]  # the calibration run's images are the reference: no extra run
     assert "pick_reference" not in report.sample_evaluations
-    assert report.candidate_score == report.candidate_mse
+    assert plan.provenance["allocation"]["pick_objective"] == "psnr"  # the default: minus the mean per-image PSNR
+    assert len(report.candidate_score) == len(report.candidate_mse) and all(v < 0 for v in report.candidate_score)
     assert plan.provenance["settings"]["protected"] == [] and "num_pick_prompts" not in plan.provenance
 
 
