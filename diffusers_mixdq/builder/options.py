@@ -135,6 +135,9 @@ def components_problem(o: Any) -> str | None:
     if o.context == "uniform" or o.pick_uniform:
         return ("<context> 'uniform' and <pick_uniform> measure and pick the denoiser alone; with text-encoder "
                 "<components> use context 'fp' and no pick_uniform.")
+    if o.refine.evaluations:
+        return ("<refine.evaluations> refines the denoiser's widths alone; with text-encoder <components> set it "
+                "to 0 (off).")
     stages = [n for n, on in (("balance", o.balance), ("lowrank_rank", o.lowrank_rank),
                               ("distill_seconds", o.distill_seconds), ("weights.outlier_fraction",
                                                                        o.weights.outlier_fraction)) if on]
@@ -231,6 +234,17 @@ class SensitivityFile(Strict):
     prefix: str = "model."
 
 
+class RefineOptions(Strict):
+    """The refine stage (:mod:`.refine`): whole-plan evaluations on the pick prompts (0: off), in-plan measuring
+    rounds, and the objective (``None``: ``pick_objective``)."""
+
+    evaluations: Annotated[int, BeforeValidator(_count(0))] = 0
+    rounds: Annotated[int, BeforeValidator(_count(1))] = 1
+    objective: Optional[Literal[PICK_OBJECTIVES]] = None
+    #: a proposal is kept when its paired per-image improvement exceeds this many standard errors (0: any gain)
+    significance: Annotated[float, BeforeValidator(_non_negative)] = 2.0
+
+
 class BuildOptions(Strict):
     """Every option a build takes from its caller, with its rules (see the module docstring)."""
 
@@ -277,6 +291,8 @@ class BuildOptions(Strict):
     budget_scope: Literal["joint", "per_component"] = "joint"
     component_budgets: dict[str, float] = {}
     text_encoder_widths: WeightWidths = [4, 8]
+    #: the refine stage after the pick (:mod:`.refine`)
+    refine: RefineOptions = RefineOptions()
 
     @model_validator(mode="after")
     def _components(self) -> "BuildOptions":

@@ -57,6 +57,10 @@ budget_scope: joint                # joint: one budget (weights.budget_bits / si
 component_budgets: {text_encoder: 8.0}   # per_component only: average bits of a component
 text_encoder_widths: [4, 8]        # candidate weight widths of text-encoder layers (weight-only; scored like content
                                    # layers, by the images: builder.text_encoders)
+refine: {evaluations: 0, rounds: 1, objective: null, significance: 2.0}   # evaluations > 0: after the pick,
+                                   # improve the widths by the measured image error of whole plans on the pick
+                                   # prompts (builder.refine; objective psnr | tail | mse, default pick_objective;
+                                   # kept when the paired per-image gain exceeds `significance` standard errors)
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
 
@@ -151,7 +155,9 @@ class Recipe(StageSettings):
             context=o.context,
             pick_uniform=o.pick_uniform, content_metric=o.content_metric, components=list(o.components),
             budget_scope=o.budget_scope, component_budgets=dict(o.component_budgets),
-            text_encoder_widths=list(o.text_encoder_widths),
+            text_encoder_widths=list(o.text_encoder_widths), refine_evaluations=o.refine.evaluations,
+            refine_rounds=o.refine.rounds, refine_objective=o.refine.objective,
+            refine_significance=o.refine.significance,
             push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 

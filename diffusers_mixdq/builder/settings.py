@@ -26,6 +26,10 @@ SETTINGS_LABELS = Labels(
         ("activations", "timestep_groups"): "act_timestep_groups",
         ("weights", "outlier_fraction"): "outlier_fraction",
         ("weights", "measure"): "measure_widths",
+        ("refine", "evaluations"): "refine_evaluations",
+        ("refine", "rounds"): "refine_rounds",
+        ("refine", "objective"): "refine_objective",
+        ("refine", "significance"): "refine_significance",
     },
     lambda loc: ".".join(map(str, loc)),
 )
@@ -132,6 +136,8 @@ class BuildSettings(StageSettings):
             "components": _as_list(self.components), "budget_scope": self.budget_scope,
             "component_budgets": dict(self.component_budgets),
             "text_encoder_widths": _as_list(self.text_encoder_widths),
+            "refine": {"evaluations": self.refine_evaluations, "rounds": self.refine_rounds,
+                       "objective": self.refine_objective, "significance": self.refine_significance},
         }
 
     def validate(self) -> None:
