@@ -9,7 +9,7 @@ minutes). Per variant: average weight bits, median / 10th percentile of the per-
 below 20 dB, aligned share with its 95% interval, and against ``--baseline`` the median paired PSNR difference with
 Wilcoxon's signed-rank p and the alignment difference with McNemar's exact p (benchmarks/paired.py's tests);
 ``--pair A:B`` (repeatable) adds a pair (e.g. ``--pair uniform-token:uniform``).
-Writes ``benchmarks/results/ablation_<model>.json`` (the table's numbers) and ``..._details.json`` (per image), and
+Writes ``benchmarks/results/ablation_<model>.json`` (``--name refine``: ``refine_<model>.json``) (the table's numbers) and ``..._details.json`` (per image), and
 prints the table in Markdown.
 """
 
@@ -74,7 +74,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="names the results files (ablation_<model>*.json)")
+    parser.add_argument("--model", required=True, help="names the results files (<name>_<model>*.json)")
+    parser.add_argument("--name", default="ablation", help="names the results files (default: ablation)")
     parser.add_argument("--baseline", default="mixed")
     parser.add_argument("--pair", action="append", default=[], metavar="A:B", help="a paired test more (repeatable)")
     parser.add_argument("runs", nargs="+", help="results.json of `mixdq eval --out DIR` runs")
@@ -82,8 +83,8 @@ def main(argv=None) -> None:
     rows = merged(args.runs)
     result = summary(rows, args.baseline)
     pairs = [{"variant": a, **paired(rows, a, b)} for a, b in (p.split(":") for p in args.pair)]
-    (RESULTS / f"ablation_{args.model}.json").write_text(json.dumps(result + pairs, indent=1) + "\n")
-    (RESULTS / f"ablation_{args.model}_details.json").write_text(json.dumps(list(rows.values())) + "\n")
+    (RESULTS / f"{args.name}_{args.model}.json").write_text(json.dumps(result + pairs, indent=1) + "\n")
+    (RESULTS / f"{args.name}_{args.model}_details.json").write_text(json.dumps(list(rows.values())) + "\n")
     print(table(result))
     for r in pairs:
         print(f"{r['variant']} vs {r['vs']}: {r['psnr_median_diff_db']:+.2f} dB (Wilcoxon p = {r['wilcoxon_p']:.2g}), "

@@ -6,11 +6,14 @@ a W4A8 mixed plan; with ``--only``, any of those and three more used by the peer
     python examples/build_demo_plans.py --only w4a8-uniform w5a8-mixed w3a8-mixed   # extra plans (benchmarks)
     python examples/build_demo_plans.py --only w4a8-mixed --pick-objective tail --out _work/plans
 
-W8A8: int8 weights, int8 static activations calibrated on 16 prompts, BOS-aware cross-attention K/V.
+W8A8: int8 weights, int8 activations with the builder's default range (``--activations``: ``dynamic-token``, a
+run-time range per token, or ``int8``, static ranges calibrated on 16 prompts as the plans bundled before issue
+#14), BOS-aware cross-attention K/V.
 W4A8 mixed: the builder (calibration -> metric-decoupled sensitivity -> HiGHS allocation, average weight bits at
-most 4.0, content widths {2, 4, 8}, quality {4, 8}) with the same activations.
-W4A8 uniform (extra): int4 weights everywhere with the same calibrated int8 activations as W8A8 (the
-uniform baseline of the mixed plan, same layers, same activation quantization).
+most 4.0, content widths {2, 4, 8}, quality {4, 8}, ``k`` picked by the builder's default objective, mean per-image
+PSNR) with the same activations.
+W4A8 uniform (extra): int4 weights everywhere with the same int8 activations as W8A8 (the uniform baseline of the
+mixed plan, same layers, same activation quantization).
 W5A8 mixed (extra): as W4A8 mixed with the average at most 5.0 bits.
 W3A8 mixed (extra, below 4 bits): average at most 3.0 bits; quality layers may go to 2 bits too ({2, 4, 8}),
 since {4, 8} cannot average below 4.
@@ -21,10 +24,11 @@ plans/shapes/ so that `mixdq demo` keeps showing the two bundled plans.
 Prompts (issue #13 / #14): every plan is calibrated on the first 16 prompts of the model's **calibration** set
 (``demo.prompt_set("shapes", "calibration", 16)``) and mixed plans pick ``k`` on ``--pick-prompts`` (default 48)
 prompts of its **validation** set, so no prompt of the **test** set that `mixdq eval` and `mixdq demo` use is
-seen by the builder. Allocator options: ``--pick-objective tail`` picks by the worst 10% of images;
+seen by the builder. Allocator options: ``--pick-objective tail`` picks by the worst 10% of images (``mse``: by
+the mean per-image MSE, the default before issue #14);
 ``--protect-first-last`` keeps conv_in / conv_out in 16 bit; ``--split-ratios`` sets the ``k`` sweep (default:
 the builder's eleven ratios); ``--context uniform``, ``--pick-uniform``, ``--content-metric mse`` and
-``--pick-objective psnr`` are the builder options of the same names (BENCHMARKS.md, issue #14); ``--out DIR``
+``--pick-objective`` are the builder options of the same names (BENCHMARKS.md, issue #14); ``--out DIR``
 writes every plan under DIR instead of the bundled folders. ``--ladder 4`` / ``--ladder 3`` use the int3 / int5 / int6
 widths too (content {2, 3, 4, 5, 6, 8}; quality from 3 or 2 bits), ``--measure-widths 2 4 8`` measures only those.
 
@@ -45,6 +49,7 @@ import torch
 from diffusers_mixdq import BitPlan
 from diffusers_mixdq import demo
 from diffusers_mixdq.builder import BuildSettings, build_plan, calibrated_plan
+from diffusers_mixdq.builder.options import DEFAULT_ACTIVATION_MODE, DEFAULT_PICK_OBJECTIVE, activation_defaults
 
 OUT = Path(demo.plans_dir("shapes"))
 EXTRA = Path(demo.plans_dir("shapes-extra"))
@@ -88,7 +93,9 @@ def main() -> None:
                         help=f"plans to (re)build, of {', '.join(PLANS)} (default: {' '.join(BUNDLED)})")
     parser.add_argument("--pick-prompts", type=int, default=48, metavar="N",
                         help="mixed plans: pick k on N prompts of the validation set (default 48)")
-    parser.add_argument("--pick-objective", choices=("mse", "tail", "psnr"), default="mse")
+    parser.add_argument("--pick-objective", choices=("mse", "tail", "psnr"), default=DEFAULT_PICK_OBJECTIVE)
+    parser.add_argument("--activations", choices=("dynamic-token", "int8"), default=DEFAULT_ACTIVATION_MODE,
+                        help="int8 inputs with a run-time range per token, or static calibrated ranges")
     parser.add_argument("--context", choices=("fp", "uniform"), default="fp")
     parser.add_argument("--pick-uniform", action="store_true")
     parser.add_argument("--content-metric", choices=("ssim", "mse"), default="ssim")
@@ -115,12 +122,12 @@ def main() -> None:
     pipe = demo.load_pipeline()
     prompts = demo.prompt_set("shapes", "calibration", 16)
     common = dict(prompts=prompts, steps=demo.NUM_INFERENCE_STEPS, guidance=demo.GUIDANCE_SCALE,
-                  height=32, width=32, seed=1000)
+                  height=32, width=32, seed=1000, activations=args.activations)
     for name in (n for n in UNIFORM if n in args.only):
         out, weights = UNIFORM[name]
         out = args.out or out
         t0 = time.perf_counter()
-        plan = calibrated_plan(pipe, BitPlan(defaults={"weights": weights, "activations": "int8"},
+        plan = calibrated_plan(pipe, BitPlan(defaults={"weights": weights, **activation_defaults(args.activations)},
                                              target={"base_model": "diffusers_mixdq/demo/pipeline"}),
                                BuildSettings(**common, **correction_settings(args)))
         plan.save(out / name)

@@ -4,15 +4,17 @@
     python examples/build_scenes_plans.py --only w4a8-mixed --out _work/plans
 
 Every plan keeps the family's first and last layers (`pos_embed.proj`, `proj_out`) in floating point, quantizes
-every other input to int8 with static ranges calibrated on the first 16 prompts of the model's **calibration**
-set, and runs the pipeline with the arguments of its `defaults.json` (PixArt at 32 px: no resolution binning,
+every other input to int8 with the builder's default range (``--activations``: ``dynamic-token``, a run-time range
+per token, or ``int8``, static ranges as the plans bundled before issue #14), is calibrated on the first 16 prompts
+of the model's **calibration** set, and runs the pipeline with the arguments of its `defaults.json` (PixArt at 32 px: no resolution binning,
 16-token captions). The text encoder is T5 (not causal), so no layer is BOS-aware.
 
 * `w8a8`, `w4a8-uniform`: int8 / int4 weights everywhere.
 * `w3a8-rule`: the same-size baseline of `w3a8-mixed`: int4 weights everywhere except the feed-forward layers
   (`*.ff.*`), which get int2 (3.11 bits on average: no single width of {2, 4, 8} averages 3 bits).
 * `w4a8-mixed`, `w3a8-mixed`: the builder (metric-decoupled sensitivity -> HiGHS allocation over the default `k`
-  sweep), `k` picked on 48 prompts of the **validation** set; budgets: 4.0 bits, and exactly the average of
+  sweep), `k` picked on 48 prompts of the **validation** set by the builder's default objective (mean per-image
+  PSNR; ``--pick-objective``); budgets: 4.0 bits, and exactly the average of
   `w3a8-rule` (content and quality layers may both take {2, 4, 8} there, since {4, 8} cannot average below 4).
 
 No prompt of the **test** set, which `mixdq eval` and `mixdq demo` use, is seen here.
@@ -41,13 +43,14 @@ from diffusers import DiffusionPipeline
 
 from diffusers_mixdq import BitPlan, demo
 from diffusers_mixdq.builder import BuildSettings, build_plan, calibrated_plan
+from diffusers_mixdq.builder.options import DEFAULT_ACTIVATION_MODE, DEFAULT_PICK_OBJECTIVE, activation_defaults
 from diffusers_mixdq.families import family_of
 
 #: calibrated plans: name -> (default weights, rules)
 CALIBRATED = {
     "w8a8": ("int8", []),
     "w4a8-uniform": ("int4", []),
-    "w3a8-rule": ("int4", [{"targets": ["*.ff.*"], "weights": "int2", "activations": "int8"}]),
+    "w3a8-rule": ("int4", [{"targets": ["*.ff.*"], "weights": "int2"}]),
 }
 #: mixed plans: name -> (budget: bits, or the name of the plan whose average it matches; extra settings)
 MIXED = {
@@ -59,7 +62,7 @@ PLANS = (*CALIBRATED, *MIXED)
 
 def calibrated(pipe, name: str, settings: BuildSettings, keep: list[str]) -> BitPlan:
     weights, rules = CALIBRATED[name]
-    plan = BitPlan(defaults={"weights": weights, "activations": "int8"}, rules=rules, ignore=keep,
+    plan = BitPlan(defaults={"weights": weights, **activation_defaults(settings.activations)}, rules=rules, ignore=keep,
                    target={"base_model": "diffusers_mixdq/demo/scenes/pipeline"})
     plan = calibrated_plan(pipe, plan, settings, progress=False)
     return plan.resolve(pipe.transformer) if plan.rules else plan
@@ -84,6 +87,9 @@ def main() -> None:
                         help="mixed plans: int8 rows for the F highest-kurtosis output channels of each layer")
     parser.add_argument("--measure-widths", nargs="+", type=int, default=None, metavar="BITS",
                         help="mixed plans: measure only these widths, estimate the other candidates")
+    parser.add_argument("--activations", choices=("dynamic-token", "int8"), default=DEFAULT_ACTIVATION_MODE,
+                        help="int8 inputs with a run-time range per token, or static calibrated ranges")
+    parser.add_argument("--pick-objective", choices=("mse", "tail", "psnr"), default=DEFAULT_PICK_OBJECTIVE)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -94,7 +100,8 @@ def main() -> None:
     settings = BuildSettings(prompts=demo.prompt_set("scenes", "calibration", 16), steps=gen["steps"],
                              guidance=gen["guidance"], height=gen["height"], width=gen["width"], seed=1000,
                              pipe_kwargs=gen["pipe_kwargs"], balance=args.balance, lowrank_rank=args.lowrank_rank,
-                             lowrank_layers=tuple(args.lowrank_layers))
+                             lowrank_layers=tuple(args.lowrank_layers), activations=args.activations,
+                             pick_objective=args.pick_objective)
     keep = list(family_of(pipe.transformer).first_last)
     out = args.out or Path(model.plans_dir())
     averages: dict[str, float] = {}

@@ -113,6 +113,8 @@ def test_eval_takes_a_local_plan_set_with_one_component_folder(tmp_path):
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
     assert rows["my-te"]["psnr"] == rows["te-w8"]["psnr"] > 40 and rows["my-te"]["avg_weight_bits"] == 32
+    assert rows["my-te"]["text_encoder_bytes"] == rows["te-w8"]["text_encoder_bytes"]
+    assert rows["te-w8"]["text_encoder_bytes"] < rows["FP32"]["text_encoder_bytes"] / 2  # int8 Linears, fp32 tables
 
 
 def test_eval_json_has_exactly_the_fields_and_compare_tests_two_variants(tmp_path):

@@ -41,3 +41,23 @@ def test_below_four_bits_uses_two_bit_quality_layers():
     plan = BitPlan.load(demo.plan_path("w3a8-mixed", "shapes-extra"))
     quality = {s.weights for n, s in plan.layer_specs().items() if not unet.role(n, "content")}
     assert "int2" in quality
+
+
+def test_every_bundled_a8_plan_is_built_with_the_builder_defaults():
+    """Every bundled plan of both demo models (denoiser plans and the denoiser of each plan set) quantizes its
+    inputs the way the builder does by default, and its mixed plans picked k by the default objective: a change of
+    the defaults without a rebuild (examples/rebuild_bundled_plans.sh) fails here."""
+    from diffusers_mixdq.builder.options import DEFAULT_ACTIVATION_MODE, DEFAULT_PICK_OBJECTIVE
+
+    paths = [p for d in ("shapes", "shapes-extra", "scenes") for p in demo.plans_in(demo.plans_dir(d)).values()]
+    paths += [p / c for d in ("shapes", "scenes") for p in demo.plan_sets_in(demo.plans_dir(d)).values()
+              for c in ("unet", "transformer") if (p / c / "plan.json").is_file()]
+    assert len(paths) == 2 + 3 + 5 + 2
+    for path in paths:
+        plan = BitPlan.load(path)
+        ranges = {s.act_range for s in plan.layer_specs().values() if s.activations != "none"}
+        assert ranges == {DEFAULT_ACTIVATION_MODE}, path
+        allocation = plan.provenance.get("allocation")
+        if allocation is not None:
+            assert allocation["pick_objective"] == DEFAULT_PICK_OBJECTIVE, path
+    assert sum("allocation" in BitPlan.load(p).provenance for p in paths) == 5  # the mixed ones

@@ -91,3 +91,24 @@ def test_builder_option():
     with pytest.raises(MixDQError, match="activations"):
         BuildSettings(prompts=["a"], activations="per-token").validate()
 
+
+def test_builder_defaults_per_token_and_psnr_pick_static_when_named_or_grouped():
+    """Per token and the PSNR pick unless told (issue #14); ``int8`` named stays static; timestep groups are static
+    ranges, so without a mode they build ``int8``; a dynamic mode with groups is still refused."""
+    from diffusers_mixdq.builder.recipe import load_recipe
+
+    default = BuildSettings(prompts=["a"])
+    assert (default.activations, default.pick_objective) == ("dynamic-token", "psnr")
+    assert BuildSettings(prompts=["a"], act_timestep_groups=4).activations == "int8"
+    assert BuildSettings(prompts=["a"], activations="int8").activations == "int8"
+    BuildSettings(prompts=["a"], act_timestep_groups=4).validate()
+    recipe = {"pipeline": "x", "weights": {"budget_bits": 4}}
+    built = load_recipe(recipe).settings()
+    assert (built.activations, built.pick_objective) == ("dynamic-token", "psnr")
+    assert load_recipe({**recipe, "activations": "int8"}).settings().activations == "int8"
+    assert load_recipe({**recipe, "pick_objective": "mse"}).settings().pick_objective == "mse"
+    grouped = load_recipe({**recipe, "activations": {"timestep_groups": 4}}).settings()
+    assert (grouped.activations, grouped.act_timestep_groups) == ("int8", 4)
+    with pytest.raises(MixDQError, match="timestep_groups"):
+        load_recipe({**recipe, "activations": {"mode": "dynamic-token", "timestep_groups": 4}})
+

@@ -11,6 +11,7 @@ from conftest import make_pipeline
 
 from diffusers_mixdq.builder import BuildSettings, build_plan
 from diffusers_mixdq.builder import assign as assign_module
+from diffusers_mixdq.builder import plan_errors as plan_errors_module
 from diffusers_mixdq.builder.allocate import AllocationError, objective, pick
 from diffusers_mixdq.builder.recipe import load_recipe
 from diffusers_mixdq.errors import MixDQError
@@ -61,7 +62,8 @@ def built(tmp_path_factory):
         return real(p, s, indices)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(assign_module, "run_pipeline", recording)
+    mp.setattr(assign_module, "run_pipeline", recording)  # the reference run
+    mp.setattr(plan_errors_module, "run_pipeline", recording)  # the candidates' runs
     try:
         s = BuildSettings(**SETTINGS, pick_prompts=VALIDATION, pick_objective="tail", protect_first_last=True)
         plan, report = build_plan(pipe, s, progress=False)
@@ -98,11 +100,14 @@ def test_default_pick_uses_the_calibration_prompts(monkeypatch):
     pipe.set_progress_bar_config(disable=True)
     seen: list[list[str]] = []
     real = assign_module.run_pipeline
-    monkeypatch.setattr(assign_module, "run_pipeline", lambda p, s, i=None: seen.append(list(s.prompts)) or real(p, s, i))
+    recording = lambda p, s, i=None: seen.append(list(s.prompts)) or real(p, s, i)  # noqa: E731
+    monkeypatch.setattr(assign_module, "run_pipeline", recording)
+    monkeypatch.setattr(plan_errors_module, "run_pipeline", recording)
     plan, report = build_plan(pipe, BuildSettings(**{**SETTINGS, "split_ratios": (1.0,)}), progress=False)
     assert seen == [CALIBRATION]  # the calibration run's images are the reference: no extra run
     assert "pick_reference" not in report.sample_evaluations
-    assert report.candidate_score == report.candidate_mse
+    assert plan.provenance["allocation"]["pick_objective"] == "psnr"  # the default: minus the mean per-image PSNR
+    assert len(report.candidate_score) == len(report.candidate_mse) and all(v < 0 for v in report.candidate_score)
     assert plan.provenance["settings"]["protected"] == [] and "num_pick_prompts" not in plan.provenance
 
 

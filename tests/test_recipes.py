@@ -34,7 +34,7 @@ def test_there_are_recipes_for_every_model_and_width():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_ready_recipes_validate(path):
     recipe = load_recipe(path)
-    assert recipe.prompts == BUILTIN_PROMPTS and recipe.activations == "int8"
+    assert recipe.prompts == BUILTIN_PROMPTS and recipe.activations == "dynamic-token"  # the default since #14
     bits = {"w8a8": 8.0, "w5a8": 5.0, "w4a8": 4.0}[path.stem]
     assert recipe.budget_bits == bits and recipe.calibrate_only == (path.stem == "w8a8")
     if path.parent.name == "lcm-sdxl":
@@ -125,6 +125,8 @@ def test_mixdq_build_mixed_recipe(tmp_path, pipeline_dir):
     assert plan.summary().avg_weight_bits <= 4.0
     assert plan.target["base_model"] == str(pipeline_dir)
     assert plan.provenance["recipe"]["budget_bits"] == 4.0
+    assert plan.provenance["allocation"]["pick_objective"] == "psnr"  # the builder's default pick
+    assert {s.act_range for s in plan.layer_specs().values() if s.activations != "none"} == {"dynamic-token"}
     shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "out" / "unet")])
     assert shown.exit_code == 0, shown.output
     assert "How it was built" in shown.output and "Optimal" in shown.output
@@ -138,8 +140,15 @@ def test_mixdq_build_calibrate_only_and_size_budget(tmp_path, pipeline_dir):
     assert result.exit_code == 0, result.output
     specs = BitPlan.load(tmp_path / "w8" / "unet").layer_specs()
     assert specs["conv_in"].weights == "none"
-    assert all(s.weights == "int8" and isinstance(s.act_range, float) for n, s in specs.items()
-               if n not in ("conv_in", "conv_out"))
+    assert all(s.weights == "int8" and s.act_range == "dynamic-token" for n, s in specs.items()
+               if n not in ("conv_in", "conv_out"))  # the builder's default activations: a range per token
+    static = write_recipe(tmp_path, pipeline_dir, {"activations": "int8"}, budget_bits=8.0,
+                          candidates={"content": [8], "quality": [8]})
+    result = CliRunner().invoke(app, ["build", str(static), "--out", str(tmp_path / "w8-static")])
+    assert result.exit_code == 0, result.output
+    specs = BitPlan.load(tmp_path / "w8-static" / "unet").layer_specs()
+    assert all(s.activations == "int8" and isinstance(s.act_range, float) and s.act_range > 0
+               for n, s in specs.items() if n not in ("conv_in", "conv_out"))  # named: static, calibrated
 
     sized = write_recipe(tmp_path, pipeline_dir, size_mb=0.5)
     result = CliRunner().invoke(app, ["build", str(sized), "--out", str(tmp_path / "sized")])
@@ -202,3 +211,15 @@ def test_a_protected_pattern_matching_nothing_is_one_error_in_both_build_paths(t
         outputs.append(" ".join(result.output.split()))
     assert all("'protected' patterns match no layer of UNet2DConditionModel: 'conv_outt', 're:nothing.*'" in o
                for o in outputs), outputs
+
+
+def test_build_help_and_recipe_docs_state_the_builder_defaults():
+    """`mixdq build --help` and the recipe reference name the defaults the builder uses (issue #14)."""
+    from diffusers_mixdq.builder import recipe
+    from diffusers_mixdq.builder.options import DEFAULT_ACTIVATION_MODE, DEFAULT_PICK_OBJECTIVE
+
+    shown = " ".join(CliRunner().invoke(app, ["build", "--help"], terminal_width=200).output.split())
+    assert f"activations: {DEFAULT_ACTIVATION_MODE}" in shown and f"pick_objective: {DEFAULT_PICK_OBJECTIVE}" in shown
+    lines = recipe.__doc__.splitlines()
+    assert any(line.startswith(f"activations: {DEFAULT_ACTIVATION_MODE} ") and "default" in line for line in lines)
+    assert any(line.startswith(f"pick_objective: {DEFAULT_PICK_OBJECTIVE} ") and "default" in line for line in lines)

@@ -11,7 +11,6 @@ unquantized, the rest share an element-weighted budget (one per-group solve, ``k
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -22,8 +21,8 @@ from .allocate import AllocationProblem, FixedLayer, LayerChoice, objective, pic
 from .allocate.result import Allocation
 from .context import BuildContext
 from .measure import Sensitivities
+from .plan_errors import image_errors
 from .recording import Calibration
-from .sensitivity import applied
 from .settings import BuildSettings, run_pipeline
 from .uniform_context import act_entry, uniform_allocation
 from .width_ladder import damage as score_damage
@@ -42,6 +41,11 @@ class Assignment:
     activations: dict[str, int | None] = field(default_factory=dict)
     #: the chosen allocation's plans of other components (text encoders, :mod:`.plan_set`), by component
     components: dict[str, BitPlan] = field(default_factory=dict)
+    #: the full-precision images of the pick prompts, and the chosen plan's per-image MSE to them
+    reference: torch.Tensor | None = None
+    best_errors: list[float] = field(default_factory=list)
+    #: what the refine stage did (:mod:`.refine`; empty when it is off)
+    refine: dict = field(default_factory=dict)
 
 
 BITS_TO_DTYPE = {8: "int8", 6: "int6", 5: "int5", 4: "int4", 3: "int3", 2: "int2", 16: "none"}
@@ -156,13 +160,12 @@ def assign(ctx: BuildContext, calib: Calibration, sens: Sensitivities, others=No
     other_plans = {id(a): others.plans(a) if others is not None else {} for a in allocations}
     reference = pick_reference(ctx, calib)
     mse_of: dict[int, float] = {}
+    errors_of: dict[int, list[float]] = {}
     score_of: dict[int, float] = {}
 
     def score(allocation: Allocation) -> float:
-        with applied(ctx.denoiser, plans[id(allocation)], calib.bos_state), torch.no_grad(), \
-                (others.applied(other_plans[id(allocation)]) if others is not None else nullcontext()):
-            images = run_pipeline(ctx.pipe, s.pick_settings)
-        per_image = (images - reference).pow(2).flatten(1).mean(1).tolist()
+        also = others.applied(other_plans[id(allocation)]) if others is not None else None
+        per_image = errors_of[id(allocation)] = image_errors(ctx, calib, plans[id(allocation)], reference, also)
         mse_of[id(allocation)] = objective(per_image, "mse")
         score_of[id(allocation)] = objective(per_image, s.pick_objective)
         return score_of[id(allocation)]
@@ -174,4 +177,5 @@ def assign(ctx: BuildContext, calib: Calibration, sens: Sensitivities, others=No
     report.seconds["allocate"] = time.perf_counter() - t0
     calls, samples = pick_cost(calib, s)
     report.count("pick", calls * len(allocations), samples * len(allocations))
-    return Assignment(best, plans[id(best)], allocations, report.candidate_mse, acts, other_plans[id(best)])
+    return Assignment(best, plans[id(best)], allocations, report.candidate_mse, acts, other_plans[id(best)],
+                      reference, errors_of[id(best)])

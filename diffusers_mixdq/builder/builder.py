@@ -15,6 +15,8 @@
    the same-size uniform plan is a candidate too);
    activation widths under an element-weighted budget after keeping the most activation-sensitive inputs
    unquantized;
+   optional **refine** (:func:`~.refine.refine`, ``refine_evaluations`` > 0): the picked widths improved by the
+   measured image error of whole plans on the pick prompts, proposals from scores measured inside the plan;
 4. **write** (:func:`~.write.write` -> :class:`~diffusers_mixdq.BitPlan`): the resolved plan with its provenance.
 5. optional method stages (:func:`~.plan_stages.method_stages`, each off by default): channel balancing and low-rank
    branches fitted per layer on the calibration inputs (**correct**, :mod:`.correct`), adapters trained against the
@@ -39,6 +41,8 @@ from .distributed import is_main_process, prepare
 from .measure import measure
 from .plan_stages import allocator_budget, method_stages
 from .progress import quiet_pipeline
+from .refine import enabled as refine_enabled
+from .refine import refine
 from .settings import BuildReport, BuildSettings
 from .write import prompts_record, write
 
@@ -76,8 +80,11 @@ def build_stages(pipe, settings: BuildSettings, progress: bool, others_for=None)
     sens = measure(ctx, calib)
     others = others_for(ctx, calib) if others_for is not None else None
     chosen = assign(ctx, calib, sens, others)
-    # the naive protocol calibrates, measures every candidate on everything, and picks the same way
-    picking = report.sample_evaluations["pick"] + report.sample_evaluations.get("pick_reference", 0)
+    if refine_enabled(ctx.settings):
+        chosen = refine(ctx, calib, chosen)
+    # the naive protocol calibrates, measures every candidate on everything, and picks (and refines) the same way
+    picking = sum(report.sample_evaluations.get(p, 0) + report.reused_sample_evaluations.get(p, 0)
+                  for p in ("pick", "pick_reference", "refine", "refine_context"))
     report.naive_sample_evaluations = rec.num_samples + sens.naive_samples + picking + getattr(others, "naive", 0)
     return method_stages(write(ctx, sens, chosen), denoiser, calib, ctx.settings, report), report, chosen
 

@@ -25,6 +25,13 @@ WEIGHT_WIDTHS = (2, 3, 4, 5, 6, 8)
 ACTIVATION_WIDTHS = (4, 8)
 ACTIVATION_MODES = ("int8", "dynamic", "dynamic-token", "none")
 DEFAULT_CANDIDATES = {"content": [2, 4, 8], "quality": [4, 8]}
+#: how the builder quantizes layer inputs unless told: one run-time range per token (ViDiT-Q), measured better than
+#: static calibrated per-tensor ranges on both demo models (BENCHMARKS.md, "Ablation (issue 14)"); with
+#: ``timestep_groups`` (static ranges per group) the mode falls back to static ``int8``. Plans always say which.
+DEFAULT_ACTIVATION_MODE = "dynamic-token"
+#: what the final pick among the ``k`` sweep's candidates minimises unless told: minus the mean per-image PSNR (the
+#: mean MSE picked a plan 2.6 dB worse on scenes' test prompts under per-token activations; issue #14)
+DEFAULT_PICK_OBJECTIVE = "psnr"
 #: the content/quality split ratios ``k`` the builder sweeps by default: eleven (MixDQ's five, 0.5 to 2.0, measured
 #: 0.77 dB worse on shapes (p = 0.013) and 0.8 dB worse on scenes' validation prompts; BENCHMARKS.md, issue #14)
 DEFAULT_SPLIT_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0)
@@ -128,6 +135,9 @@ def components_problem(o: Any) -> str | None:
     if o.context == "uniform" or o.pick_uniform:
         return ("<context> 'uniform' and <pick_uniform> measure and pick the denoiser alone; with text-encoder "
                 "<components> use context 'fp' and no pick_uniform.")
+    if o.refine.evaluations:
+        return ("<refine.evaluations> refines the denoiser's widths alone; with text-encoder <components> set it "
+                "to 0 (off).")
     stages = [n for n, on in (("balance", o.balance), ("lowrank_rank", o.lowrank_rank),
                               ("distill_seconds", o.distill_seconds), ("weights.outlier_fraction",
                                                                        o.weights.outlier_fraction)) if on]
@@ -135,6 +145,24 @@ def components_problem(o: Any) -> str | None:
         return (f"<{stages[0]}> adds bits the denoiser's budget pays for; in a joint budget over several "
                 "<components> that is not supported: set <budget_scope> to per_component.")
     return None
+
+
+def _grouped(timestep_groups: Any) -> bool:
+    """Whether ``timestep_groups`` asks for static ranges per group (more than one group)."""
+    return isinstance(timestep_groups, int) and not isinstance(timestep_groups, bool) and timestep_groups > 1
+
+
+def default_activation_mode(timestep_groups: Any = 0) -> str:
+    """The activation mode a build uses when none is named: :data:`DEFAULT_ACTIVATION_MODE`, or static ``int8``
+    with timestep groups (they are static ranges)."""
+    return "int8" if _grouped(timestep_groups) else DEFAULT_ACTIVATION_MODE
+
+
+def activation_defaults(mode: str, bits: int = 8) -> dict[str, str]:
+    """A plan's activation keys for a build's activation ``mode`` (``int8``: static, ranges calibrated later)."""
+    if mode == "none":
+        return {"activations": "none"}
+    return {"activations": f"int{bits}", **({} if mode == "int8" else {"act_range": mode})}
 
 
 Fraction = Annotated[float, BeforeValidator(_fraction)]
@@ -151,7 +179,7 @@ class ActivationOptions(Strict):
     """How layer inputs are quantized: the mode, the candidate widths, the element-weighted average over quantized
     inputs (default: the widest candidate) and how many of the most activation-sensitive layers stay unquantized."""
 
-    mode: Literal["int8", "dynamic", "dynamic-token", "none"] = "int8"
+    mode: Literal["int8", "dynamic", "dynamic-token", "none"] = DEFAULT_ACTIVATION_MODE
     candidates: Annotated[list[int], BeforeValidator(_widths(ACTIVATION_WIDTHS))] = [8]
     budget_bits: Optional[float] = None
     protect_most_sensitive: Annotated[int, BeforeValidator(_count(0))] = 0
@@ -161,6 +189,8 @@ class ActivationOptions(Strict):
     @model_validator(mode="before")
     @classmethod
     def _mode_alone(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "mode" not in value and _grouped(value.get("timestep_groups")):
+            return {**value, "mode": default_activation_mode(value["timestep_groups"])}
         return {"mode": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
@@ -204,6 +234,17 @@ class SensitivityFile(Strict):
     prefix: str = "model."
 
 
+class RefineOptions(Strict):
+    """The refine stage (:mod:`.refine`): whole-plan evaluations on the pick prompts (0: off), in-plan measuring
+    rounds, and the objective (``None``: ``pick_objective``)."""
+
+    evaluations: Annotated[int, BeforeValidator(_count(0))] = 0
+    rounds: Annotated[int, BeforeValidator(_count(1))] = 1
+    objective: Optional[Literal[PICK_OBJECTIVES]] = None
+    #: a proposal is kept when its paired per-image improvement exceeds this many standard errors (0: any gain)
+    significance: Annotated[float, BeforeValidator(_non_negative)] = 2.0
+
+
 class BuildOptions(Strict):
     """Every option a build takes from its caller, with its rules (see the module docstring)."""
 
@@ -227,7 +268,7 @@ class BuildOptions(Strict):
     pipe_kwargs: dict[str, Any] = {}
     #: the final pick: held-out prompts (empty: the calibration prompts) and what it minimises (:mod:`.assign`)
     pick_prompts: list[Annotated[str, Field(strict=True)]] = []
-    pick_objective: Literal[PICK_OBJECTIVES] = "mse"
+    pick_objective: Literal[PICK_OBJECTIVES] = DEFAULT_PICK_OBJECTIVE
     protect_first_last: Annotated[bool, Field(strict=True)] = False
     #: the correct stage (:mod:`.correct`): channel balancing and low-rank branches
     balance: Annotated[bool, Field(strict=True)] = False
@@ -250,6 +291,8 @@ class BuildOptions(Strict):
     budget_scope: Literal["joint", "per_component"] = "joint"
     component_budgets: dict[str, float] = {}
     text_encoder_widths: WeightWidths = [4, 8]
+    #: the refine stage after the pick (:mod:`.refine`)
+    refine: RefineOptions = RefineOptions()
 
     @model_validator(mode="after")
     def _components(self) -> "BuildOptions":

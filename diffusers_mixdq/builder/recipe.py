@@ -15,7 +15,9 @@ weights:
   budget_bits: 4.0                 # parameter-weighted average (protected layers count 16) ...
   # size_mb: 900                   # ... or a target size of the denoiser's quantizable weights in MiB (2**20 B)
   candidates: {content: [2, 4, 8], quality: [4, 8]}
-activations: int8                  # int8 (static, calibrated) | dynamic | dynamic-token | none, or a mapping:
+activations: dynamic-token         # the default: a run-time range per token | int8 (static per-tensor ranges,
+                                   # calibrated; the default before issue #14) | dynamic (per tensor) | none,
+                                   # or a mapping (with timestep_groups and no mode: int8):
 # activations: {mode: int8, candidates: [4, 8], budget_bits: 7.0, protect_most_sensitive: 7, timestep_groups: 4}
 # weights: {..., outlier_fraction: 0.05}   # int8 copy of the 5% highest-kurtosis rows of int2...int6 layers
 # weights: {candidates: {content: [2, 3, 4, 5, 6, 8], quality: [3, 4, 5, 6, 8]}, measure: [2, 4, 8]}
@@ -33,8 +35,8 @@ sensitivity_files: []              # weight scores measured elsewhere, not measu
 # - {path: sensitivity_log/weight/ssim/sensitivity.yaml, widths: [2, 4, 8], prefix: "model."}   # MixDQ's logs
 pick_prompts: validation.txt       # held-out prompts the final pick of k generates on (default: the calibration
                                    # prompts); a .txt file or a list, none of them among the calibration prompts
-pick_objective: mse                # mse (mean per-image MSE to FP) | tail (mean of the worst 10% of images) |
-                                   # psnr (mean per-image PSNR)
+pick_objective: psnr               # the default: psnr (mean per-image PSNR) | mse (mean per-image MSE to FP,
+                                   # the default before issue #14) | tail (mean of the worst 10% of images)
 protect_first_last: false          # also keep the family's first/last layers (e.g. conv_in, conv_out) in 16 bit
 balance: false                     # channel balancing (ViDiT-Q), alpha per layer from balance_alphas
 balance_alphas: [0.0, 0.25, 0.5, 0.75]
@@ -55,6 +57,10 @@ budget_scope: joint                # joint: one budget (weights.budget_bits / si
 component_budgets: {text_encoder: 8.0}   # per_component only: average bits of a component
 text_encoder_widths: [4, 8]        # candidate weight widths of text-encoder layers (weight-only; scored like content
                                    # layers, by the images: builder.text_encoders)
+refine: {evaluations: 0, rounds: 1, objective: null, significance: 2.0}   # evaluations > 0: after the pick,
+                                   # improve the widths by the measured image error of whole plans on the pick
+                                   # prompts (builder.refine; objective psnr | tail | mse, default pick_objective;
+                                   # kept when the paired per-image gain exceeds `significance` standard errors)
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
 
@@ -74,7 +80,8 @@ from typing import Any
 
 from ..errors import MixDQError
 from .allocate import DEFAULT_ALLOCATOR
-from .options import DEFAULT_CANDIDATES, DEFAULT_SPLIT_RATIOS, ActivationOptions
+from .options import (DEFAULT_ACTIVATION_MODE, DEFAULT_CANDIDATES, DEFAULT_PICK_OBJECTIVE, DEFAULT_SPLIT_RATIOS,
+                      ActivationOptions, activation_defaults)
 from .prompts import BUILTIN_PROMPTS
 from .recipe_options import RecipeOptions, calibrate_only, parse_recipe
 from .settings import BuildSettings
@@ -100,7 +107,7 @@ class Recipe(StageSettings):
     budget_bits: float | None = None
     size_mb: float | None = None
     candidates: dict[str, list[int]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_CANDIDATES.items()})
-    activations: str = "int8"
+    activations: str = DEFAULT_ACTIVATION_MODE
     act_candidates: list[int] = field(default_factory=lambda: [8])
     act_budget_bits: float | None = None
     act_protect: int = 0
@@ -116,7 +123,7 @@ class Recipe(StageSettings):
     sensitivity_files: list = field(default_factory=list)
     pipe_kwargs: dict = field(default_factory=dict)
     pick_prompts: list[str] = field(default_factory=list)
-    pick_objective: str = "mse"
+    pick_objective: str = DEFAULT_PICK_OBJECTIVE
     protect_first_last: bool = False
     components: list[str] = field(default_factory=list)
     budget_scope: str = "joint"
@@ -148,7 +155,9 @@ class Recipe(StageSettings):
             context=o.context,
             pick_uniform=o.pick_uniform, content_metric=o.content_metric, components=list(o.components),
             budget_scope=o.budget_scope, component_budgets=dict(o.component_budgets),
-            text_encoder_widths=list(o.text_encoder_widths),
+            text_encoder_widths=list(o.text_encoder_widths), refine_evaluations=o.refine.evaluations,
+            refine_rounds=o.refine.rounds, refine_objective=o.refine.objective,
+            refine_significance=o.refine.significance,
             push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 
@@ -287,10 +296,5 @@ def _uniform_plan(recipe: Recipe, protected):
     from ..plan import BitPlan
 
     width = next(iter({w for ws in recipe.candidates.values() for w in ws}))
-    acts: dict[str, Any] = {"activations": "none"}
-    act_dtype = f"int{recipe.act_candidates[0]}"
-    if recipe.activations == "int8":
-        acts = {"activations": act_dtype}
-    elif recipe.activations in ("dynamic", "dynamic-token"):
-        acts = {"activations": act_dtype, "act_range": recipe.activations}
+    acts = activation_defaults(recipe.activations, recipe.act_candidates[0])
     return BitPlan(defaults={"weights": f"int{width}", **acts}, ignore=list(protected))

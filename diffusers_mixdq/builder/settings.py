@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from ..errors import MixDQError
 from ..families import family_of
 from .allocate import DEFAULT_ALLOCATOR
-from .options import DEFAULT_SPLIT_RATIOS, BuildOptions, Labels, error_from, not_held_out
+from .options import (DEFAULT_PICK_OBJECTIVE, DEFAULT_SPLIT_RATIOS, BuildOptions, Labels,
+                      default_activation_mode, error_from, not_held_out)
 from .stage_settings import StageSettings
 
 #: how a settings field is spelled, for the option paths that differ (see :mod:`.options`)
@@ -25,6 +26,10 @@ SETTINGS_LABELS = Labels(
         ("activations", "timestep_groups"): "act_timestep_groups",
         ("weights", "outlier_fraction"): "outlier_fraction",
         ("weights", "measure"): "measure_widths",
+        ("refine", "evaluations"): "refine_evaluations",
+        ("refine", "rounds"): "refine_rounds",
+        ("refine", "objective"): "refine_objective",
+        ("refine", "significance"): "refine_significance",
     },
     lambda loc: ".".join(map(str, loc)),
 )
@@ -34,7 +39,8 @@ SETTINGS_LABELS = Labels(
 class BuildSettings(StageSettings):
     """What to build. ``weight_bits`` is the parameter-weighted average weight width (protected layers count at
     16 bits); ``activations`` is ``"int8"`` (static, calibrated), ``"dynamic"`` (run-time range per tensor),
-    ``"dynamic-token"`` (run-time range per token) or ``"none"``.
+    ``"dynamic-token"`` (run-time range per token: the default, :data:`~.options.DEFAULT_ACTIVATION_MODE`; with
+    ``act_timestep_groups`` the default is ``"int8"``, static ranges per group) or ``"none"``.
 
     Activations: ``act_widths`` are the candidate activation widths (4 and/or 8), ``act_bits`` the
     element-weighted average over quantized inputs (default: the widest candidate), and the ``act_protect``
@@ -50,17 +56,19 @@ class BuildSettings(StageSettings):
 
     The final pick among the ``k`` sweep's candidates (:mod:`.assign`): ``pick_prompts`` are held-out (validation)
     prompts it generates on (default, empty: the calibration prompts, as before; they may not share a prompt with
-    ``prompts``), ``pick_objective`` what it minimises over the per-image MSE to full precision (``"mse"``: the
-    mean, as before; ``"tail"``: the mean of the worst :data:`~.allocate.TAIL_FRACTION` of images;
-    ``"psnr"``: minus the mean per-image PSNR). ``pick_uniform`` adds the uniform plan at the base width to the
-    candidates; ``context="uniform"`` measures sensitivities inside that uniform model (:mod:`.uniform_context`);
-    ``content_metric="mse"`` scores content layers by minus the mean per-image MSE instead of SSIM.
+    ``prompts``), ``pick_objective`` what it minimises over the per-image MSE to full precision (``"psnr"``: minus
+    the mean per-image PSNR, the default, :data:`~.options.DEFAULT_PICK_OBJECTIVE`; ``"mse"``: the mean, the
+    default before issue #14; ``"tail"``: the mean of the worst :data:`~.allocate.TAIL_FRACTION` of images).
+    ``pick_uniform`` adds the uniform plan at the base width to the candidates; ``context="uniform"`` measures
+    sensitivities inside that uniform model (:mod:`.uniform_context`); ``content_metric="mse"`` scores content
+    layers by minus the mean per-image MSE instead of SSIM.
     ``protect_first_last`` adds the denoiser family's ``first_last`` layers (:mod:`diffusers_mixdq.families`) to
     ``protected`` (kept in 16 bit)."""
 
     prompts: Sequence[str]
     weight_bits: float = 4.0
-    activations: str = "int8"
+    #: None: :func:`~.options.default_activation_mode` (``"dynamic-token"``; ``"int8"`` with ``act_timestep_groups``)
+    activations: str | None = None
     steps: int = 4
     guidance: float = 1.0
     height: int | None = None
@@ -89,7 +97,7 @@ class BuildSettings(StageSettings):
     #: extra keyword arguments of every pipeline call (a DiT pipeline's ``use_resolution_binning=False``, ...)
     pipe_kwargs: dict = field(default_factory=dict)
     pick_prompts: Sequence[str] = ()
-    pick_objective: str = "mse"
+    pick_objective: str = DEFAULT_PICK_OBJECTIVE
     protect_first_last: bool = False
     #: pipeline components to build plans for (empty: the denoiser alone), the budget over them (``"joint"``: one
     #: average over every component's layers; ``"per_component"``: ``component_budgets[c]``, else ``weight_bits``,
@@ -98,6 +106,10 @@ class BuildSettings(StageSettings):
     budget_scope: str = "joint"
     component_budgets: dict = field(default_factory=dict)
     text_encoder_widths: list[int] = field(default_factory=lambda: [4, 8])
+
+    def __post_init__(self) -> None:
+        if self.activations is None:
+            self.activations = default_activation_mode(self.act_timestep_groups)
 
     def options(self) -> dict[str, Any]:
         """These settings laid out as :class:`~.options.BuildOptions` fields."""
@@ -124,6 +136,8 @@ class BuildSettings(StageSettings):
             "components": _as_list(self.components), "budget_scope": self.budget_scope,
             "component_budgets": dict(self.component_budgets),
             "text_encoder_widths": _as_list(self.text_encoder_widths),
+            "refine": {"evaluations": self.refine_evaluations, "rounds": self.refine_rounds,
+                       "objective": self.refine_objective, "significance": self.refine_significance},
         }
 
     def validate(self) -> None:

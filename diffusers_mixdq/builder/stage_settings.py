@@ -19,7 +19,10 @@ class StageSettings:
     width (``"uniform"``); ``pick_uniform`` adds the same-size uniform plan to the pick (:mod:`.uniform_context`);
     ``content_metric`` scores content layers by SSIM of the images (MixDQ) or ``"mse"`` (minus their mean
     per-image MSE). ``measure_widths``: the candidate weight widths actually measured (``None``: all); the others
-    are estimated from them (:mod:`.width_ladder`)."""
+    are estimated from them (:mod:`.width_ladder`). The refine stage (:mod:`.refine`, off while
+    ``refine_evaluations`` is 0): at most that many whole-plan evaluations on the pick prompts and
+    ``refine_rounds`` in-plan measurements, judged by ``refine_objective`` (``None``: the pick's); a proposal is
+    kept when its paired per-image improvement exceeds ``refine_significance`` standard errors."""
 
     balance: bool = False
     balance_alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75)
@@ -35,6 +38,10 @@ class StageSettings:
     pick_uniform: bool = False
     content_metric: str = "ssim"
     measure_widths: Sequence[int] | None = None
+    refine_evaluations: int = 0
+    refine_rounds: int = 1
+    refine_objective: str | None = None
+    refine_significance: float = 2.0
 
     def stage_values(self) -> dict[str, Any]:
         """These settings by name (sequences as lists)."""

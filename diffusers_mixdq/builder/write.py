@@ -47,6 +47,7 @@ def write(ctx: BuildContext, sens: Sensitivities, chosen: Assignment) -> BitPlan
                        "activations": report.activation_solver, "activations_kept_unquantized": kept,
                        # with pick_uniform: whether the same-size uniform plan won the pick (it has no k)
                        "uniform_picked": bool(s.pick_uniform and best.k is None and not best.ratios)},
+        **({"refine": chosen.refine} if chosen.refine else {}),
         "denoiser_evaluations": report.denoiser_evaluations,
         "sample_evaluations": {**report.sample_evaluations, "naive_total": report.naive_sample_evaluations},
         # results this run took from its cache, at what they cost when measured (not spent by this run)

@@ -13,8 +13,8 @@ from ..errors import MixDQError
 from .app import THREADS_HELP, app, console, prepare_run, user_errors
 
 JSON_HELP = ("Write a JSON list, one object per variant with exactly: name, avg_weight_bits, denoiser_bytes, "
-             "psnr_median_db, psnr_p10_db, diverged, ssim, aligned (%), aligned_ci (a lo, hi pair, %), seconds_per_image "
-             "(null where a metric does not apply; an infinite PSNR is written as 1e999).")
+             "psnr_median_db, psnr_p10_db, diverged, ssim, aligned (%), aligned_ci (a lo, hi pair, %), "
+             "seconds_per_image, text_encoder_bytes (the pipeline's text encoders) (null where a metric does not apply; an infinite PSNR is written as 1e999).")
 
 
 def _print_results(results, summaries, title: str) -> None:

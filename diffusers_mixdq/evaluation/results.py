@@ -16,7 +16,7 @@ from .stats import bootstrap_ci, percentile
 
 #: the fields of every object ``mixdq eval --json`` writes, in order
 SUMMARY_FIELDS = ("name", "avg_weight_bits", "denoiser_bytes", "psnr_median_db", "psnr_p10_db", "diverged", "ssim",
-                  "aligned", "aligned_ci", "seconds_per_image")
+                  "aligned", "aligned_ci", "seconds_per_image", "text_encoder_bytes")
 
 
 @dataclass
@@ -24,7 +24,8 @@ class VariantResult:
     """Measurements of one variant. The reference (full precision) has no image metrics (``psnr_per_image`` is
     None); without a scorer there is no alignment (``aligned`` is None). ``psnr`` is the PSNR pooled over all
     images (one MSE), kept for older readers; ``psnr_per_image`` (``inf`` where an image equals its reference)
-    is what the summary uses. ``aligned``: per image, whether the scorer read back everything its prompt asks."""
+    is what the summary uses. ``aligned``: per image, whether the scorer read back everything its prompt asks.
+    ``text_encoder_bytes``: the tensors of every text encoder of the pipeline (a plan set may quantize them)."""
 
     name: str
     denoiser_bytes: int
@@ -37,6 +38,7 @@ class VariantResult:
     aligned: list[bool] | None = None
     alignment: dict[str, float] | None = None
     frechet: float | None = None
+    text_encoder_bytes: int | None = None
     images: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,6 +69,7 @@ def summary(result: VariantResult, *, resamples: int = 2000, seed: int = 0) -> d
         "aligned": 100 * sum(aligned) / len(aligned) if aligned else None,
         "aligned_ci": ci,
         "seconds_per_image": result.seconds_per_image,
+        "text_encoder_bytes": result.text_encoder_bytes,
     }
 
 
@@ -79,7 +82,7 @@ def _cell(value, spec: str) -> str:
 def format_table(results: Sequence[VariantResult], summaries: Sequence[dict] | None = None) -> list[list[str]]:
     """Rows (header first) for printing: one per variant (``summaries``: their :func:`summary`, computed if None)."""
     summaries = summaries or [summary(r) for r in results]
-    header = ["variant", "W bits", "denoiser MiB", "FP / this", "peak RSS MiB", "s / image", "PSNR dB median",
+    header = ["variant", "W bits", "denoiser MiB", "FP / this", "text enc MiB", "peak RSS MiB", "s / image", "PSNR dB median",
               "PSNR dB p10", f"diverged (<{DIVERGED_DB:g} dB)", "SSIM", "aligned % [95% CI]", "Fréchet"]
     rows = [header]
     fp_bytes = results[0].denoiser_bytes
@@ -90,6 +93,7 @@ def format_table(results: Sequence[VariantResult], summaries: Sequence[dict] | N
             _cell(s["avg_weight_bits"], ".2f"),
             f"{r.denoiser_bytes / 2**20:.2f}",
             f"{fp_bytes / r.denoiser_bytes:.2f}x",
+            _cell(None if r.text_encoder_bytes is None else r.text_encoder_bytes / 2**20, ".2f"),
             _cell(None if r.peak_rss_bytes is None else r.peak_rss_bytes / 2**20, ".0f"),
             f"{r.seconds_per_image:.3f}",
             _cell(s["psnr_median_db"], ".2f"),

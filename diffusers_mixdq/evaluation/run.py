@@ -33,8 +33,10 @@ def _run_variant(path, name: str, plan, prompts: Sequence[str], gen: Generation)
     config = getattr(denoiser.config, "quantization_config", None)
     if config is not None:  # (a plan set may quantize only other components)
         bits = config.plan.summary().avg_weight_bits
+    encoders = [m for n, m in pipe.components.items() if n.startswith("text_encoder") and m is not None]
     return VariantResult(name=name, denoiser_bytes=tensor_bytes(denoiser), seconds_per_image=seconds,
-                         avg_weight_bits=bits, images=images)
+                         avg_weight_bits=bits, images=images,
+                         text_encoder_bytes=sum(tensor_bytes(m) for m in encoders) if encoders else None)
 
 
 def score_variant(result: VariantResult, reference: VariantResult | None, prompts: Sequence[str], scorer=None,

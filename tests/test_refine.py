@@ -1,0 +1,155 @@
+"""The refine stage (builder/refine.py): budget-keeping moves, the in-plan noise model, and a build on a tiny random
+StableDiffusionPipeline: within budget, never worse on its validation objective than its start, recorded in the
+provenance, resumable, bad values refused."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_pipeline
+
+from diffusers_mixdq.builder import BuildSettings, build_plan
+from diffusers_mixdq.builder.allocate import objective
+from diffusers_mixdq.builder.allocate.moves import paired_gain, size_bits, swap_moves
+from diffusers_mixdq.builder.noise_model import layer_deltas, probe_widths
+from diffusers_mixdq.builder.recipe import load_recipe
+from diffusers_mixdq.builder.sensitivity import applied
+from diffusers_mixdq.builder.settings import run_pipeline
+from diffusers_mixdq.errors import MixDQError
+
+SETTINGS = dict(prompts=["a red circle", "a blue square"], steps=2, guidance=3.0, height=32, width=32,
+                pick_prompts=["a green triangle", "a yellow star", "a black cross"], weight_bits=4.0,
+                split_ratios=(1.0,), activations="dynamic-token", pick_objective="psnr")
+REFINE = dict(refine_evaluations=6, refine_rounds=2, refine_significance=0.0)
+
+
+def test_swap_moves_keep_the_budget_and_come_best_predicted_first():
+    sizes = {"a": 100.0, "b": 100.0, "c": 50.0, "fixed": 10.0}
+    choice = {"a": 4, "b": 4, "c": 4, "fixed": 16}
+    deltas = {"a": {2: 5.0, 4: 0.0, 8: -3.0}, "b": {2: 1.0, 4: 0.0, 8: -0.5}, "c": {4: 0.0, 8: -4.0}}
+    limit = size_bits(choice, sizes)
+    moves = swap_moves(choice, deltas, sizes, limit)
+    assert moves and all(size_bits({**choice, **m.changes}, sizes) <= limit for m in moves)
+    assert [m.predicted for m in moves] == sorted(m.predicted for m in moves)
+    assert all(len(m.changes) > 1 for m in moves)  # a raise is always paid, a lower always spent
+    best = moves[0]  # raise c (-4 for 200 bits) paid by lowering b (+1 for 200 bits)
+    assert best.changes == {"c": 8, "b": 2} and best.predicted == pytest.approx(-3.0)
+    assert swap_moves(choice, deltas, sizes, limit - 1e4) == []  # nothing fits a budget the plan already misses
+
+
+def test_noise_model_probes_and_ladder():
+    assert probe_widths([2, 4, 8], 4) == [8, 2] and probe_widths([2, 4, 8], 8) == [4]
+    assert probe_widths([4, 8], 4) == [8] and probe_widths([2, 3, 4, 5, 6, 8], 2) == [8]
+    # a layer owning 1e-4 of a 1e-3 noise at int4; 3x more one bit down
+    d = layer_deltas([2, 3, 4, 5, 6, 8], 4, 1e-3, {8: 1e-3 - 1e-4 + 1e-4 / 256, 3: 1e-3 + 3e-4})
+    assert d[4] == 0 and d[8] == pytest.approx(-1e-4 * (1 - 1 / 256))
+    assert d[5] == pytest.approx(-0.75e-4) and d[3] == pytest.approx(3e-4) and d[2] > d[3]
+    assert layer_deltas([4], 4, 1e-3, {}) == {4: 0.0}
+
+
+def test_paired_gain_counts_standard_errors():
+    old = [1e-3, 2e-3, 4e-3, 8e-3]
+    assert paired_gain([e / 2 for e in old], old, "psnr") == math.inf  # 3 dB on every image
+    assert paired_gain(old, old, "psnr") == 0.0
+    noisy = [old[0] / 4, old[1] * 2, old[2] / 4, old[3] * 2]
+    assert abs(paired_gain(noisy, old, "psnr")) < 2.0
+    assert paired_gain([e * 2 for e in old], old, "mse") < 0
+
+
+@pytest.mark.parametrize("refine, message", [
+    ({"evaluations": -1}, "refine.evaluations"),
+    ({"evaluations": 4, "rounds": 0}, "refine.rounds"),
+    ({"evaluations": 4, "objective": "median"}, "refine.objective"),
+    ({"evaluations": 4, "significance": -1}, "refine.significance"),
+    ({"evaluations": 4, "budget": 3}, "refine"),
+])
+def test_bad_refine_values_are_one_mixdq_error(refine, message):
+    with pytest.raises(MixDQError, match=message.replace(".", r"\.")):
+        load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}, "refine": refine})
+
+
+def test_bad_refine_settings_are_refused_before_any_work():
+    with pytest.raises(MixDQError, match="refine_evaluations"):
+        BuildSettings(**{**SETTINGS, "refine_evaluations": -2}).validate()
+    with pytest.raises(MixDQError, match="refine.evaluations.*components"):
+        load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}, "components": ["unet", "text_encoder"],
+                     "refine": {"evaluations": 4}})
+
+
+def test_recipe_refine_reaches_the_settings():
+    r = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4},
+                     "refine": {"evaluations": 12, "rounds": 1, "objective": "tail", "significance": 1.5}})
+    s = r.settings()
+    assert (s.refine_evaluations, s.refine_rounds, s.refine_objective, s.refine_significance) == (12, 1, "tail", 1.5)
+    assert load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}}).settings().refine_evaluations == 0
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    tiny = make_pipeline()
+    tiny.set_progress_bar_config(disable=True)
+    return tiny
+
+
+def _pick_objective(pipe, plan, s: BuildSettings, reference) -> float:
+    """The plan's psnr objective on the pick prompts, recomputed outside the builder."""
+    with applied(pipe.unet, plan, plan.tensors.get("bos.hidden_state")), torch.no_grad():
+        images = run_pipeline(pipe, s.pick_settings)
+    return objective((images - reference).pow(2).flatten(1).mean(1).tolist(), "psnr")
+
+
+@pytest.mark.slow
+def test_refine_keeps_the_budget_never_worsens_and_records(pipe, tmp_path):
+    s = BuildSettings(**SETTINGS, cache_dir=str(tmp_path))
+    start, start_report = build_plan(pipe, s, progress=False)
+    refined, report = build_plan(pipe, BuildSettings(**SETTINGS, **REFINE, cache_dir=str(tmp_path)), progress=False)
+    assert refined.summary().avg_weight_bits <= 4.0 + 1e-9
+    record = refined.provenance["refine"]
+    assert record["final"] <= record["start"] and record["objective"] == "psnr"
+    assert 1 <= len(record["tried"]) <= 6 and record["spent"]["evaluations"] + record["spent"][
+        "reused_evaluations"] <= 6
+    assert len(record["kept"]) == sum(t[-1] for t in record["tried"])
+    assert report.sample_evaluations["refine"] > 0 and report.sample_evaluations["refine_context"] > 0
+    assert refined.provenance["sample_evaluations"]["refine"] == report.sample_evaluations["refine"]
+    assert report.naive_sample_evaluations > start_report.naive_sample_evaluations
+    with torch.no_grad():
+        reference = run_pipeline(pipe, s.pick_settings)
+    assert _pick_objective(pipe, refined, s, reference) <= _pick_objective(pipe, start, s, reference) + 1e-6
+    if record["kept"]:  # what was kept is what the plan holds
+        last = {n: w[1] for k in record["kept"] for n, w in k["changes"].items()}
+        specs = refined.layer_specs()
+        assert all(specs[n].weights == f"int{w}" for n, w in last.items())
+    else:
+        assert refined.layer_specs() == start.layer_specs()
+
+
+@pytest.mark.slow
+def test_interrupted_refine_resumes_to_the_identical_plan(pipe, tmp_path, monkeypatch):
+    from diffusers_mixdq.builder import refine as refine_module
+
+    settings = BuildSettings(**SETTINGS, **REFINE, cache_dir=str(tmp_path / "a"))
+    reference, _ = build_plan(pipe, settings, progress=False)
+
+    real = refine_module.image_errors
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill mid-refine")
+        return real(*args, **kwargs)
+
+    settings = BuildSettings(**SETTINGS, **REFINE, cache_dir=str(tmp_path / "b"))
+    monkeypatch.setattr(refine_module, "image_errors", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_plan(pipe, settings, progress=False)
+    monkeypatch.setattr(refine_module, "image_errors", real)
+    resumed, report = build_plan(pipe, settings, progress=False)
+    assert resumed.layer_specs() == reference.layer_specs()
+    assert report.reused_sample_evaluations.get("refine", 0) > 0  # the two plans evaluated before the kill
+    spent = resumed.provenance["refine"]["spent"]
+    assert spent["reused_evaluations"] == 2 and json.dumps(resumed.provenance["refine"]["kept"]) == json.dumps(
+        reference.provenance["refine"]["kept"])
