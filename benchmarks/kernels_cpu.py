@@ -32,16 +32,28 @@ import torch
 from _common import REPO, RESULTS, storage_bytes
 
 SD21 = REPO.parent / "shared" / "model-configs" / "sd21-base-unet.json"
+KINDS = ("W8A16", "W4A16", "W8A8", "W8A8-token", "W4A8")
+#: backend ``native-sim``: the native model of the same plan with its CPU int8 GEMM off (A8 layers simulated)
+BACKENDS = ("quanto", "native", "native-sim")
 #: (row name, plan kind, backend)
-VARIANTS = [("FP32", None, None)] + [(f"{kind} {backend}", kind, backend)
-                                     for kind in ("W8A16", "W4A16", "W8A8") for backend in ("quanto", "native")]
+VARIANTS = [("FP32", None, None)] + [(f"{kind} {backend}", kind, backend) for kind in KINDS for backend in BACKENDS
+                                     if backend != "native-sim" or "A8" in kind]
 
 
 def plan_of(kind: str):
     from diffusers_mixdq import BitPlan
 
     return {"W8A16": BitPlan.uniform("int8"), "W4A16": BitPlan.uniform("int4"),
-            "W8A8": BitPlan.uniform("int8", activations="int8")}[kind]
+            "W8A8": BitPlan.uniform("int8", activations="int8"),
+            "W8A8-token": BitPlan.uniform("int8", activations="int8", act_range="dynamic-token"),
+            "W4A8": BitPlan.uniform("int4", activations="int8")}[kind]
+
+
+def _int8_gemm_for(backend: str | None) -> None:
+    """The native backend's CPU int8 GEMM off for ``native-sim`` rows, at its default otherwise."""
+    from diffusers_mixdq.apply.backends.native import real_gemm
+
+    real_gemm.use_cpu_int8_gemm(False if backend == "native-sim" else None)
 
 
 def quantized_copy(model, kind: str, backend: str, specs: dict | None = None):
@@ -100,36 +112,53 @@ def tensor_peak(model, kwargs) -> int:
 
 
 def run(config_path: Path, latent: int, reps: int, kinds=("W8A16", "W4A16", "W8A8"),
-        backends=("quanto", "native")) -> dict:
+        backends=("quanto", "native", "native-sim"), peaks_too: bool = True) -> dict:
     from diffusers import UNet2DConditionModel
 
     config = json.loads(config_path.read_text())
     torch.manual_seed(0)
     fp32 = UNet2DConditionModel.from_config(config).eval()
-    models = {name: fp32 if kind is None else quantized_copy(fp32, kind, backend)
-              for name, kind, backend in VARIANTS if kind is None or (kind in kinds and backend in backends)}
+    chosen = [(name, kind, backend) for name, kind, backend in VARIANTS
+              if kind is None or (kind in kinds and backend in backends)]
+    models, backend_of = {}, {name: backend for name, _, backend in chosen}
+    for name, kind, backend in chosen:  # native-sim shares the native model of its plan
+        twin = f"{kind} native"
+        models[name] = (fp32 if kind is None else models[twin] if backend == "native-sim" and twin in models
+                        else quantized_copy(fp32, kind, "native" if backend == "native-sim" else backend))
     warm = inputs(config, 8)
-    for model in models.values():  # first call: lazy allocations (oneDNN primitives)
+    for name, model in models.items():  # first call: lazy allocations (oneDNN primitives)
+        _int8_gemm_for(backend_of[name])
         step(model, warm)
     kwargs = inputs(config, latent)
-    peaks = {name: tensor_peak(model, kwargs) for name, model in models.items()}
+    peaks = {}
+    for name, model in models.items() if peaks_too else ():
+        _int8_gemm_for(backend_of[name])
+        peaks[name] = tensor_peak(model, kwargs)
     times = {name: [] for name in models}
     rises = {name: 0 for name in models}
     for _ in range(reps):
         for name, model in models.items():
+            _int8_gemm_for(backend_of[name])
             seconds, rise = step(model, kwargs)
             times[name].append(seconds)
             rises[name] = max(rises[name], rise)
     fp = min(times["FP32"])
     rows = [{"variant": name, "best_s": min(ts), "ratio_vs_fp32": min(ts) / fp, "median_s": statistics.median(ts),
-             "times_s": ts, "weights_bytes": storage_bytes(models[name]), "step_tensor_peak_bytes": peaks[name],
+             "times_s": ts, "weights_bytes": storage_bytes(models[name]), "step_tensor_peak_bytes": peaks.get(name, 0),
              "step_peak_rss_rise_bytes": rises[name]} for name, ts in times.items()]
     for row in rows:  # what a process running only this variant would peak at, beyond the rest of the model
         row["peak_bytes"] = row["weights_bytes"] + row["step_tensor_peak_bytes"]
     return {"config": config_path.name, "latent": latent, "batch": 2, "reps": reps,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+            "cpu_int8_instructions": _cpu_int8_instructions(),
             "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
             "rows": rows}
+
+
+def _cpu_int8_instructions() -> bool:
+    from diffusers_mixdq.apply.backends.native import real_gemm
+
+    return real_gemm.cpu_has_int8_instructions()
 
 
 def table(result: dict) -> str:
@@ -150,17 +179,20 @@ def main(argv=None):
     parser.add_argument("--config", type=Path, default=SD21)
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--kinds", default="W8A16,W4A16,W8A8", help="plans to run beside FP32 (comma-separated)")
-    parser.add_argument("--backends", default="quanto,native", help="weight backends to run (comma-separated)")
+    parser.add_argument("--kinds", default="W8A16,W4A16,W8A8",
+                        help=f"plans to run beside FP32 (comma-separated, of {','.join(KINDS)})")
+    parser.add_argument("--backends", default="quanto,native,native-sim",
+                        help="weight backends to run (comma-separated; native-sim: native with its CPU int8 GEMM off)")
     parser.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS, else every core)")
     parser.add_argument("--name", default="", help="suffix of the results file")
+    parser.add_argument("--no-peaks", action="store_true", help="skip the profiled step (memory peaks read 0)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     elif os.environ.get("OMP_NUM_THREADS") is None:
         print("note: OMP_NUM_THREADS is not set; this uses every core (set it to pin the thread count)")
     result = run(args.config, args.latent, args.reps, tuple(args.kinds.split(",")),
-                 tuple(args.backends.split(",")))
+                 tuple(args.backends.split(",")), peaks_too=not args.no_peaks)
     path = RESULTS / f"kernels_cpu{'_' + args.name if args.name else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import string
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,18 @@ def pixart_inputs(seed: int = 1):
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+@contextmanager
+def cpu_int8_gemm(enabled: bool):
+    """The native backend's CPU int8 GEMM (``torch._int_mm`` for W8A8 layers) forced on / off in the block."""
+    from diffusers_mixdq.apply.backends.native import real_gemm
+
+    previous = real_gemm.use_cpu_int8_gemm(enabled)
+    try:
+        yield
+    finally:
+        real_gemm.use_cpu_int8_gemm(previous)
 
 
 def write_tiny_clip_tokenizer(directory: Path) -> None:

@@ -13,6 +13,11 @@ beat dequantize + matmul only for a few rows in bf16 (the time-embedding layers 
   dequantized weight, where quanto holds the whole weight (up to 112 MiB for an SD-2.1 convolution), so the
   step's peak memory is at most quanto's; and slices of at most 16 MiB come back from the allocator's free
   lists instead of fresh pages of memory, which a whole large weight would page-fault in on every call;
+* a layer that quantizes its input too (W8A8, and int2 ... int6 weights with one group per output channel,
+  x int8 / int4 inputs) runs the integer GEMM of :mod:`.real_gemm` instead of anything here, wherever that
+  module takes the call: on CUDA, and on CPUs with VNNI / AMX int8 instructions (``torch._int_mm``, 3-5x faster
+  than the fp32 GEMM there; ``DIFFUSERS_MIXDQ_CPU_INT8_GEMM`` / ``real_gemm.use_cpu_int8_gemm`` force it on or
+  off); otherwise its input is fake-quantized in the float dtype and the op runs as below;
 * a module with a dequantize-once cache (:func:`~.cache.cache_dequantized`, opt-in) uses the cached weight;
 * under ``torch.compile`` (or with autograd) the dequantization is plain out-of-place ops on the whole weight,
   which inductor fuses into one loop.
@@ -77,7 +82,8 @@ def _packed_kernel(module, rows: int, x: torch.Tensor):
         return None
     if module.dequantized_cache is not None or module.qscale.dtype != x.dtype:
         return None
-    if module.qbits == 8 and not module.qfloat8:
+    if module.qbits == 8 and not module.qfloat8 and x.shape[-1 if x.dim() != 4 else 1] % 16 == 0:
+        # torch 2.13's int8 kernel crashes (segfault) on K not a multiple of 16
         scales = module.qscale.reshape(-1)
         return lambda x2d: torch.ops.aten._weight_int8pack_mm(x2d, module.qdata.reshape(module.qdata.shape[0], -1),
                                                                scales)

@@ -18,10 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...outliers import has_outliers, outlier_forward
 from ...qmodule import MixDQModuleMixin, is_mixdq_module
 from .. import layout
-from . import cuda, kernels, packing
+from . import kernels, packing, real_gemm
 
 _BUFFERS = ("qdata", "qscale", "qshift", "dequantized_cache", "int4_packed", "int4_scale_zeros")
 
@@ -147,25 +146,27 @@ class _NativeWeight:
                                       error_msgs)
 
 
-class NativeLinear(_NativeWeight, MixDQModuleMixin, nn.Linear):
-    """A Linear whose weight is stored quantized and run by :mod:`.kernels` (W8A8 / FP8 on CUDA by :mod:`.cuda`)."""
+class _RealGemm:
+    """Where :mod:`.real_gemm` takes a call, its input is quantized by the real GEMM itself (the same scale and codes
+    as the simulated path); every other call runs the mixin's simulated op."""
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if cuda.accepts(self, x):
+        if real_gemm.accepts(self, x):
             return x  # quantized in _quantized_op, into the codes the real GEMM takes
         return super().quantize_input(x)
 
     def _quantized_op(self, x: torch.Tensor) -> torch.Tensor:
-        """The real GEMM where :mod:`.cuda` takes the call (the input balanced but not yet quantized: the same
-        scale and codes as the simulated path), else the mixin's simulated op."""
-        if not cuda.accepts(self, x):
+        """The real GEMM on the balanced, not yet quantized input, else the mixin's simulated op."""
+        if not real_gemm.accepts(self, x):
             return super()._quantized_op(x)  # x already quantized by quantize_input
         scale = self.input_quant_scale(x)
         if scale is None:  # a scheme without a separable scale (the distiller's straight-through one)
             return super()._quantized_op(super().quantize_input(x))
-        codes, row_scales = cuda.prepare_input(self, x, scale)
-        y = cuda.gemm(self, codes, row_scales, x)
-        return outlier_forward(self, cuda.dequantized_input(codes, row_scales, x), y) if has_outliers(self) else y
+        return real_gemm.gemm(self, x, scale)
+
+
+class NativeLinear(_NativeWeight, _RealGemm, MixDQModuleMixin, nn.Linear):
+    """A Linear whose weight is stored quantized and run by :mod:`.kernels` (W8A8 / FP8 by :mod:`.real_gemm`)."""
 
     def _qforward(self, x: torch.Tensor) -> torch.Tensor:
         if self._stored_rows_only():
@@ -173,8 +174,9 @@ class NativeLinear(_NativeWeight, MixDQModuleMixin, nn.Linear):
         return kernels.linear(self, x)
 
 
-class NativeConv2d(_NativeWeight, MixDQModuleMixin, nn.Conv2d):
-    """A Conv2d whose weight is stored quantized (1x1 convolutions may run as a Linear)."""
+class NativeConv2d(_NativeWeight, _RealGemm, MixDQModuleMixin, nn.Conv2d):
+    """A Conv2d whose weight is stored quantized (1x1 convolutions may run as a Linear, and W8A8 ones through
+    :mod:`.real_gemm`)."""
 
     is_pointwise: bool = False
 
