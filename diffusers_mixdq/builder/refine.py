@@ -1,5 +1,6 @@
-"""The refine stage (after the allocate stage's pick, on by default in mixed denoiser builds): improve the picked weight widths by the
-measured image error of the whole plan on the pick (validation) prompts, within the same budget.
+"""The refine stage (after the allocate stage's pick, on by default in mixed denoiser builds): improve the picked
+weight widths by the measured image error of the whole plan on the pick (validation) prompts, within the same
+budget.
 
 Why: the allocator adds up per-layer scores measured with one layer quantized and the rest in full precision, and
 splits the budget between score scales by ``k``; how layers' errors combine in the quantized model is not modelled

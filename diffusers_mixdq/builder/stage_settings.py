@@ -21,8 +21,8 @@ class StageSettings:
     per-image MSE). ``measure_widths``: the candidate weight widths actually measured (``None``: all); the others
     are estimated from them (:mod:`.width_ladder`). The refine stage (:mod:`.refine`, off while
     ``refine_evaluations`` is 0; ``None``, the default: :data:`~.options.DEFAULT_REFINE_EVALUATIONS` in a
-    denoiser-only mixed build, skipped with text-encoder ``components``): at most that many whole-plan evaluations on the pick prompts and
-    ``refine_rounds`` in-plan measurements, judged by ``refine_objective`` (``None``: the pick's); a proposal is
+    denoiser-only mixed build, skipped with text-encoder ``components``): at most that many whole-plan evaluations
+    on the pick prompts and ``refine_rounds`` in-plan measurements, judged by ``refine_objective`` (``None``: the pick's); a proposal is
     kept when its paired per-image improvement exceeds ``refine_significance`` standard errors."""
 
     balance: bool = False
