@@ -177,6 +177,7 @@ def test_interrupted_refine_resumes_to_the_identical_plan(pipe, tmp_path, monkey
         reference.provenance["refine"]["kept"])
 
 
+@pytest.mark.slow
 def test_the_default_build_refines(pipe, tmp_path):
     plan, report = build_plan(pipe, BuildSettings(**SETTINGS, cache_dir=str(tmp_path)), progress=False)
     record = plan.provenance["refine"]
