@@ -71,6 +71,7 @@ def uniform(pipe, weights: str, act_range, common: dict, keep: list[str], base: 
 def mixed(pipe, model_name: str, stage: dict, common: dict, keep: list[str], cache: Path):
     """The baseline mixed W4A8 build with ``stage`` switched on: (plan, build report)."""
     settings = {**common, "weight_bits": 4.0, "activations": "int8", "pick_objective": "mse",  # the baseline of 14
+                "refine_evaluations": 0,  # refine (a default since issue #14) pinned off: the same plans as before
                 "protect_first_last": bool(keep),
                 "cache_dir": str(cache),
                 "pick_prompts": demo.prompt_set(model_name, "validation", 48), **stage}

@@ -44,13 +44,14 @@ UNIFORM = {
     "w4a4-token-omq5": ("int4", "int4", "dynamic-token", {"outlier_fraction": 0.05}),
 }
 #: mixed variants: name -> builder settings on top of the common ones
-#: (pinned to the builder's defaults before issue #14 switched them: static int8 inputs, k picked by mean MSE)
-OLD_DEFAULTS = {"activations": "int8", "pick_objective": "mse"}
+#: (pinned to the builder's defaults before issue #14 switched them: static int8 inputs, k picked by mean MSE, no
+#: refine stage)
+OLD_DEFAULTS = {"activations": "int8", "pick_objective": "mse", "refine_evaluations": 0}
 MIXED = {
     "w4a8-mixed": {**OLD_DEFAULTS, "weight_bits": 4.0},
     "w4a8-mixed-omq5": {**OLD_DEFAULTS, "weight_bits": 4.0, "outlier_fraction": 0.05},
     "w4a4-token-mixed": {"weight_bits": 4.0, "activations": "dynamic-token", "act_widths": [4],
-                         "pick_objective": "mse"},
+                         "pick_objective": "mse", "refine_evaluations": 0},
 }
 
 

@@ -63,8 +63,8 @@ def main() -> None:
             plan = uniform(pipe, "int4", "dynamic-token", common, keep, base)
         else:
             extra = dict(MIXED[name])
-            if extra.pop("refine", False):
-                extra.update(refine_evaluations=args.evaluations, refine_rounds=args.rounds)
+            refined = extra.pop("refine", False)  # the unrefined rows pin it off (a default since issue #14)
+            extra.update(refine_evaluations=args.evaluations if refined else 0, refine_rounds=args.rounds)
             settings = BuildSettings(**{**common, "weight_bits": 4.0, **TOKEN, "protect_first_last": bool(keep),
                                         "cache_dir": str(args.cache_dir or args.out / "cache"),
                                         "pick_prompts": demo.prompt_set(args.model, "validation", 48), **extra})

@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--pick-prompts", type=int, default=48, metavar="N",
                         help="mixed plans: pick k on N prompts of the validation set (default 48)")
     parser.add_argument("--out", type=Path, default=None, help="write the plans here (default: the bundled folder)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("_work/scenes_cache"),
+                        help="calibration, sensitivity and refine cache shared by the mixed plans")
     parser.add_argument("--balance", action="store_true", help="channel balancing (the correct stage)")
     parser.add_argument("--lowrank-rank", type=int, default=0, metavar="R", help="low-rank branches of rank R")
     parser.add_argument("--lowrank-layers", nargs="+", default=[], metavar="PATTERN")
@@ -123,6 +125,7 @@ def main() -> None:
                 extra = {**extra, "outlier_fraction": args.outlier_fraction}
             budget = averages[budget] if isinstance(budget, str) else budget
             mixed = BuildSettings(**{**vars(settings), "weight_bits": budget, "protect_first_last": True,
+                                     "cache_dir": str(args.cache_dir),
                                      "pick_prompts": demo.prompt_set("scenes", "validation", args.pick_prompts),
                                      **extra})
             plan, report = build_plan(pipe, mixed)

@@ -104,7 +104,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if name in MIXED:
             settings = BuildSettings(**{**common, "weight_bits": budget, "activations": "dynamic-token",
-                                        "pick_objective": "mse", "act_widths": [4],
+                                        "pick_objective": "mse", "act_widths": [4], "refine_evaluations": 0,
                                         "widths": {"content": [2, 4, 8], "quality": [2, 4, 8]},
                                         "protect_first_last": bool(keep),
                                         "pick_prompts": demo.prompt_set(args.model, "validation", 48),

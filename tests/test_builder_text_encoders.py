@@ -16,6 +16,7 @@ from diffusers_mixdq.apply import quantized_layers
 from diffusers_mixdq.builder import BuildSettings
 from diffusers_mixdq.builder.plan_set import build_plan_set
 from diffusers_mixdq.builder.recipe import load_recipe
+from diffusers_mixdq.builder.refine import SKIPPED_WITH_COMPONENTS
 from diffusers_mixdq.cli import app
 
 # the tiny random CLIP moves its BOS state by more than the tolerance even at int8, so these builds measure without
@@ -54,6 +55,9 @@ def test_joint_and_per_component_budgets_are_honoured(pipe, cache):
     assert all(sp.activations == "none" for sp in te.layer_specs().values())  # weight-only
     record = joint["unet"].provenance["components"]
     assert record["budget_scope"] == "joint" and te.provenance["components"] == record
+    # the default refine stage refines the denoiser alone: skipped here, and said so
+    assert joint["unet"].provenance["refine"] == {"skipped": SKIPPED_WITH_COMPONENTS}
+    assert "refine" not in joint["unet"].provenance["sample_evaluations"]
 
     per, _ = build_plan_set(pipe, BuildSettings(**SETTINGS, weight_bits=5.0, budget_scope="per_component",
                                                 component_budgets={"text_encoder": 6.0}, cache_dir=str(cache)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,10 @@ from diffusers_mixdq.builder import BuildSettings, build_plan
 from diffusers_mixdq.builder.allocate import objective
 from diffusers_mixdq.builder.allocate.moves import paired_gain, size_bits, swap_moves
 from diffusers_mixdq.builder.noise_model import layer_deltas, probe_widths
+from diffusers_mixdq.builder.options import DEFAULT_REFINE_EVALUATIONS
 from diffusers_mixdq.builder.recipe import load_recipe
+from diffusers_mixdq.builder.refine import enabled as refine_enabled
+from diffusers_mixdq.builder.refine import resolved
 from diffusers_mixdq.builder.sensitivity import applied
 from diffusers_mixdq.builder.settings import run_pipeline
 from diffusers_mixdq.errors import MixDQError
@@ -84,7 +88,24 @@ def test_recipe_refine_reaches_the_settings():
                      "refine": {"evaluations": 12, "rounds": 1, "objective": "tail", "significance": 1.5}})
     s = r.settings()
     assert (s.refine_evaluations, s.refine_rounds, s.refine_objective, s.refine_significance) == (12, 1, "tail", 1.5)
-    assert load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}}).settings().refine_evaluations == 0
+    default = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}}).settings()
+    assert default.refine_evaluations is None  # the default: resolved by the build
+    assert resolved(default).refine_evaluations == DEFAULT_REFINE_EVALUATIONS == 16
+    assert resolved(default, components=True).refine_evaluations == 0  # skipped with text-encoder components
+    off = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}, "refine": {"evaluations": 0}}).settings()
+    assert resolved(off).refine_evaluations == 0
+
+
+def test_a_build_with_nothing_to_choose_does_not_refine():
+    def ctx(widths, **settings):
+        s = resolved(BuildSettings(**{**SETTINGS, "widths": widths, **settings}))
+        return SimpleNamespace(settings=s, candidates=["a", "b"], groups={"a": "content", "b": "quality"})
+
+    assert refine_enabled(ctx({"content": [2, 4, 8], "quality": [4, 8]}))  # the default is on
+    assert not refine_enabled(ctx({"content": [2, 4, 8], "quality": [4, 8]}, refine_evaluations=0))
+    assert not refine_enabled(ctx({"content": [4], "quality": [4, 4]}))  # one width each: nothing to refine
+    assert not refine_enabled(SimpleNamespace(settings=resolved(BuildSettings(**SETTINGS)), candidates=[],
+                                              groups={}))  # every layer protected
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +124,9 @@ def _pick_objective(pipe, plan, s: BuildSettings, reference) -> float:
 
 @pytest.mark.slow
 def test_refine_keeps_the_budget_never_worsens_and_records(pipe, tmp_path):
-    s = BuildSettings(**SETTINGS, cache_dir=str(tmp_path))
+    s = BuildSettings(**SETTINGS, refine_evaluations=0, cache_dir=str(tmp_path))
     start, start_report = build_plan(pipe, s, progress=False)
+    assert "refine" not in start.provenance and "refine" not in start_report.sample_evaluations  # 0: off
     refined, report = build_plan(pipe, BuildSettings(**SETTINGS, **REFINE, cache_dir=str(tmp_path)), progress=False)
     assert refined.summary().avg_weight_bits <= 4.0 + 1e-9
     record = refined.provenance["refine"]
@@ -153,3 +175,13 @@ def test_interrupted_refine_resumes_to_the_identical_plan(pipe, tmp_path, monkey
     spent = resumed.provenance["refine"]["spent"]
     assert spent["reused_evaluations"] == 2 and json.dumps(resumed.provenance["refine"]["kept"]) == json.dumps(
         reference.provenance["refine"]["kept"])
+
+
+@pytest.mark.slow
+def test_the_default_build_refines(pipe, tmp_path):
+    plan, report = build_plan(pipe, BuildSettings(**SETTINGS, cache_dir=str(tmp_path)), progress=False)
+    record = plan.provenance["refine"]
+    assert record["spent"]["max_evaluations"] == DEFAULT_REFINE_EVALUATIONS and record["spent"]["max_rounds"] == 1
+    assert record["significance"] == 2.0 and record["final"] <= record["start"]
+    assert plan.provenance["settings"]["refine_evaluations"] == DEFAULT_REFINE_EVALUATIONS
+    assert report.sample_evaluations["refine_context"] > 0 and plan.summary().avg_weight_bits <= 4.0 + 1e-9

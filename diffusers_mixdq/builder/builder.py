@@ -15,8 +15,9 @@
    the same-size uniform plan is a candidate too);
    activation widths under an element-weighted budget after keeping the most activation-sensitive inputs
    unquantized;
-   optional **refine** (:func:`~.refine.refine`, ``refine_evaluations`` > 0): the picked widths improved by the
-   measured image error of whole plans on the pick prompts, proposals from scores measured inside the plan;
+   **refine** (:func:`~.refine.refine`, on by default, off with ``refine_evaluations=0``): the picked widths
+   improved by the measured image error of whole plans on the pick prompts, proposals from scores measured
+   inside the plan;
 4. **write** (:func:`~.write.write` -> :class:`~diffusers_mixdq.BitPlan`): the resolved plan with its provenance.
 5. optional method stages (:func:`~.plan_stages.method_stages`, each off by default): channel balancing and low-rank
    branches fitted per layer on the calibration inputs (**correct**, :mod:`.correct`), adapters trained against the
@@ -42,7 +43,7 @@ from .measure import measure
 from .plan_stages import allocator_budget, method_stages
 from .progress import quiet_pipeline
 from .refine import enabled as refine_enabled
-from .refine import refine
+from .refine import refine, resolved
 from .settings import BuildReport, BuildSettings
 from .write import prompts_record, write
 
@@ -62,6 +63,7 @@ def build_stages(pipe, settings: BuildSettings, progress: bool, others_for=None)
     :class:`~.assign.Assignment`. ``others_for(ctx, calib)`` gives the layers of other components allocated with
     the denoiser's (:mod:`.plan_set`), after the denoiser's are measured."""
     settings.validate()
+    settings = resolved(settings)
     state, denoiser = prepare(pipe, settings)
     if settings.cache_dir is None and state is not None:
         raise MixDQError("A sharded build (accelerate launch) needs a cache directory to merge the shards' scores.")
@@ -80,7 +82,7 @@ def build_stages(pipe, settings: BuildSettings, progress: bool, others_for=None)
     sens = measure(ctx, calib)
     others = others_for(ctx, calib) if others_for is not None else None
     chosen = assign(ctx, calib, sens, others)
-    if refine_enabled(ctx.settings):
+    if refine_enabled(ctx):
         chosen = refine(ctx, calib, chosen)
     # the naive protocol calibrates, measures every candidate on everything, and picks (and refines) the same way
     picking = sum(report.sample_evaluations.get(p, 0) + report.reused_sample_evaluations.get(p, 0)

@@ -32,6 +32,9 @@ DEFAULT_ACTIVATION_MODE = "dynamic-token"
 #: what the final pick among the ``k`` sweep's candidates minimises unless told: minus the mean per-image PSNR (the
 #: mean MSE picked a plan 2.6 dB worse on scenes' test prompts under per-token activations; issue #14)
 DEFAULT_PICK_OBJECTIVE = "psnr"
+#: the refine stage's whole-plan evaluations when a build does not say (:mod:`.refine`; issue #14: it improved
+#: every measured mixed plan on held-out prompts for under 2x the build time)
+DEFAULT_REFINE_EVALUATIONS = 16
 #: the content/quality split ratios ``k`` the builder sweeps by default: eleven (MixDQ's five, 0.5 to 2.0, measured
 #: 0.77 dB worse on shapes (p = 0.013) and 0.8 dB worse on scenes' validation prompts; BENCHMARKS.md, issue #14)
 DEFAULT_SPLIT_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0)
@@ -135,9 +138,9 @@ def components_problem(o: Any) -> str | None:
     if o.context == "uniform" or o.pick_uniform:
         return ("<context> 'uniform' and <pick_uniform> measure and pick the denoiser alone; with text-encoder "
                 "<components> use context 'fp' and no pick_uniform.")
-    if o.refine.evaluations:
+    if o.refine.evaluations:  # None (the default) is skipped there
         return ("<refine.evaluations> refines the denoiser's widths alone; with text-encoder <components> set it "
-                "to 0 (off).")
+                "to 0 (off) or leave it out.")
     stages = [n for n, on in (("balance", o.balance), ("lowrank_rank", o.lowrank_rank),
                               ("distill_seconds", o.distill_seconds), ("weights.outlier_fraction",
                                                                        o.weights.outlier_fraction)) if on]
@@ -235,10 +238,11 @@ class SensitivityFile(Strict):
 
 
 class RefineOptions(Strict):
-    """The refine stage (:mod:`.refine`): whole-plan evaluations on the pick prompts (0: off), in-plan measuring
+    """The refine stage (:mod:`.refine`): whole-plan evaluations on the pick prompts (0: off; ``None``, the
+    default: :data:`DEFAULT_REFINE_EVALUATIONS`, skipped with text-encoder ``components``), in-plan measuring
     rounds, and the objective (``None``: ``pick_objective``)."""
 
-    evaluations: Annotated[int, BeforeValidator(_count(0))] = 0
+    evaluations: Optional[Annotated[int, BeforeValidator(_count(0))]] = None
     rounds: Annotated[int, BeforeValidator(_count(1))] = 1
     objective: Optional[Literal[PICK_OBJECTIVES]] = None
     #: a proposal is kept when its paired per-image improvement exceeds this many standard errors (0: any gain)

@@ -20,6 +20,7 @@ budgets, each component's average bits and the BOS drift of the chosen text enco
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ from .allocate.result import Allocation
 from .bos_floors import bos_drift, bos_safe_widths
 from .builder import build_stages
 from .progress import quiet_pipeline
+from .refine import SKIPPED_WITH_COMPONENTS, resolved
 from .settings import BuildReport, BuildSettings
 from .text_encoders import (GROUP, TextEncoderPart, applied_plans, measure_text_encoders, text_encoder_parts,
                             text_encoder_plan)
@@ -85,7 +87,9 @@ def build_plan_set(pipe, settings: BuildSettings, progress: bool = True) -> tupl
         if not parts:
             plan, report, _ = build_stages(pipe, settings, progress)
             return {component: plan}, report
-        s = settings
+        s = resolved(settings, components=True)
+        if progress and settings.refine_evaluations is None:
+            print(SKIPPED_WITH_COMPONENTS, file=sys.stderr)
         if s.budget_scope == "per_component":
             s = replace(s, weight_bits=s.component_budgets.get(component, s.weight_bits))
         seen: dict[str, Any] = {}
@@ -101,6 +105,8 @@ def build_plan_set(pipe, settings: BuildSettings, progress: bool = True) -> tupl
         plan, report, chosen = build_stages(pipe, s, progress, others_for)
         plans = {component: plan, **chosen.components}
         _record(pipe, plans, parts, settings, component, seen)
+        if settings.refine_evaluations is None:  # the default refine, skipped: in the provenance too
+            plans[component].provenance["refine"] = {"skipped": SKIPPED_WITH_COMPONENTS}
         return plans, report
 
 

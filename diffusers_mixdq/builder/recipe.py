@@ -57,7 +57,8 @@ budget_scope: joint                # joint: one budget (weights.budget_bits / si
 component_budgets: {text_encoder: 8.0}   # per_component only: average bits of a component
 text_encoder_widths: [4, 8]        # candidate weight widths of text-encoder layers (weight-only; scored like content
                                    # layers, by the images: builder.text_encoders)
-refine: {evaluations: 0, rounds: 1, objective: null, significance: 2.0}   # evaluations > 0: after the pick,
+refine: {evaluations: 0, rounds: 1, objective: null, significance: 2.0}   # default 16 evaluations (0: off;
+                                   # left out with text-encoder components: skipped, as 0 is here): after the pick,
                                    # improve the widths by the measured image error of whole plans on the pick
                                    # prompts (builder.refine; objective psnr | tail | mse, default pick_objective;
                                    # kept when the paired per-image gain exceeds `significance` standard errors)

@@ -1,5 +1,6 @@
-"""The refine stage (after the allocate stage's pick, off by default): improve the picked weight widths by the
-measured image error of the whole plan on the pick (validation) prompts, within the same budget.
+"""The refine stage (after the allocate stage's pick, on by default in mixed denoiser builds): improve the picked
+weight widths by the measured image error of the whole plan on the pick (validation) prompts, within the same
+budget.
 
 Why: the allocator adds up per-layer scores measured with one layer quantized and the rest in full precision, and
 splits the budget between score scales by ``k``; how layers' errors combine in the quantized model is not modelled
@@ -35,6 +36,7 @@ from .assign import Assignment, to_plan
 from .context import BuildContext
 from .measure import sweep_key
 from .noise_model import layer_deltas, noise, probe_widths
+from .options import DEFAULT_REFINE_EVALUATIONS
 from .plan_errors import image_errors
 from .progress import sweep_bar
 from .recording import Calibration
@@ -42,8 +44,24 @@ from .scores import ScoreCache
 from .sensitivity import applied, layer_sensitivity, replay_sqnr
 
 
-def enabled(s) -> bool:
-    return s.refine_evaluations > 0
+#: the one line a build with text-encoder components records (and prints) when the default refine is skipped
+SKIPPED_WITH_COMPONENTS = ("refine stage skipped: it refines the denoiser's widths alone and this build has "
+                           "text-encoder components")
+
+
+def resolved(s, components: bool = False):
+    """``s`` with the refine stage's evaluations filled in where not given (``None``): the default,
+    :data:`~.options.DEFAULT_REFINE_EVALUATIONS`, or 0 in a build with text-encoder ``components``."""
+    if s.refine_evaluations is not None:
+        return s
+    return replace(s, refine_evaluations=0 if components else DEFAULT_REFINE_EVALUATIONS)
+
+
+def enabled(ctx: BuildContext) -> bool:
+    """Whether the build refines: evaluations to spend and a candidate layer with more than one width to take
+    (a build with nothing to choose pays nothing)."""
+    s = ctx.settings
+    return bool(s.refine_evaluations) and any(len(set(s.widths[ctx.groups[n]])) > 1 for n in ctx.candidates)
 
 
 class Refinement:

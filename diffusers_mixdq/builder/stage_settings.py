@@ -1,5 +1,5 @@
 """The settings of the builder's stages beyond MixDQ's own (issue #14), shared by :class:`~.settings.BuildSettings`
-and :class:`~.recipe.Recipe` so that both spell them once. Every stage is off by default."""
+and :class:`~.recipe.Recipe` so that both spell them once. Every stage but refine is off by default."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ class StageSettings:
     ``content_metric`` scores content layers by SSIM of the images (MixDQ) or ``"mse"`` (minus their mean
     per-image MSE). ``measure_widths``: the candidate weight widths actually measured (``None``: all); the others
     are estimated from them (:mod:`.width_ladder`). The refine stage (:mod:`.refine`, off while
-    ``refine_evaluations`` is 0): at most that many whole-plan evaluations on the pick prompts and
-    ``refine_rounds`` in-plan measurements, judged by ``refine_objective`` (``None``: the pick's); a proposal is
+    ``refine_evaluations`` is 0; ``None``, the default: :data:`~.options.DEFAULT_REFINE_EVALUATIONS` in a
+    denoiser-only mixed build, skipped with text-encoder ``components``): at most that many whole-plan evaluations
+    on the pick prompts and ``refine_rounds`` in-plan measurements, judged by ``refine_objective`` (``None``: the pick's); a proposal is
     kept when its paired per-image improvement exceeds ``refine_significance`` standard errors."""
 
     balance: bool = False
@@ -38,7 +39,7 @@ class StageSettings:
     pick_uniform: bool = False
     content_metric: str = "ssim"
     measure_widths: Sequence[int] | None = None
-    refine_evaluations: int = 0
+    refine_evaluations: int | None = None
     refine_rounds: int = 1
     refine_objective: str | None = None
     refine_significance: float = 2.0

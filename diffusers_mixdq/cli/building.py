@@ -63,11 +63,13 @@ def build(
     ),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ):
-    """Build a plan from a recipe: calibrate, measure sensitivity, allocate widths with HiGHS, save (and push).
+    """Build a plan from a recipe: calibrate, measure sensitivity, allocate widths with HiGHS, refine, save (and push).
 
     Defaults a recipe may override: layer inputs in int8 with a run-time range per token (activations:
     dynamic-token; activations: int8 gives static calibrated ranges) and the k pick by the best mean per-image PSNR
-    (pick_objective: psnr; mse was the default before issue #14)."""
+    (pick_objective: psnr; mse was the default before issue #14), and a refine stage after the pick that keeps a
+    width change only when the pick prompts' images measurably improve (refine: {evaluations: 16}; 0: off; skipped
+    with text-encoder components)."""
     with user_errors():
         from ..builder import is_main_process, load_recipe, run_recipe
 
