@@ -36,7 +36,8 @@ def test_build_on_published_scores_measures_nothing_and_follows_them(pipe, tmp_p
     names = list(layer_table(pipe.unet))
     fragile = next(n for n in names if layer_group(n) == "content")
     files = [{"path": _write(tmp_path / "sensitivity.yaml", _log(pipe, fragile)), "widths": [2, 4, 8]}]
-    s = BuildSettings(**SETTINGS, weight_bits=4.0, split_ratios=(1.0,), sensitivity_files=files)
+    # refine off: it judges whole plans by measured images and would (rightly) overrule this test's made-up scores
+    s = BuildSettings(**SETTINGS, weight_bits=4.0, split_ratios=(1.0,), sensitivity_files=files, refine_evaluations=0)
     plan, report = build_plan(pipe, s, progress=False)
     assert report.sample_evaluations.get("sensitivity", 0) == 0  # nothing measured: every score was given
     specs = plan.layer_specs()
@@ -53,7 +54,7 @@ def test_an_earlier_builds_score_cache_is_read_too(pipe, tmp_path):
     log = _log(pipe, fragile)
     cache = {f"{k[len('model.'):]}|{w}": v for k, vals in log.items() for w, v in zip((2, 4, 8), vals)}
     (tmp_path / "sensitivity-earlier.json").write_text(json.dumps(cache))
-    s = BuildSettings(**SETTINGS, weight_bits=4.0, split_ratios=(1.0,),
+    s = BuildSettings(**SETTINGS, weight_bits=4.0, split_ratios=(1.0,), refine_evaluations=0,  # (as above)
                       sensitivity_files=[{"path": str(tmp_path / "sensitivity-earlier.json")}])
     plan, report = build_plan(pipe, s, progress=False)
     assert report.sample_evaluations.get("sensitivity", 0) == 0
