@@ -65,7 +65,9 @@ def built(tmp_path_factory):
     mp.setattr(assign_module, "run_pipeline", recording)  # the reference run
     mp.setattr(plan_errors_module, "run_pipeline", recording)  # the candidates' runs
     try:
-        s = BuildSettings(**SETTINGS, pick_prompts=VALIDATION, pick_objective="tail", protect_first_last=True)
+        # refine off: its runs (also on the pick prompts, tests/test_refine.py) would add to the counted runs
+        s = BuildSettings(**SETTINGS, pick_prompts=VALIDATION, pick_objective="tail", protect_first_last=True,
+                          refine_evaluations=0)
         plan, report = build_plan(pipe, s, progress=False)
     finally:
         mp.undo()
@@ -103,7 +105,8 @@ def test_default_pick_uses_the_calibration_prompts(monkeypatch):
     recording = lambda p, s, i=None: seen.append(list(s.prompts)) or real(p, s, i)  # noqa: E731
     monkeypatch.setattr(assign_module, "run_pipeline", recording)
     monkeypatch.setattr(plan_errors_module, "run_pipeline", recording)
-    plan, report = build_plan(pipe, BuildSettings(**{**SETTINGS, "split_ratios": (1.0,)}), progress=False)
+    settings = BuildSettings(**{**SETTINGS, "split_ratios": (1.0,)}, refine_evaluations=0)  # (as above)
+    plan, report = build_plan(pipe, settings, progress=False)
     assert seen == [CALIBRATION]  # the calibration run's images are the reference: no extra run
     assert "pick_reference" not in report.sample_evaluations
     assert plan.provenance["allocation"]["pick_objective"] == "psnr"  # the default: minus the mean per-image PSNR
