@@ -17,8 +17,9 @@ from diffusers_mixdq.errors import MixDQError
 
 CALIBRATION = ["a red circle", "a blue square", "a green star", "a white moon"]
 VALIDATION = ["a green triangle", "a yellow star"]
+# refine off: these tests check the sweep's context and the pick itself, which refine may then improve on
 SETTINGS = dict(prompts=CALIBRATION, steps=2, guidance=3.0, height=32, width=32, weight_bits=4.0,
-                split_ratios=(0.5, 1.0, 2.0), pick_prompts=VALIDATION)
+                split_ratios=(0.5, 1.0, 2.0), pick_prompts=VALIDATION, refine_evaluations=0)
 
 
 def _build(tmp_path, **extra):
