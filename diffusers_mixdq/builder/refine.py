@@ -18,7 +18,8 @@ it is kept only when the refine objective (``psnr``, ``tail`` or ``mse``, defaul
 chance as much as a plan change moves it). After a kept proposal the next round re-measures, while
 ``refine_rounds`` remain; it stops after ``refine_evaluations`` plan evaluations or when no proposal is left. The
 result is never worse than the start on its objective and never over the budget. Plan evaluations and in-plan
-scores are cached in ``cache_dir`` (``refine-<key>*.json``), so an interrupted build resumes to the same plan;
+scores are cached in ``cache_dir`` (``refine-<key>-images.json``, ``refine-<key>-context-<plan>.json``; in a sharded
+build each process writes its own ``.part<i>`` of them), so an interrupted build resumes to the same plan;
 the provenance records every proposal tried and what was kept.
 """
 
@@ -40,7 +41,7 @@ from .options import DEFAULT_REFINE_EVALUATIONS
 from .plan_errors import image_errors
 from .progress import sweep_bar
 from .recording import Calibration
-from .scores import ScoreCache
+from .scores import ScoreCache, merged
 from .sensitivity import applied, layer_sensitivity, replay_sqnr
 
 
@@ -78,9 +79,15 @@ class Refinement:
         key = hashlib.sha256(json.dumps([sweep_key(ctx.denoiser, s), list(s.pick_settings.prompts), s.activations,
                                          list(s.act_widths)]).encode()).hexdigest()[:16]
         self.base = Path(s.cache_dir) / f"refine-{key}" if s.cache_dir else None
-        self.errors = ScoreCache(None if self.base is None else self.base.with_suffix(".json"))
+        self.errors = self._cache(None if self.base is None else self.base.parent / f"{self.base.name}-images.json")
         self.spent = {"evaluations": 0, "reused_evaluations": 0, "context_calls": 0, "context_samples": 0,
                       "context_reused": 0}
+
+    def _cache(self, path) -> ScoreCache:
+        """A cache file of this refinement; in a sharded build, this process's part of it (every process evaluates
+        the same plans, and two processes replacing one file would race)."""
+        cache = ScoreCache(path)
+        return cache.shard(self.ctx.state.process_index) if self.ctx.state is not None and path is not None else cache
 
     def plan(self, choice: dict):
         allocation = replace(self.chosen.best, choice=dict(choice))
@@ -107,8 +114,8 @@ class Refinement:
         ctx, s = self.ctx, self.s
         current = {n: int(choice[n]) for n in ctx.candidates}
         widths = {n: probe_widths(s.widths[ctx.groups[n]], current[n]) for n in ctx.candidates}
-        cache = ScoreCache(None if self.base is None else
-                           self.base.parent / f"{self.base.name}-context-{_choice_key(choice)}.json")
+        cache = self._cache(None if self.base is None else
+                            self.base.parent / f"{self.base.name}-context-{_choice_key(choice)}.json")
         plan = self.plan(choice)
         specs, originals = plan.layer_specs(), {n: ctx.denoiser.get_submodule(n) for n in ctx.candidates}
         by_probes: dict[tuple, list[str]] = {}
@@ -125,8 +132,10 @@ class Refinement:
                 result = layer_sensitivity(
                     ctx.denoiser, names, {"content": list(probes)}, {n: "content" for n in names},
                     lambda n, b: replace(specs[n], weights=f"int{b}"), self.sub, None, (0, 0),
-                    bos_state=self.calib.bos_state, progress=ctx.progress, cache=cache,
+                    bos_state=self.calib.bos_state, progress=ctx.progress, cache=cache, shard=ctx.shard,
                     module_of=originals.__getitem__)
+                if ctx.state is not None:  # the processes split the layers; every process takes every score
+                    result.fill_from(merged(cache))
                 scores.update(result.scores)
                 self._spend(result.cost.calls, result.cost.samples, result.reused.samples)
         return {n: layer_deltas(s.widths[ctx.groups[n]], current[n], noise(base),
