@@ -3,6 +3,12 @@ whole model, and (``--trace``) where the first difference appears, on the tests'
 
     OMP_NUM_THREADS=1 python benchmarks/compile_numerics.py            # ~10 min on a loaded 2-core machine
     OMP_NUM_THREADS=1 python benchmarks/compile_numerics.py --trace    # + each layer's input / output
+    OMP_NUM_THREADS=1 python benchmarks/compile_numerics.py --model shapes --prompts 8   # a bundled trained model
+
+``--model`` (``shapes`` / ``scenes``) runs the bundled trained pipeline instead, with each of its bundled plans on
+the native backend: its denoiser compiled (``fullgraph=True``; a recompilation is an error) against eager, the same
+prompts and seeds, the relative MSE of the first denoiser call's output and of the final images, and the images'
+PSNR compiled against eager (``compile_numerics_<model>.json``).
 
 1. ``fake_quantize`` compiled alone on the recorded input of every A8 layer (static and dynamic scales): how many
    codes differ from eager. 2. relative MSE of the compiled model against eager, per plan. 3. ``--trace``: the
@@ -88,10 +94,58 @@ def trace(plan: str) -> list[dict]:
             for (n, xa, ya), (_, xb, yb) in zip(eager, calls)]
 
 
+def _sample(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def trained(model: str, prompts: int) -> dict:
+    """Compiled against eager on the bundled trained ``model``, each bundled denoiser plan (see the docstring)."""
+    from diffusers_mixdq import use_weight_backend
+    from diffusers_mixdq.demo import plans_in, prompt_set
+    from diffusers_mixdq.demo.models import get_model
+    from diffusers_mixdq.evaluation.generation import denoiser_name, generate, load_pipeline
+
+    demo = get_model(model)
+    gen = demo.generation_settings()
+    texts = prompt_set(model, "test", prompts, seed=1)
+    out = {}
+    for name, path in [("fp32", None)] + [(n, p) for n, p in plans_in(demo.plans_dir()).items() if "te" not in n]:
+        torch._dynamo.reset()
+        with use_weight_backend("native"):
+            pipe = load_pipeline(demo.pipeline_path(), path)
+        denoiser = getattr(pipe, denoiser_name(pipe))
+        first: list = []  # the first denoiser call's inputs
+        hook = denoiser.register_forward_pre_hook(lambda m, a, k: first.append((a, k)) if not first else None,
+                                                  with_kwargs=True)
+        eager, _ = generate(pipe, texts, 0, **gen)
+        hook.remove()
+        fast = torch.compile(denoiser, fullgraph=True)
+        setattr(pipe, denoiser_name(pipe), fast)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled, _ = generate(pipe, texts, 0, **gen)  # every denoising step: no recompilation
+        with torch.inference_mode():
+            a, k = first[0]
+            call = rel_mse(_sample(fast(*a, **k)), _sample(denoiser(*a, **k)))
+        mse = (compiled.double() - eager.double()).pow(2).flatten(1).mean(1)
+        out[name] = {"first_call_rel_mse": call,
+                     "image_rel_mse": rel_mse(compiled, eager),
+                     "psnr_min_db": float(10 * torch.log10(1 / mse.max().clamp_min(1e-20))),
+                     "identical_images": int((mse == 0).sum())}
+        print(f"{model} {name}: {out[name]}", flush=True)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trace", action="store_true", help="also trace every layer of the W8A8 dynamic plan")
+    parser.add_argument("--model", help="a bundled trained model (shapes, scenes) instead of the tiny UNet")
+    parser.add_argument("--prompts", type=int, default=8, help="test prompts for --model (seeds 0..N-1)")
     args = parser.parse_args(argv)
+    if args.model:
+        path = RESULTS / f"compile_numerics_{args.model}.json"
+        path.write_text(json.dumps(trained(args.model, args.prompts), indent=2) + "\n")
+        print(f"\nwritten {path}")
+        return
     result = {"fake_quantize_flips": fake_quant_flips(), "model_rel_mse": {}}
     print("fake_quantize compiled alone, codes differing from eager:", result["fake_quantize_flips"], flush=True)
     for plan in PLANS:
