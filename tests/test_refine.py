@@ -93,6 +93,7 @@ def test_guard_rejects_a_diverged_image_even_when_the_mean_improves():
     ({"evaluations": 4, "rounds": 0}, "refine.rounds"),
     ({"evaluations": 4, "objective": "median"}, "refine.objective"),
     ({"evaluations": 4, "significance": -1}, "refine.significance"),
+    ({"evaluations": 4, "guard": "yes"}, "refine.guard"),
     ({"evaluations": 4, "budget": 3}, "refine"),
 ])
 def test_bad_refine_values_are_one_mixdq_error(refine, message):
@@ -110,12 +111,15 @@ def test_bad_refine_settings_are_refused_before_any_work():
 
 def test_recipe_refine_reaches_the_settings():
     r = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4},
-                     "refine": {"evaluations": 12, "rounds": 1, "objective": "tail", "significance": 1.5}})
+                     "refine": {"evaluations": 12, "rounds": 1, "objective": "tail", "significance": 1.5,
+                                "guard": False}})
     s = r.settings()
-    assert (s.refine_evaluations, s.refine_rounds, s.refine_objective, s.refine_significance) == (12, 1, "tail", 1.5)
+    assert (s.refine_evaluations, s.refine_rounds, s.refine_objective, s.refine_significance, s.refine_guard) == (
+        12, 1, "tail", 1.5, False)
     default = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}}).settings()
     assert default.refine_evaluations is None  # the default: resolved by the build
     assert resolved(default).refine_evaluations == DEFAULT_REFINE_EVALUATIONS == 16
+    assert default.refine_guard is True  # the guard is on unless a recipe says `guard: false`
     assert resolved(default, components=True).refine_evaluations == 0  # skipped with text-encoder components
     off = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}, "refine": {"evaluations": 0}}).settings()
     assert resolved(off).refine_evaluations == 0

@@ -17,11 +17,12 @@ it is kept only when the refine objective (``psnr``, ``tail`` or ``mse``, defaul
 ``refine_significance`` paired standard errors (:func:`~.allocate.moves.paired_gain`: a few prompts' mean moves by
 chance as much as a plan change moves it) and, with ``refine_guard`` (the default), it adds no diverged image and
 does not worsen the tail by more than as many standard errors (:mod:`.refine_guard`). After a kept proposal the
-next round re-measures, while ``refine_rounds`` remain; it stops after ``refine_evaluations`` plan evaluations or when no proposal is left. The
-result is never worse than the start on its objective and never over the budget. Plan evaluations and in-plan
-scores are cached in ``cache_dir`` (``refine-<key>-images.json``, ``refine-<key>-context-<plan>.json``; in a sharded
-build each process writes its own ``.part<i>`` of them), so an interrupted build resumes to the same plan;
-the provenance records every proposal tried, why it was kept or not, and what was kept.
+next round re-measures, while ``refine_rounds`` remain; it stops after ``refine_evaluations`` plan evaluations or
+when no proposal is left. The result is never worse than the start on its objective and never over the
+budget. Plan evaluations and in-plan scores are cached in ``cache_dir`` (``refine-<key>-images.json``,
+``refine-<key>-context-<plan>.json``; in a sharded build each process writes its own ``.part<i>`` of them), so an
+interrupted build resumes to the same plan; the provenance records every proposal tried, why it was kept or not,
+and what was kept.
 """
 
 from __future__ import annotations
