@@ -35,6 +35,10 @@ widths too (content {2, 3, 4, 5, 6, 8}; quality from 3 or 2 bits), ``--measure-w
 Correct-stage options (issue #14, off by default): ``--balance`` (channel balancing), ``--lowrank-rank R`` (low-rank
 branches; a mixed plan's budget pays for them; ``--lowrank-layers PATTERN...`` limits them to some layers),
 ``--distill-seconds S`` (adapters distilled against full precision).
+
+Refine-stage options of the mixed plans (the builder's defaults when left out): ``--refine-evaluations N`` (0: off),
+``--refine-objective psnr|tail|mse``, ``--no-refine-guard`` (keep proposals that add diverged images or worsen the
+tail, as before issue #14's guard).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import torch
 from diffusers_mixdq import BitPlan
 from diffusers_mixdq import demo
 from diffusers_mixdq.builder import BuildSettings, build_plan, calibrated_plan
+from diffusers_mixdq.builder.allocate import PICK_OBJECTIVES
 from diffusers_mixdq.builder.options import DEFAULT_ACTIVATION_MODE, DEFAULT_PICK_OBJECTIVE, activation_defaults
 
 OUT = Path(demo.plans_dir("shapes"))
@@ -87,6 +92,22 @@ def correction_settings(args: argparse.Namespace) -> dict:
             "distill_seconds": args.distill_seconds}
 
 
+def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The refine stage's options of the mixed plans (none of them: the builder's defaults)."""
+    parser.add_argument("--refine-evaluations", type=int, default=None, metavar="N",
+                        help="mixed plans: at most N whole-plan evaluations in the refine stage (0: off; default 16)")
+    parser.add_argument("--refine-objective", choices=PICK_OBJECTIVES, default=None,
+                        help="mixed plans: the refine stage's objective (default: the pick's)")
+    parser.add_argument("--no-refine-guard", action="store_true",
+                        help="mixed plans: keep refine proposals that add diverged images or worsen the tail")
+
+
+def refine_settings(args: argparse.Namespace) -> dict:
+    """The builder settings of :func:`add_refine_arguments`' options."""
+    return {"refine_evaluations": args.refine_evaluations, "refine_objective": args.refine_objective,
+            "refine_guard": not args.no_refine_guard}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=PLANS, default=list(BUNDLED), metavar="PLAN",
@@ -116,6 +137,7 @@ def main() -> None:
                         help="only these layers get low-rank branches (default: every quantized one)")
     parser.add_argument("--distill-seconds", type=float, default=0.0, metavar="S",
                         help="train rank-4 adapters (on the --lowrank-layers) against full precision for S seconds")
+    add_refine_arguments(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -138,7 +160,8 @@ def main() -> None:
         out, extra = MIXED[name]
         out = args.out or out
         t0 = time.perf_counter()
-        settings = BuildSettings(**{**common, **extra, **allocator_settings(args), **correction_settings(args)})
+        settings = BuildSettings(**{**common, **extra, **allocator_settings(args), **correction_settings(args),
+                                    **refine_settings(args)})
         plan, report = build_plan(pipe, settings)
         plan.target["base_model"] = "diffusers_mixdq/demo/pipeline"
         plan.save(out / name)

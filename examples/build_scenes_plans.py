@@ -29,6 +29,9 @@ the native weight backend, picked automatically); ``--measure-widths``: measure 
 
 Correct-stage options (issue #14, off by default): ``--balance`` (channel balancing), ``--lowrank-rank R`` and
 ``--lowrank-layers PATTERN...`` (low-rank branches; a mixed plan's budget pays for them).
+
+Refine-stage options of the mixed plans (`build_demo_plans.py`'s): ``--refine-evaluations N`` (0: off),
+``--refine-objective psnr|tail|mse``, ``--no-refine-guard`` (keep proposals that add diverged images).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from build_demo_plans import add_refine_arguments, refine_settings
 from diffusers_mixdq import BitPlan, demo
 from diffusers_mixdq.builder import BuildSettings, build_plan, calibrated_plan
 from diffusers_mixdq.builder.options import DEFAULT_ACTIVATION_MODE, DEFAULT_PICK_OBJECTIVE, activation_defaults
@@ -92,6 +96,7 @@ def main() -> None:
     parser.add_argument("--activations", choices=("dynamic-token", "int8"), default=DEFAULT_ACTIVATION_MODE,
                         help="int8 inputs with a run-time range per token, or static calibrated ranges")
     parser.add_argument("--pick-objective", choices=("mse", "tail", "psnr"), default=DEFAULT_PICK_OBJECTIVE)
+    add_refine_arguments(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -127,7 +132,7 @@ def main() -> None:
             mixed = BuildSettings(**{**vars(settings), "weight_bits": budget, "protect_first_last": True,
                                      "cache_dir": str(args.cache_dir),
                                      "pick_prompts": demo.prompt_set("scenes", "validation", args.pick_prompts),
-                                     **extra})
+                                     **extra, **refine_settings(args)})
             plan, report = build_plan(pipe, mixed)
             plan.target["base_model"] = "diffusers_mixdq/demo/scenes/pipeline"
             print(json.dumps({"chosen_k": report.chosen_k, "denoiser_evaluations": report.denoiser_evaluations}))

@@ -14,12 +14,13 @@ from conftest import make_pipeline
 
 from diffusers_mixdq.builder import BuildSettings, build_plan
 from diffusers_mixdq.builder.allocate import objective
-from diffusers_mixdq.builder.allocate.moves import paired_gain, size_bits, swap_moves
+from diffusers_mixdq.builder.allocate.moves import paired_gain, size_bits, swap_moves, tail_gain
 from diffusers_mixdq.builder.noise_model import layer_deltas, probe_widths
 from diffusers_mixdq.builder.options import DEFAULT_REFINE_EVALUATIONS
 from diffusers_mixdq.builder.recipe import load_recipe
 from diffusers_mixdq.builder.refine import enabled as refine_enabled
 from diffusers_mixdq.builder.refine import resolved
+from diffusers_mixdq.builder.refine_guard import DIVERGED_MSE, diverged, guard
 from diffusers_mixdq.builder.sensitivity import applied
 from diffusers_mixdq.builder.settings import run_pipeline
 from diffusers_mixdq.errors import MixDQError
@@ -63,11 +64,36 @@ def test_paired_gain_counts_standard_errors():
     assert paired_gain([e * 2 for e in old], old, "mse") < 0
 
 
+def test_tail_gain_is_a_paired_bootstrap_of_the_tail():
+    old = [1e-3 * (1 + i % 7) for i in range(48)]
+    assert tail_gain(old, old) == 0.0
+    worse_tail = sorted(old)[:-5] + [0.05] * 5  # the five worst images (the tail of 48) get much worse
+    assert tail_gain(worse_tail, sorted(old)) < -2 and tail_gain(sorted(old), worse_tail) > 2
+    body = sorted(old)
+    better_body = [e / 2 for e in body[:-5]] + body[-5:]  # the body improves, the five worst images stay
+    assert tail_gain(better_body, body) == 0.0
+    assert tail_gain(worse_tail, old) == tail_gain(worse_tail, old)  # seeded: a resumed build decides the same
+    assert paired_gain(worse_tail, old, "tail") == tail_gain(worse_tail, old)  # the tail objective's own test
+
+
+def test_guard_rejects_a_diverged_image_even_when_the_mean_improves():
+    old = [1e-3] * 47 + [5e-3]
+    new = [1e-4] * 47 + [2 * DIVERGED_MSE]  # every image 10 dB better, but the worst one now shows another scene
+    assert objective(new, "psnr") < objective(old, "psnr") and paired_gain(new, old, "psnr") > 2
+    assert diverged(old) == 0 and diverged(new) == 1 and diverged([DIVERGED_MSE]) == 0  # below 20 dB, strictly
+    assert guard(new, old, 2.0) == "diverged images 0 -> 1"
+    assert guard(old, new, 2.0) is None  # fixing a diverged image is never refused
+    tail = [1e-4] * 43 + [8e-3] * 5  # none diverged, the tail 8x worse
+    assert guard(tail, [1e-3] * 43 + [1e-3 * (1 + i) for i in range(5)], 2.0).startswith("tail worse by")
+    assert guard([e / 2 for e in old], old, 2.0) is None
+
+
 @pytest.mark.parametrize("refine, message", [
     ({"evaluations": -1}, "refine.evaluations"),
     ({"evaluations": 4, "rounds": 0}, "refine.rounds"),
     ({"evaluations": 4, "objective": "median"}, "refine.objective"),
     ({"evaluations": 4, "significance": -1}, "refine.significance"),
+    ({"evaluations": 4, "guard": "yes"}, "refine.guard"),
     ({"evaluations": 4, "budget": 3}, "refine"),
 ])
 def test_bad_refine_values_are_one_mixdq_error(refine, message):
@@ -85,12 +111,15 @@ def test_bad_refine_settings_are_refused_before_any_work():
 
 def test_recipe_refine_reaches_the_settings():
     r = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4},
-                     "refine": {"evaluations": 12, "rounds": 1, "objective": "tail", "significance": 1.5}})
+                     "refine": {"evaluations": 12, "rounds": 1, "objective": "tail", "significance": 1.5,
+                                "guard": False}})
     s = r.settings()
-    assert (s.refine_evaluations, s.refine_rounds, s.refine_objective, s.refine_significance) == (12, 1, "tail", 1.5)
+    assert (s.refine_evaluations, s.refine_rounds, s.refine_objective, s.refine_significance, s.refine_guard) == (
+        12, 1, "tail", 1.5, False)
     default = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}}).settings()
     assert default.refine_evaluations is None  # the default: resolved by the build
     assert resolved(default).refine_evaluations == DEFAULT_REFINE_EVALUATIONS == 16
+    assert default.refine_guard is True  # the guard is on unless a recipe says `guard: false`
     assert resolved(default, components=True).refine_evaluations == 0  # skipped with text-encoder components
     off = load_recipe({"pipeline": "x", "weights": {"budget_bits": 4}, "refine": {"evaluations": 0}}).settings()
     assert resolved(off).refine_evaluations == 0
@@ -133,7 +162,8 @@ def test_refine_keeps_the_budget_never_worsens_and_records(pipe, tmp_path):
     assert record["final"] <= record["start"] and record["objective"] == "psnr"
     assert 1 <= len(record["tried"]) <= 6 and record["spent"]["evaluations"] + record["spent"][
         "reused_evaluations"] <= 6
-    assert len(record["kept"]) == sum(t[-1] for t in record["tried"])
+    assert len(record["kept"]) == sum(t[4] for t in record["tried"])
+    assert all((t[5] == "kept") == t[4] for t in record["tried"])  # every proposal says why (not) kept
     assert report.sample_evaluations["refine"] > 0 and report.sample_evaluations["refine_context"] > 0
     assert refined.provenance["sample_evaluations"]["refine"] == report.sample_evaluations["refine"]
     assert report.naive_sample_evaluations > start_report.naive_sample_evaluations
@@ -185,3 +215,28 @@ def test_the_default_build_refines(pipe, tmp_path):
     assert record["significance"] == 2.0 and record["final"] <= record["start"]
     assert plan.provenance["settings"]["refine_evaluations"] == DEFAULT_REFINE_EVALUATIONS
     assert report.sample_evaluations["refine_context"] > 0 and plan.summary().avg_weight_bits <= 4.0 + 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guard_on", [True, False])
+def test_the_guard_refuses_a_move_that_adds_a_diverged_image(pipe, tmp_path, monkeypatch, guard_on):
+    """Every proposal's images made better on average but one of them diverged (the plans' real image errors
+    replaced by made-up ones: the pick's candidates 30 dB on each image, every refine proposal +20, +20 and -17 dB
+    against that): with the guard nothing is kept and each proposal says why; without it the first is kept."""
+    from diffusers_mixdq.builder import assign as assign_module
+    from diffusers_mixdq.builder import refine as refine_module
+
+    monkeypatch.setattr(assign_module, "image_errors", lambda *args, **kwargs: [1e-3, 1e-3, 1e-3])
+    monkeypatch.setattr(refine_module, "image_errors", lambda *args, **kwargs: [1e-5, 1e-5, 5 * DIVERGED_MSE])
+    s = BuildSettings(**SETTINGS, refine_evaluations=2, refine_rounds=1, refine_significance=0.0,
+                      refine_guard=guard_on, cache_dir=str(tmp_path))
+    plan, _ = build_plan(pipe, s, progress=False)
+    record = plan.provenance["refine"]
+    assert record["guard"] is guard_on and record["tried"]
+    if guard_on:
+        assert not record["kept"] and record["diverged"] == [0, 0]
+        assert all(t[4] is False and t[5] == "diverged images 0 -> 1" for t in record["tried"])
+        assert record["final"] == record["start"]
+    else:
+        assert record["tried"][0][4] is True and record["tried"][0][5] == "kept" and record["diverged"] == [0, 1]
+        assert record["final"] < record["start"]

@@ -247,6 +247,8 @@ class RefineOptions(Strict):
     objective: Optional[Literal[PICK_OBJECTIVES]] = None
     #: a proposal is kept when its paired per-image improvement exceeds this many standard errors (0: any gain)
     significance: Annotated[float, BeforeValidator(_non_negative)] = 2.0
+    #: reject a proposal that adds a diverged image or worsens the tail by ``significance`` (:mod:`.refine_guard`)
+    guard: Annotated[bool, Field(strict=True)] = True
 
 
 class BuildOptions(Strict):

@@ -57,11 +57,12 @@ budget_scope: joint                # joint: one budget (weights.budget_bits / si
 component_budgets: {text_encoder: 8.0}   # per_component only: average bits of a component
 text_encoder_widths: [4, 8]        # candidate weight widths of text-encoder layers (weight-only; scored like content
                                    # layers, by the images: builder.text_encoders)
-refine: {evaluations: 0, rounds: 1, objective: null, significance: 2.0}   # default 16 evaluations (0: off;
+refine: {evaluations: 0, rounds: 1, objective: null, significance: 2.0, guard: true}   # default 16 evaluations (0: off;
                                    # left out with text-encoder components: skipped, as 0 is here): after the pick,
                                    # improve the widths by the measured image error of whole plans on the pick
                                    # prompts (builder.refine; objective psnr | tail | mse, default pick_objective;
-                                   # kept when the paired per-image gain exceeds `significance` standard errors)
+                                   # kept when the paired per-image gain exceeds `significance` standard errors;
+                                   # guard: and it adds no image below 20 dB, worsens the tail less: refine_guard)
 push: {repo_id: you/sd-turbo-mixdq-w4a8, private: false}   # optional, or `mixdq build --push`
 ```
 
@@ -158,7 +159,7 @@ class Recipe(StageSettings):
             budget_scope=o.budget_scope, component_budgets=dict(o.component_budgets),
             text_encoder_widths=list(o.text_encoder_widths), refine_evaluations=o.refine.evaluations,
             refine_rounds=o.refine.rounds, refine_objective=o.refine.objective,
-            refine_significance=o.refine.significance,
+            refine_significance=o.refine.significance, refine_guard=o.refine.guard,
             push=o.push.model_dump() if o.push is not None else None, description=o.description, source=source,
         )
 

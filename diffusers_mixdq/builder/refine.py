@@ -15,12 +15,14 @@ that one unit (no ``k``), then budget-keeping swaps, best predicted first (:mod:
 is applied and its images of the pick prompts compared with full precision (:func:`~.plan_errors.image_errors`);
 it is kept only when the refine objective (``psnr``, ``tail`` or ``mse``, default the pick's) improves by more than
 ``refine_significance`` paired standard errors (:func:`~.allocate.moves.paired_gain`: a few prompts' mean moves by
-chance as much as a plan change moves it). After a kept proposal the next round re-measures, while
-``refine_rounds`` remain; it stops after ``refine_evaluations`` plan evaluations or when no proposal is left. The
-result is never worse than the start on its objective and never over the budget. Plan evaluations and in-plan
-scores are cached in ``cache_dir`` (``refine-<key>-images.json``, ``refine-<key>-context-<plan>.json``; in a sharded
-build each process writes its own ``.part<i>`` of them), so an interrupted build resumes to the same plan;
-the provenance records every proposal tried and what was kept.
+chance as much as a plan change moves it) and, with ``refine_guard`` (the default), it adds no diverged image and
+does not worsen the tail by more than as many standard errors (:mod:`.refine_guard`). After a kept proposal the
+next round re-measures, while ``refine_rounds`` remain; it stops after ``refine_evaluations`` plan evaluations or
+when no proposal is left. The result is never worse than the start on its objective and never over the
+budget. Plan evaluations and in-plan scores are cached in ``cache_dir`` (``refine-<key>-images.json``,
+``refine-<key>-context-<plan>.json``; in a sharded build each process writes its own ``.part<i>`` of them), so an
+interrupted build resumes to the same plan; the provenance records every proposal tried, why it was kept or not,
+and what was kept.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .noise_model import layer_deltas, noise, probe_widths
 from .options import DEFAULT_REFINE_EVALUATIONS
 from .plan_errors import image_errors
 from .progress import sweep_bar
+from .refine_guard import diverged, guard
 from .recording import Calibration
 from .scores import ScoreCache, merged
 from .sensitivity import applied, layer_sensitivity, replay_sqnr
@@ -187,19 +190,30 @@ def refine(ctx: BuildContext, calib: Calibration, chosen: Assignment) -> Assignm
             seen.add(key)
             errors = run.image_errors(new)
             bar.update(1)
-            gain = paired_gain(errors, best, run.kind)
-            accepted = objective(errors, run.kind) < objective(best, run.kind) and gain > s.refine_significance
-            tried.append([move.kind, len(changes), objective(errors, run.kind), round(gain, 3), accepted])
+            gain, reason = _verdict(errors, best, run.kind, s)
+            accepted = reason == "kept"
+            tried.append([move.kind, len(changes), objective(errors, run.kind), round(gain, 3), accepted, reason])
             if accepted:
                 kept.append({"kind": move.kind, "round": rounds, "objective": objective(errors, run.kind),
                              "gain_se": gain, "changes": {n: [current[n], w] for n, w in changes.items()}})
                 best, current = errors, new
                 if rounds < s.refine_rounds:
                     queue = []  # re-measure inside the new plan
-    return _result(run, chosen, current, objective(start, run.kind), objective(best, run.kind), kept, tried, rounds)
+    return _result(run, chosen, current, (start, best), kept, tried, rounds)
 
 
-def _result(run: Refinement, chosen: Assignment, choice: dict, start: float, best: float, kept: list, tried: list,
+def _verdict(errors: list[float], best: list[float], kind: str, s) -> tuple[float, str]:
+    """The paired gain of ``errors`` over ``best`` in standard errors, and ``"kept"`` or why not: the objective not
+    better, the gain not significant, or (``refine_guard``) the tail worse (:func:`~.refine_guard.guard`)."""
+    gain = paired_gain(errors, best, kind)
+    if not objective(errors, kind) < objective(best, kind):
+        return gain, "objective not better"
+    if not gain > s.refine_significance:
+        return gain, f"gain under {s.refine_significance:g} standard errors"
+    return gain, (guard(errors, best, s.refine_significance) if s.refine_guard else None) or "kept"
+
+
+def _result(run: Refinement, chosen: Assignment, choice: dict, ends: tuple[list, list], kept: list, tried: list,
             rounds: int) -> Assignment:
     ctx, report = run.ctx, run.ctx.report
     calls, samples = _eval_cost(run)
@@ -209,9 +223,10 @@ def _result(run: Refinement, chosen: Assignment, choice: dict, start: float, bes
                  reused=(0, run.spent["context_reused"]))
     total_bits, avg = average(choice, run.sizes, run.sizes)
     best_alloc = replace(chosen.best, choice={**chosen.best.choice, **choice}, avg_bits=avg, total_bits=total_bits)
-    record = {"objective": run.kind, "significance": run.s.refine_significance, "start": start, "final": best,
-              "rounds": rounds, "kept": kept, "tried": tried, "spent": {"max_evaluations": run.s.refine_evaluations,
-                                           "max_rounds": run.s.refine_rounds, **run.spent}}
+    record = {"objective": run.kind, "significance": run.s.refine_significance, "guard": run.s.refine_guard,
+              "start": objective(ends[0], run.kind), "final": objective(ends[1], run.kind),
+              "diverged": [diverged(e) for e in ends], "rounds": rounds, "kept": kept, "tried": tried,
+              "spent": {"max_evaluations": run.s.refine_evaluations, "max_rounds": run.s.refine_rounds, **run.spent}}
     return replace(chosen, best=best_alloc, plan=run.plan(choice), refine=record)
 
 

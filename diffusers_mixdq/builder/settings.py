@@ -30,6 +30,7 @@ SETTINGS_LABELS = Labels(
         ("refine", "rounds"): "refine_rounds",
         ("refine", "objective"): "refine_objective",
         ("refine", "significance"): "refine_significance",
+        ("refine", "guard"): "refine_guard",
     },
     lambda loc: ".".join(map(str, loc)),
 )
@@ -137,7 +138,8 @@ class BuildSettings(StageSettings):
             "component_budgets": dict(self.component_budgets),
             "text_encoder_widths": _as_list(self.text_encoder_widths),
             "refine": {"evaluations": self.refine_evaluations, "rounds": self.refine_rounds,
-                       "objective": self.refine_objective, "significance": self.refine_significance},
+                       "objective": self.refine_objective, "significance": self.refine_significance,
+                       "guard": self.refine_guard},
         }
 
     def validate(self) -> None:

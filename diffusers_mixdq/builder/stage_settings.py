@@ -23,7 +23,8 @@ class StageSettings:
     ``refine_evaluations`` is 0; ``None``, the default: :data:`~.options.DEFAULT_REFINE_EVALUATIONS` in a
     denoiser-only mixed build, skipped with text-encoder ``components``): at most that many whole-plan evaluations
     on the pick prompts and ``refine_rounds`` in-plan measurements, judged by ``refine_objective`` (``None``: the pick's); a proposal is
-    kept when its paired per-image improvement exceeds ``refine_significance`` standard errors."""
+    kept when its paired per-image improvement exceeds ``refine_significance`` standard errors and, with
+    ``refine_guard``, it adds no diverged image and does not worsen the tail as significantly (:mod:`.refine_guard`)."""
 
     balance: bool = False
     balance_alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75)
@@ -43,6 +44,7 @@ class StageSettings:
     refine_rounds: int = 1
     refine_objective: str | None = None
     refine_significance: float = 2.0
+    refine_guard: bool = True
 
     def stage_values(self) -> dict[str, Any]:
         """These settings by name (sequences as lists)."""

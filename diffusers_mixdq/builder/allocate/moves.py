@@ -11,10 +11,14 @@ with the rest of the model at the current plan. Pure arithmetic: no torch.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from .sweep import MIN_MSE
+from .sweep import MIN_MSE, objective
+
+#: paired bootstrap resamples behind the ``"tail"`` objective's standard error (:func:`tail_gain`)
+TAIL_RESAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -90,15 +94,41 @@ def swap_moves(choice: Mapping[str, int], deltas: Mapping[str, Mapping[int, floa
 
 def paired_gain(new: Sequence[float], old: Sequence[float], kind: str) -> float:
     """How many standard errors ``new`` per-image errors improve on ``old`` (the same images), paired: the mean of
-    the per-image improvement (in dB for the ``"psnr"`` objective, in MSE otherwise) over its standard error. A
-    few prompts' mean moves by chance as much as a plan change moves it (on `scenes` one standard error of 48
-    images is 0.4-0.7 dB), so a proposal is kept only when this exceeds the refine stage's ``significance``."""
+    the per-image improvement (in dB for the ``"psnr"`` objective, in MSE for ``"mse"``) over its standard error;
+    for ``"tail"`` the improvement of the tail objective itself (:func:`tail_gain`). A few prompts' mean moves by
+    chance as much as a plan change moves it (on `scenes` one standard error of 48 images is 0.4-0.7 dB), so a
+    proposal is kept only when this exceeds the refine stage's ``significance``."""
+    if kind == "tail":
+        return tail_gain(new, old)
     f = (lambda e: 10 * math.log10(max(e, MIN_MSE))) if kind == "psnr" else float
     d = [f(o) - f(n) for n, o in zip(new, old)]
     if not d:
         return 0.0
     mean = sum(d) / len(d)
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1)) if len(d) > 1 else 0.0
-    if sd == 0:
-        return math.inf if mean > 0 else (0.0 if mean == 0 else -math.inf)
-    return mean / (sd / math.sqrt(len(d)))
+    return _in_errors(mean, sd / math.sqrt(len(d)))
+
+
+def tail_gain(new: Sequence[float], old: Sequence[float], resamples: int = TAIL_RESAMPLES, seed: int = 0) -> float:
+    """How many standard errors the ``"tail"`` objective (the mean of the worst images' errors) of ``new`` improves
+    on ``old`` (the same images). The tail is not a mean over images, so its standard error is a paired bootstrap:
+    the spread of the improvement over ``resamples`` resamples of the images, each drawn for both plans alike (a
+    fixed ``seed``: the same errors always give the same answer, so a resumed build decides the same)."""
+    n = len(new)
+    if n == 0:
+        return 0.0
+    rng = random.Random(seed)
+    d = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        d.append(objective([old[i] for i in idx], "tail") - objective([new[i] for i in idx], "tail"))
+    mean = sum(d) / len(d)
+    return _in_errors(objective(old, "tail") - objective(new, "tail"),
+                      math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)))
+
+
+def _in_errors(gain: float, se: float) -> float:
+    """``gain`` in standard errors ``se``; a gain without spread is infinitely significant (or 0 when none)."""
+    if se == 0:
+        return math.inf if gain > 0 else (0.0 if gain == 0 else -math.inf)
+    return gain / se
