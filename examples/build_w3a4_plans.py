@@ -20,9 +20,15 @@ floating point in every plan (as in examples/build_scenes_plans.py).
   channels of every int4 / int2 layer; the budget pays for them); ``-distill``: + ``distill_seconds=120``
   (rank-4 adapters on the content layers ``*attn2.*``, ``*.ff.*`` trained against full precision); ``-bal``: + channel balancing (``balance=True``). Each variant
   adds one stage to the one before it. Outside that chain, ``w3a4-mixed-bal`` and ``w3a4-mixed-distill-bal``: the
-  same stages without the outlier rows.
+  same stages without the outlier rows. These rows pin the defaults of their time (``OLD_DEFAULTS``: refine off,
+  the MSE pick), so they rebuild the plans of the first measurement.
+* ``w3a4-s7*`` (re-measured in session 7, BENCHMARKS.md): the builder's defaults of today (the refine stage, the
+  PSNR pick), the same budget and widths. ``w3a4-s7``: no stage; ``-bal``: + balancing; ``-omq1``: + outlier rows
+  at ``outlier_fraction=0.01`` (each row stored once); ``-d10`` / ``-d30``: + a short distillation
+  (``SHORT_DISTILL``: 10 / 30 s of rank-2 adapters on the content layers; the 120 s of rank 4 above fitted the 16
+  calibration prompts' trajectory, not the test set).
 
-The mixed builds share one ``--cache-dir`` (calibration and sensitivities).
+The mixed builds share one ``--cache-dir`` (calibration, sensitivities, refine).
 """
 
 from __future__ import annotations
@@ -55,7 +61,20 @@ MIXED = {
     "w3a4-mixed-bal": {"balance": True},
     "w3a4-mixed-distill-bal": {**DISTILL, "balance": True},
 }
-PLANS = ("w8a4-token", "w3a4-rule", *MIXED)
+#: what the ``MIXED`` plans were built with (the builder's defaults before session 6)
+OLD_DEFAULTS = {"pick_objective": "mse", "refine_evaluations": 0}
+#: a distillation that does not fit the calibration prompts: rank 2 (half the bits), seconds per variant
+SHORT_DISTILL = {"distill_rank": 2, "lowrank_layers": ("*attn2.*", "*.ff.*")}
+#: today's defaults (refine on, PSNR pick): name -> extra builder settings
+TODAY = {
+    "w3a4-s7": {},
+    "w3a4-s7-bal": {"balance": True},
+    "w3a4-s7-omq1-bal": {"outlier_fraction": 0.01, "balance": True},
+    "w3a4-s7-omq1-d10-bal": {"outlier_fraction": 0.01, **SHORT_DISTILL, "distill_seconds": 10.0, "balance": True},
+    "w3a4-s7-omq1-d30-bal": {"outlier_fraction": 0.01, **SHORT_DISTILL, "distill_seconds": 30.0, "balance": True},
+    "w3a4-s7-omq2-d10-bal": {"outlier_fraction": 0.02, **SHORT_DISTILL, "distill_seconds": 10.0, "balance": True},
+}
+PLANS = ("w8a4-token", "w3a4-rule", *MIXED, *TODAY)
 
 
 def setup(model_name: str):
@@ -102,16 +121,18 @@ def main() -> None:
     budget = rule.summary().avg_weight_bits
     for name in (n for n in PLANS if n in args.only):
         t0 = time.perf_counter()
-        if name in MIXED:
+        if name in MIXED or name in TODAY:
+            extra = {**OLD_DEFAULTS, **MIXED[name]} if name in MIXED else TODAY[name]
             settings = BuildSettings(**{**common, "weight_bits": budget, "activations": "dynamic-token",
-                                        "pick_objective": "mse", "act_widths": [4], "refine_evaluations": 0,
-                                        "widths": {"content": [2, 4, 8], "quality": [2, 4, 8]},
+                                        "act_widths": [4], "widths": {"content": [2, 4, 8], "quality": [2, 4, 8]},
                                         "protect_first_last": bool(keep),
                                         "pick_prompts": demo.prompt_set(args.model, "validation", 48),
-                                        "cache_dir": str(args.cache_dir or args.out / "cache"), **MIXED[name]})
+                                        "cache_dir": str(args.cache_dir or args.out / "cache"), **extra})
             plan, report = build_plan(pipe, settings, progress=False)
             plan.target["base_model"] = base
-            print(json.dumps({"chosen_k": report.chosen_k, "seconds": report.seconds}))
+            print(json.dumps({"chosen_k": report.chosen_k, "seconds": report.seconds,
+                              "sample_evaluations": report.sample_evaluations,
+                              "distillation": plan.provenance.get("distillation")}))
         else:
             plan = rule if name == "w3a4-rule" else uniform(pipe, name, args.model, common, keep, base)
         plan.save(args.out / name)

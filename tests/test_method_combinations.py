@@ -79,3 +79,26 @@ def test_allocator_budget_pays_for_factors_and_outlier_rows():
     assert factors > 0
     assert allocator_budget(s, unet).weight_bits == pytest.approx(4.0 - factors - outlier_overhead(unet, 0.05))
     assert correction_overhead(BuildSettings(prompts=["a"]), unet) == 0.0
+
+
+def test_distillation_trains_against_the_plan_with_its_outlier_rows(monkeypatch, tmp_path):
+    """Adapters correct the quantized weight they were trained with: the int8 rows must be in the plan first."""
+    import diffusers_mixdq.builder.plan_stages as stages
+
+    torch.manual_seed(0)
+    model = make_unet()
+    calib = calibration(model)
+    plan = BitPlan(defaults={"weights": "int4", "activations": "int8", "act_range": 4.0},
+                   ignore=["conv_in", "conv_out"]).resolve(model)
+    seen = []
+    real = stages.distill
+    monkeypatch.setattr(stages, "distill", lambda d, c, p, s, r=None: seen.append(p) or real(d, c, p, s, r))
+    s = BuildSettings(prompts=["x"], outlier_fraction=0.1, distill_seconds=1.0, distill_rank=2,
+                      lowrank_layers=["*attn2*"])
+    out = method_stages(plan, model, calib, s)
+    with_rows = {n for n, e in seen[0].layers.items() if e.get("outliers")}
+    assert with_rows and with_rows == {n for n, e in out.layers.items() if e.get("outliers")}
+    adapters = {n for n, e in out.layers.items() if "adapter" in (e.get("flags") or {})}
+    assert adapters and adapters <= with_rows  # the distilled layers have their rows
+    out.save(tmp_path / "plan")
+    BitPlan.load(tmp_path / "plan").resolve(model)

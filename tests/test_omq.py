@@ -146,3 +146,23 @@ def test_allocator_budget_leaves_room_for_the_rows():
     assert reduced.weight_bits == pytest.approx(4.0 - outlier_overhead(unet, 0.05))
     assert plan_for(unet, 0.05).summary().avg_weight_bits <= 4.0 + outlier_overhead(unet, 0.05) + 1e-9
     assert allocator_budget(BuildSettings(prompts=["a"]), unet).weight_bits == 4.0
+
+
+def test_kurtosis_is_taken_of_the_balanced_weight():
+    """After balancing, the rows heavy-tailed in the weight that is quantized (W diag(s)) get the int8 copies."""
+    from diffusers_mixdq.plan.layer_tensors import balance_key, tensors_sha256
+
+    unet = make_unet()
+    w = unet.get_submodule(LAYER).weight
+    with torch.no_grad():
+        w[3, 7] = 40 * w[3].abs().max()  # the heaviest row of W ...
+        w[20, 11] = 10 * w[20].abs().max()  # the second
+    s = torch.ones(w.shape[1])
+    s[7] = 1e-3  # ... but balancing shrinks column 7: in W diag(s) row 20 is the heaviest
+    resolved = BitPlan(defaults={"weights": "int4"}).resolve(unet)
+    data = resolved.to_dict()
+    data["layers"][LAYER]["flags"] = {"balance": {"alpha": 0.5, "sha256": tensors_sha256(s)}}
+    balanced = BitPlan.from_dict(data)
+    balanced.tensors = {balance_key(LAYER): s}
+    assert outlier_stage(resolved, unet, 0.03).layers[LAYER]["outliers"]["channels"] == [3]
+    assert outlier_stage(balanced, unet, 0.03).layers[LAYER]["outliers"]["channels"] == [20]

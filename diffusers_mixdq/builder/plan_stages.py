@@ -1,16 +1,17 @@
 """The optional stages after allocation (each off by default, each switchable for an ablation), in this order:
 
 * **correct** (``balance`` / ``lowrank_rank``, :mod:`.correct`): channel balancing and low-rank branches;
-* **distill** (``distill_seconds`` > 0, :mod:`.distill`): adapters trained against the full-precision run. The
-  factors of both count against the budget: the allocator is given ``weight_bits`` less what they may add
-  (:func:`~.correct.overhead_bits`);
-* **timestep groups** (``act_timestep_groups`` / recipe ``activations.timestep_groups``, :mod:`.timestep_ranges`):
-  static activation ranges per group of the sampler's timesteps, recorded by replaying the calibration's calls
-  (a balanced layer's ranges scaled as the correct stage scaled its static range);
 * **outlier widths** (``outlier_fraction`` / recipe ``weights.outlier_fraction``, :mod:`.outlier_channels`): the
   highest-kurtosis output channels of int4 / int2 layers get an int8 copy of their row. Its bits count against
   the budget: the allocator is given ``weight_bits`` less what the copies would add if every layer had them
-  (:func:`allocator_budget`, an upper bound), so the plan stays within the asked average.
+  (:func:`allocator_budget`, an upper bound), so the plan stays within the asked average. Before distill, so the
+  adapters are trained against the plan as it runs (rows at int8 need other corrections than at int4 / int2);
+* **distill** (``distill_seconds`` > 0, :mod:`.distill`): adapters trained against the full-precision run. The
+  factors of correct and distill count against the budget: the allocator is given ``weight_bits`` less what they
+  may add (:func:`~.correct.overhead_bits`);
+* **timestep groups** (``act_timestep_groups`` / recipe ``activations.timestep_groups``, :mod:`.timestep_ranges`):
+  static activation ranges per group of the sampler's timesteps, recorded by replaying the calibration's calls
+  (a balanced layer's ranges scaled as the correct stage scaled its static range).
 
 Per-token activations need no stage: ``activations: dynamic-token`` writes ``act_range: "dynamic-token"``.
 """
@@ -83,6 +84,8 @@ def method_stages(plan: BitPlan, denoiser: nn.Module, calib: Calibration, s: Bui
     before = plan
     if correct_enabled(s):
         plan = correct(denoiser, calib, plan, s, report)
+    if s.outlier_fraction > 0:  # before distill: the adapters learn the plan with its int8 rows
+        plan = outlier_stage(plan, denoiser, s.outlier_fraction)
     plan = distill(denoiser, calib, plan, s, report)
     if report is not None and (overhead := correction_overhead(s, denoiser)):
         plan.provenance["budget_overhead_bits"] = overhead
@@ -95,8 +98,6 @@ def method_stages(plan: BitPlan, denoiser: nn.Module, calib: Calibration, s: Bui
             rec = calib.recording
             report.count("timestep_groups", rec.num_calls, rec.num_samples)
             report.seconds["timestep_groups"] = time.perf_counter() - t0
-    if s.outlier_fraction > 0:
-        plan = outlier_stage(plan, denoiser, s.outlier_fraction)
     if s.act_timestep_groups > 1 or s.outlier_fraction > 0:
         plan.provenance["stages"] = {"timestep_groups": s.act_timestep_groups, "outlier_fraction": s.outlier_fraction,
                                      "avg_weight_bits": plan.summary().avg_weight_bits}
