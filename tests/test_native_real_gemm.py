@@ -270,3 +270,34 @@ def test_pointwise_convolutions_take_the_int8_gemm_and_3x3_ones_do_not(scheme, d
         outs.append(rel_err(real, simulated))
     assert on_cpu == [torch.int8]  # the 1x1 convolution only
     assert outs[0] < TOLERANCE[dtype] and outs[1] == 0
+
+
+@pytest.mark.parametrize("weights", ["int8", "float8"])
+@pytest.mark.parametrize("kind", sorted(_layers()))
+def test_per_channel_weights_scale_the_output_when_it_is_smaller(kind, weights, monkeypatch):
+    """int8 / float8 weights (one scale per output channel): with fewer rows than the weight has inputs, the codes
+    run the GEMM and the output is scaled, alone or with the slices; equal to the dequantized weight's op up to fp32
+    rounding. Many rows, or a weight under the size threshold: the weight is scaled, as before."""
+    module = quantize_module(_layers()[kind], LayerSpec(weights), backend="native")
+    few = torch.randn(1, 3, 288) if kind == "linear" else torch.randn(1, module.in_channels, 4, 4)
+    many = torch.randn(4, 100, 288) if kind == "linear" else torch.randn(4, module.in_channels, 40, 40)
+    full = module.weight.dequantize()
+    used = []
+    monkeypatch.setattr(kernels, "codes", lambda m, a, b, f=kernels.codes: used.append((a, b)) or f(m, a, b))
+
+    def check(x, scaled: bool):
+        used.clear()
+        with torch.no_grad():
+            out = module(x)
+            ref = (torch.nn.functional.linear(x, full, module.bias) if kind == "linear"
+                   else module._conv_forward(x, full, module.bias))
+        assert bool(used) == scaled and rel_err(out, ref) < 1e-6
+        return len(used)
+
+    monkeypatch.setattr(kernels, "SCALED_OUTPUT_MIN_BYTES", 0)
+    assert check(few, True) == 1
+    check(many, False)
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", full[0].numel() * 4 * 5)  # and 5 channels a slice
+    assert check(few, True) == -(-full.shape[0] // 5)
+    monkeypatch.setattr(kernels, "SCALED_OUTPUT_MIN_BYTES", full.numel() * 4 + 1)  # below it: as before
+    check(few, False)

@@ -13,6 +13,12 @@ beat dequantize + matmul only for a few rows in bf16 (the time-embedding layers 
   dequantized weight, where quanto holds the whole weight (up to 112 MiB for an SD-2.1 convolution), so the
   step's peak memory is at most quanto's; and slices of at most 16 MiB come back from the allocator's free
   lists instead of fresh pages of memory, which a whole large weight would page-fault in on every call;
+* a weight with one scale per output channel (int8, float8) of at least ``SCALED_OUTPUT_MIN_BYTES`` whose output
+  is smaller than the weight (few rows: SDXL's deep levels, 3x3 convolutions at low resolution) runs on its codes
+  converted to float, and the output is scaled per channel instead of the weight (``x @ (c s)^T = (x @ c^T) s``):
+  one pass over the weight fewer (the float weight is written once and read once by the GEMM, not multiplied in
+  between), at the cost of a pass over the smaller output. Equal to dequantize + GEMM up to fp32 rounding (the
+  scale applied after the sum instead of to each product);
 * a layer that quantizes its input too (W8A8, and int2 ... int6 weights with one group per output channel,
   x int8 / int4 inputs) runs the integer GEMM of :mod:`.real_gemm` instead of anything here, wherever that
   module takes the call: on CUDA, and on CPUs with VNNI / AMX int8 instructions (``torch._int_mm``, 3-5x faster
@@ -34,6 +40,8 @@ from . import packing
 PACKED_MAX_ROWS = 16
 #: largest slice of a weight (bytes, in the float dtype) dequantized at a time on the eager CPU path
 CHUNK_BYTES = 16 * 2**20
+#: smallest weight (bytes, in the float dtype) whose output is scaled instead of the weight (see the docstring)
+SCALED_OUTPUT_MIN_BYTES = 4 * 2**20
 _PACKED_DTYPES = (torch.bfloat16,)  # fp16 GEMV kernels are slower than dequantize + GEMM here
 
 
@@ -60,6 +68,33 @@ def channels(module, start: int, stop: int) -> torch.Tensor:
     """Output channels ``start:stop`` of the module's weight, dequantized in place into fresh memory."""
     return packing.dequantize_channels(module.stored_data(), module.qscale, module.qshift, module.qbits,
                                        tuple(module.weight_shape), start, stop)
+
+
+def codes(module, start: int, stop: int) -> torch.Tensor:
+    """Output channels ``start:stop`` of a per-channel-scaled weight's codes, converted to the float dtype."""
+    out = torch.empty((stop - start,) + tuple(module.weight_shape[1:]), dtype=module.qscale.dtype,
+                      device=module.qdata.device)
+    return out.copy_(module.stored_data()[start:stop])
+
+
+def scales_output(module, x: torch.Tensor, rows: int) -> bool:
+    """Whether a call on ``rows`` rows (output positions) scales the output instead of the weight: one scale per
+    output channel, a large weight, more weight than output elements, the eager CPU path."""
+    if module.qbits != 8 or module.dequantized_cache is not None or not _eager_inplace(x):
+        return False
+    per_channel = 1
+    for s in module.weight_shape[1:]:
+        per_channel *= s
+    weight_bytes = per_channel * module.weight_shape[0] * module.qscale.element_size()
+    return weight_bytes >= SCALED_OUTPUT_MIN_BYTES and rows < per_channel
+
+
+def _rescale(out: torch.Tensor, module, dim: int) -> torch.Tensor:
+    """``out`` (codes' products) times the per-channel scales, + bias, in place; channels along ``dim``."""
+    shape = [1] * out.dim()
+    shape[dim] = -1
+    out.mul_(module.qscale.reshape(shape))
+    return out if module.bias is None else out.add_(module.bias.reshape(shape))
 
 
 def slices(module, x: torch.Tensor) -> list[tuple[int, int]] | None:
@@ -104,17 +139,19 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
         out = kernel(x.reshape(rows, x.shape[-1]).contiguous())
         out = out.reshape(x.shape[:-1] + (out.shape[-1],))
         return out if module.bias is None else out + module.bias
-    parts = slices(module, x)
-    if parts is None:
+    parts, scaled = slices(module, x), scales_output(module, x, rows)
+    if parts is None and not scaled:
         return F.linear(x, weight(module, x), module.bias)
     x2d = x.reshape(rows, x.shape[-1])
     out = x2d.new_empty((rows, module.weight_shape[0]))
-    for a, b in parts:
-        w = channels(module, a, b).t()
-        if module.bias is None:
+    for a, b in parts or [(0, module.weight_shape[0])]:
+        w = (codes if scaled else channels)(module, a, b).t()
+        if module.bias is None or scaled:
             torch.mm(x2d, w, out=out[:, a:b])
         else:
             torch.addmm(module.bias[a:b], x2d, w, out=out[:, a:b])
+    if scaled:
+        _rescale(out, module, 1)
     return out.reshape(x.shape[:-1] + (out.shape[-1],))
 
 
@@ -131,13 +168,22 @@ def conv2d(module, x: torch.Tensor) -> torch.Tensor:
             out = out if module.bias is None else out + module.bias
             return out.reshape(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)
     parts = slices(module, x) if x.dim() == 4 else None
-    if parts is None:
+    scaled = x.dim() == 4 and scales_output(module, x, x.shape[0] * x.shape[2] * x.shape[3] // _stride_area(module))
+    if parts is None and not scaled:
         return module._conv_forward(x, weight(module, x), module.bias)
+    if parts is None:
+        return _rescale(module._conv_forward(x, codes(module, 0, module.weight_shape[0]), None), module, 1)
     out = None
     for a, b in parts:
-        part = module._conv_forward(x, channels(module, a, b), None if module.bias is None else module.bias[a:b])
+        bias = None if module.bias is None or scaled else module.bias[a:b]
+        part = module._conv_forward(x, (codes if scaled else channels)(module, a, b), bias)
         if out is None:
             out = part.new_empty((part.shape[0], module.weight_shape[0]) + tuple(part.shape[2:]))
         out[:, a:b].copy_(part)
         del part
-    return out
+    return _rescale(out, module, 1) if scaled else out
+
+
+def _stride_area(module) -> int:
+    stride = module.stride if isinstance(module.stride, tuple) else (module.stride,) * 2
+    return max(1, stride[0] * stride[1])
