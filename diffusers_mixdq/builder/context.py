@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import PlanMismatchError
 from ..families import match_all
 from ..plan import layer_table
+from .scores import ScoreCache
 from .sensitivity import layer_group
 from .settings import BuildReport, BuildSettings
 
@@ -36,6 +37,12 @@ class BuildContext:
     def shard(self) -> tuple[int, int]:
         """``(index, count)`` of this process among a sharded build's processes."""
         return (self.state.process_index, self.state.num_processes) if self.state is not None else (0, 1)
+
+    def score_cache(self, path) -> ScoreCache:
+        """The score cache at ``path`` (``None``: in memory only); in a sharded build, this process's part of it
+        (it reads every part; two processes replacing one file would race)."""
+        cache = ScoreCache(path)
+        return cache.shard(self.state.process_index) if self.state is not None and path is not None else cache
 
 
 def protected_layers(patterns, table, class_name: str) -> list[str]:

@@ -131,8 +131,8 @@ def content_scorer(ctx: BuildContext, rec: Recording) -> ContentScorer:
 def _score_cache(ctx: BuildContext) -> ScoreCache:
     """The sweep's cache file (``None`` path: in memory only); in a sharded build, this process's part of it."""
     s = ctx.settings
-    cache = ScoreCache(Path(s.cache_dir) / f"sensitivity-{sweep_key(ctx.denoiser, s)}.json" if s.cache_dir else None)
-    return cache.shard(ctx.state.process_index) if ctx.state is not None else cache
+    return ctx.score_cache(Path(s.cache_dir) / f"sensitivity-{sweep_key(ctx.denoiser, s)}.json"
+                           if s.cache_dir else None)
 
 
 def _activation_spec(s: BuildSettings, calib: Calibration):

@@ -44,7 +44,7 @@ from .plan_errors import image_errors
 from .progress import sweep_bar
 from .refine_guard import diverged, guard
 from .recording import Calibration
-from .scores import ScoreCache, merged
+from .scores import merged
 from .sensitivity import applied, layer_sensitivity, replay_sqnr
 
 
@@ -82,15 +82,10 @@ class Refinement:
         key = hashlib.sha256(json.dumps([sweep_key(ctx.denoiser, s), list(s.pick_settings.prompts), s.activations,
                                          list(s.act_widths)]).encode()).hexdigest()[:16]
         self.base = Path(s.cache_dir) / f"refine-{key}" if s.cache_dir else None
-        self.errors = self._cache(None if self.base is None else self.base.parent / f"{self.base.name}-images.json")
+        self.errors = ctx.score_cache(None if self.base is None else
+                                      self.base.parent / f"{self.base.name}-images.json")
         self.spent = {"evaluations": 0, "reused_evaluations": 0, "context_calls": 0, "context_samples": 0,
                       "context_reused": 0}
-
-    def _cache(self, path) -> ScoreCache:
-        """A cache file of this refinement; in a sharded build, this process's part of it (every process evaluates
-        the same plans, and two processes replacing one file would race)."""
-        cache = ScoreCache(path)
-        return cache.shard(self.ctx.state.process_index) if self.ctx.state is not None and path is not None else cache
 
     def plan(self, choice: dict):
         allocation = replace(self.chosen.best, choice=dict(choice))
@@ -117,8 +112,8 @@ class Refinement:
         ctx, s = self.ctx, self.s
         current = {n: int(choice[n]) for n in ctx.candidates}
         widths = {n: probe_widths(s.widths[ctx.groups[n]], current[n]) for n in ctx.candidates}
-        cache = self._cache(None if self.base is None else
-                            self.base.parent / f"{self.base.name}-context-{_choice_key(choice)}.json")
+        cache = ctx.score_cache(None if self.base is None else
+                                self.base.parent / f"{self.base.name}-context-{_choice_key(choice)}.json")
         plan = self.plan(choice)
         specs, originals = plan.layer_specs(), {n: ctx.denoiser.get_submodule(n) for n in ctx.candidates}
         by_probes: dict[tuple, list[str]] = {}

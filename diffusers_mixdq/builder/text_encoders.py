@@ -97,8 +97,7 @@ def _cache(ctx: BuildContext, part: TextEncoderPart) -> ScoreCache:
     if not s.cache_dir:
         return ScoreCache(None)
     h = hashlib.sha256(f"{sweep_key(ctx.denoiser, s)}|{part.component}|{calibration_key(part.module, s)}".encode())
-    cache = ScoreCache(Path(s.cache_dir) / f"sensitivity-{part.component}-{h.hexdigest()[:16]}.json")
-    return cache.shard(ctx.state.process_index) if ctx.state is not None else cache
+    return ctx.score_cache(Path(s.cache_dir) / f"sensitivity-{part.component}-{h.hexdigest()[:16]}.json")
 
 
 def measure_text_encoders(ctx: BuildContext, calib: Calibration, parts: Sequence[TextEncoderPart]) -> int:
